@@ -1,0 +1,56 @@
+# kvs-frames: every setup step a fresh Debian 12 machine needs, and the project's commands.
+#
+#   make deps      install the Debian packages the crate, its tests and examples need (no-op when present)
+#   make test      deps + every test: unit, integration, doc tests, all features
+#   make lint      deps + rustfmt --check, clippy -D warnings, rustdoc -D warnings
+#   make emulator  run the standalone KVS emulator on 127.0.0.1:4566 (Ctrl+C stops it)
+
+SHELL := /bin/bash
+CARGO ?= cargo
+EMULATOR_ARGS ?= --port 4566
+
+# Build and runtime packages: GStreamer headers for the -sys crates, the plugins the decode path and
+# the emulator's camera use (x264enc is in -ugly, avdec_h264 in -libav, textoverlay needs a font),
+# gst-launch-1.0 for the tests that run real producer pipelines.
+DEB_PACKAGES := pkg-config \
+	libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
+	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
+	gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools fonts-dejavu-core
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: deps test lint emulator fmt clean
+
+deps:
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo not found: install Rust >= 1.94.1 with rustup"; exit 1; }
+
+test: deps
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --all-features --all-targets; \
+	else \
+	  $(CARGO) test --all-features --all-targets; \
+	fi
+	$(CARGO) test --all-features --doc
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --all-features
+
+emulator: deps
+	$(CARGO) run --features emulator --example kvs_emulator -- $(EMULATOR_ARGS)
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

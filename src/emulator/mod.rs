@@ -1,0 +1,499 @@
+//! A local Kinesis Video Streams emulator (feature `emulator`).
+//!
+//! The emulator is a real HTTP server on `127.0.0.1` that speaks the parts of the KVS API this
+//! crate (and most KVS consumers) use, the way AWS speaks them:
+//!
+//! * the control plane (`ListStreams`, `DescribeStream`, `GetDataEndpoint`, `CreateStream`,
+//!   `DeleteStream`) as REST-JSON requests signed with SigV4, answered with the JSON bodies and
+//!   `x-amzn-ErrorType` errors the AWS SDKs parse into their typed errors;
+//! * the archived-media API: `GetHLSStreamingSessionURL` (LIVE, LIVE_REPLAY, ON_DEMAND, every
+//!   parameter validated like KVS does) and `GetClip` (a real, playable MP4);
+//! * HLS in the shape KVS serves it: master and media playlists, fMP4 init and media fragments,
+//!   `EXT-X-PROGRAM-DATE-TIME`, discontinuities, session-local fragment numbers, session expiry,
+//!   per-session request quotas;
+//! * one synthetic live camera per stream: frames rendered with their frame number (as a
+//!   machine-readable [`barcode`] and as text) and producer time, encoded by GStreamer's x264enc,
+//!   cut into fragments on key frames and published in real time.
+//!
+//! Tests get the ground truth (every fragment published, see [`FragmentRecord`]) and can inject
+//! faults at any time ([`Faults`]).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use kvs_frames::emulator::{Emulator, StreamSpec};
+//!
+//! # fn main() -> kvs_frames::error::Result<()> {
+//! let emulator = Emulator::builder()
+//!     .stream(StreamSpec::new("cam-1").resolution(640, 360).fps(25).fragment_duration(Duration::from_secs(2)))
+//!     .start()?;
+//! println!("KVS endpoint: {}", emulator.endpoint());
+//! // Any AWS SDK client built from this config talks to the emulator.
+//! let config = emulator.sdk_config();
+//! let client = aws_sdk_kinesisvideo::Client::new(&config);
+//! # let _ = client;
+//! emulator.faults("cam-1")?.camera_offline(Duration::from_secs(40));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! What it does not do (yet): MPEG-TS HLS (`ContainerFormat=MPEG_TS` is refused with an
+//! `InvalidArgumentException` that says so), DASH, GetMedia, GetImages, PutMedia ingestion, and
+//! SigV4 signature *verification* (requests must carry a well-formed SigV4 `Authorization` header
+//! for the `kinesisvideo` service, like AWS requires, but any access key and signature is
+//! accepted so that any client configuration works).
+
+pub mod barcode;
+mod camera;
+mod control;
+mod faults;
+mod hls;
+mod http;
+mod mp4;
+mod server;
+mod session;
+mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+pub use faults::Faults;
+pub use store::{FragmentRecord, RequestStats, StreamStatus};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Access key id of the credentials returned by [`Emulator::sdk_config`].
+pub const ACCESS_KEY_ID: &str = "AKIDKVSFRAMESEMULATOR";
+/// Secret key of the credentials returned by [`Emulator::sdk_config`] (a test value, not a secret).
+pub const SECRET_ACCESS_KEY: &str = "kvs-frames-emulator-test-secret-key";
+/// The account id used in the ARNs the emulator makes.
+pub const ACCOUNT_ID: &str = "123456789012";
+
+/// The state of a stream's synthetic camera, see [`Emulator::camera_status`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CameraStatus {
+    /// Whether the camera thread is still encoding.
+    pub running: bool,
+    /// Frames encoded so far (including history).
+    pub frames_encoded: u64,
+    /// The error that stopped the camera, if one did (e.g. a GStreamer element failed).
+    pub last_error: Option<String>,
+}
+
+/// Description of one emulated stream and its synthetic camera.
+///
+/// Defaults: 1280x720, 25 fps, 2 s fragments, 1500 kbit/s, no history, 300 ms ingest delay
+/// (server time = producer time + delay), 24 h retention, status ACTIVE, a live camera.
+#[derive(Clone, Debug)]
+pub struct StreamSpec {
+    pub(crate) name: String,
+    pub(crate) width: u32,
+    pub(crate) height: u32,
+    pub(crate) fps: u32,
+    pub(crate) fragment_duration: Duration,
+    pub(crate) bitrate_kbps: u32,
+    pub(crate) history: Duration,
+    pub(crate) ingest_delay: Duration,
+    pub(crate) retention_hours: u32,
+    pub(crate) status: StreamStatus,
+    pub(crate) camera: bool,
+    pub(crate) media_type: String,
+    pub(crate) device_name: Option<String>,
+}
+
+impl StreamSpec {
+    /// A stream named `name` with the defaults above.
+    pub fn new(name: impl Into<String>) -> Self {
+        StreamSpec {
+            name: name.into(),
+            width: 1280,
+            height: 720,
+            fps: 25,
+            fragment_duration: Duration::from_secs(2),
+            bitrate_kbps: 1500,
+            history: Duration::ZERO,
+            ingest_delay: Duration::from_millis(300),
+            retention_hours: 24,
+            status: StreamStatus::Active,
+            camera: true,
+            media_type: "video/h264".to_owned(),
+            device_name: None,
+        }
+    }
+    /// Picture size in pixels (even numbers, 16x16 up to 3840x2160).
+    #[must_use]
+    pub fn resolution(mut self, width: u32, height: u32) -> Self {
+        self.width = width;
+        self.height = height;
+        self
+    }
+    /// Frames per second (1–120, an integer like most cameras).
+    #[must_use]
+    pub fn fps(mut self, fps: u32) -> Self {
+        self.fps = fps;
+        self
+    }
+    /// Fragment (and GOP) duration, rounded to whole frames; KVS fragments last 1–20 s, the
+    /// emulator accepts 100 ms–20 s so that tests can make many fragments quickly.
+    #[must_use]
+    pub fn fragment_duration(mut self, duration: Duration) -> Self {
+        self.fragment_duration = duration;
+        self
+    }
+    /// Encoder bit rate in kbit/s.
+    #[must_use]
+    pub fn bitrate_kbps(mut self, kbps: u32) -> Self {
+        self.bitrate_kbps = kbps;
+        self
+    }
+    /// Video already archived when the emulator starts: the camera encodes this much of the past
+    /// as fast as it can (with past producer times) before it goes live. Useful for ON_DEMAND,
+    /// LIVE_REPLAY and GetClip tests that should not wait.
+    #[must_use]
+    pub fn history(mut self, history: Duration) -> Self {
+        self.history = history;
+        self
+    }
+    /// Server timestamp = producer timestamp + this delay (default 300 ms).
+    #[must_use]
+    pub fn ingest_delay(mut self, delay: Duration) -> Self {
+        self.ingest_delay = delay;
+        self
+    }
+    /// `DataRetentionInHours` (0 means no retention: HLS then fails with
+    /// `NoDataRetentionException`, as on KVS).
+    #[must_use]
+    pub fn retention_hours(mut self, hours: u32) -> Self {
+        self.retention_hours = hours;
+        self
+    }
+    /// The stream's status as the control plane reports it (default ACTIVE).
+    #[must_use]
+    pub fn status(mut self, status: StreamStatus) -> Self {
+        self.status = status;
+        self
+    }
+    /// Whether the stream has a live synthetic camera (default true). Without one the stream
+    /// exists but holds no media.
+    #[must_use]
+    pub fn camera(mut self, enabled: bool) -> Self {
+        self.camera = enabled;
+        self
+    }
+    /// The stream's `MediaType` (default `video/h264`; anything else makes HLS fail with
+    /// `UnsupportedStreamMediaTypeException`).
+    #[must_use]
+    pub fn media_type(mut self, media_type: impl Into<String>) -> Self {
+        self.media_type = media_type.into();
+        self
+    }
+    /// The stream's `DeviceName`.
+    #[must_use]
+    pub fn device_name(mut self, name: impl Into<String>) -> Self {
+        self.device_name = Some(name.into());
+        self
+    }
+
+    pub(crate) fn frames_per_fragment(&self) -> u32 {
+        let frames = (self.fragment_duration.as_secs_f64() * f64::from(self.fps)).round();
+        (frames as u32).max(1)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !store::valid_stream_name(&self.name) {
+            return Err(Error::invalid_config(
+                "StreamSpec::name",
+                &self.name,
+                "stream names are 1-256 characters of [a-zA-Z0-9_.-]",
+            ));
+        }
+        if !(16..=3840).contains(&self.width)
+            || !(16..=2160).contains(&self.height)
+            || !self.width.is_multiple_of(2)
+            || !self.height.is_multiple_of(2)
+        {
+            return Err(Error::invalid_config(
+                "StreamSpec::resolution",
+                format!("{}x{}", self.width, self.height),
+                "width and height must be even, 16..=3840 by 16..=2160",
+            ));
+        }
+        if !(1..=120).contains(&self.fps) {
+            return Err(Error::invalid_config(
+                "StreamSpec::fps",
+                self.fps,
+                "must be 1..=120",
+            ));
+        }
+        if self.fragment_duration < Duration::from_millis(100)
+            || self.fragment_duration > Duration::from_secs(20)
+        {
+            return Err(Error::invalid_config(
+                "StreamSpec::fragment_duration",
+                format!("{:?}", self.fragment_duration),
+                "must be between 100 ms and 20 s",
+            ));
+        }
+        if !(50..=50_000).contains(&self.bitrate_kbps) {
+            return Err(Error::invalid_config(
+                "StreamSpec::bitrate_kbps",
+                self.bitrate_kbps,
+                "must be 50..=50000",
+            ));
+        }
+        if self.history > Duration::from_secs(24 * 3600) {
+            return Err(Error::invalid_config(
+                "StreamSpec::history",
+                format!("{:?}", self.history),
+                "must be at most 24 h",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Builder of an [`Emulator`]; see [`Emulator::builder`].
+#[derive(Clone, Debug)]
+pub struct EmulatorBuilder {
+    streams: Vec<StreamSpec>,
+    port: u16,
+    region: String,
+    max_fragments_per_stream: usize,
+    list_streams_page_limit: Option<usize>,
+}
+
+impl EmulatorBuilder {
+    /// Adds a stream (with its camera, unless disabled in the spec).
+    #[must_use]
+    pub fn stream(mut self, spec: StreamSpec) -> Self {
+        self.streams.push(spec);
+        self
+    }
+    /// Port on 127.0.0.1 (default 0: a free port chosen by the system).
+    #[must_use]
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+    /// Region reported in ARNs and used by [`Emulator::sdk_config`] (default `us-east-1`).
+    #[must_use]
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = region.into();
+        self
+    }
+    /// How many fragments each stream keeps in memory (default 3600, e.g. 2 h of 2 s
+    /// fragments); older ones are dropped as if their retention had passed.
+    #[must_use]
+    pub fn max_fragments_per_stream(mut self, max: usize) -> Self {
+        self.max_fragments_per_stream = max.max(1);
+        self
+    }
+    /// Caps the page size of `ListStreams` below what the caller asks for (to exercise
+    /// pagination with few streams).
+    #[must_use]
+    pub fn list_streams_page_limit(mut self, limit: usize) -> Self {
+        self.list_streams_page_limit = Some(limit.max(1));
+        self
+    }
+
+    /// Validates the streams, binds the port, starts the cameras and the server.
+    pub fn start(self) -> Result<Emulator> {
+        for spec in &self.streams {
+            spec.validate()?;
+        }
+        for (i, a) in self.streams.iter().enumerate() {
+            if self.streams[..i].iter().any(|b| b.name == a.name) {
+                return Err(Error::invalid_config(
+                    "EmulatorBuilder::stream",
+                    &a.name,
+                    "stream names must be unique",
+                ));
+            }
+        }
+        gstreamer::init().map_err(|e| {
+            Error::new(
+                ErrorKind::Pipeline,
+                format!("cannot initialise GStreamer: {e}"),
+            )
+        })?;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", self.port)).map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!("cannot bind 127.0.0.1:{}: {e}", self.port),
+            )
+        })?;
+        let addr = listener.local_addr().map_err(Error::from)?;
+        let endpoint = format!("http://{addr}");
+        let state = Arc::new(store::State::new(store::Settings {
+            endpoint: endpoint.clone(),
+            region: self.region.clone(),
+            max_fragments_per_stream: self.max_fragments_per_stream,
+            list_streams_page_limit: self.list_streams_page_limit,
+        }));
+        for spec in self.streams {
+            store::State::add_stream(&state, spec)?;
+        }
+        let server = server::Server::start(listener, Arc::clone(&state))?;
+        tracing::info!(%endpoint, "KVS emulator listening");
+        Ok(Emulator {
+            state,
+            server: Some(server),
+            addr,
+            endpoint,
+            region: self.region,
+        })
+    }
+}
+
+/// A running emulator. Dropping it stops the server and the cameras.
+pub struct Emulator {
+    state: Arc<store::State>,
+    server: Option<server::Server>,
+    addr: SocketAddr,
+    endpoint: String,
+    region: String,
+}
+
+impl std::fmt::Debug for Emulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emulator")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Emulator {
+    /// A builder with no streams, a free port and region `us-east-1`.
+    pub fn builder() -> EmulatorBuilder {
+        EmulatorBuilder {
+            streams: Vec::new(),
+            port: 0,
+            region: "us-east-1".to_owned(),
+            max_fragments_per_stream: 3600,
+            list_streams_page_limit: None,
+        }
+    }
+
+    /// The base URL of both the control plane and the data endpoint, e.g. `http://127.0.0.1:41234`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The socket address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The region the emulator reports.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// An AWS SDK configuration pointed at the emulator, with test credentials
+    /// ([`ACCESS_KEY_ID`], [`SECRET_ACCESS_KEY`]) and the emulator's region.
+    pub fn sdk_config(&self) -> aws_config::SdkConfig {
+        let credentials = aws_credential_types::Credentials::new(
+            ACCESS_KEY_ID,
+            SECRET_ACCESS_KEY,
+            None,
+            None,
+            "kvs-frames-emulator",
+        );
+        aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(self.region.clone()))
+            .endpoint_url(self.endpoint.clone())
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(credentials),
+            )
+            .build()
+    }
+
+    /// Fault injection for one stream. Fails with [`ErrorKind::StreamNotFound`] for an unknown
+    /// stream.
+    pub fn faults(&self, stream: &str) -> Result<Faults> {
+        if !self.state.has_stream(stream) {
+            return Err(Error::new(
+                ErrorKind::StreamNotFound,
+                format!("the emulator has no stream named {stream:?}"),
+            ));
+        }
+        Ok(Faults::new(Arc::clone(&self.state), stream.to_owned()))
+    }
+
+    /// Every fragment published on `stream` since the emulator started (including history),
+    /// oldest first, whether or not it is still retained. Empty for an unknown stream.
+    pub fn ground_truth(&self, stream: &str) -> Vec<FragmentRecord> {
+        self.state.ground_truth(stream)
+    }
+
+    /// Waits until `stream` has published at least `count` fragments in total, or `timeout`
+    /// passes; returns whether it did.
+    pub fn wait_for_fragments(&self, stream: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.state.ground_truth_len(stream) >= count {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Adds a stream while running (like `CreateStream`, but with a camera if the spec has one).
+    pub fn add_stream(&self, spec: StreamSpec) -> Result<()> {
+        spec.validate()?;
+        store::State::add_stream(&self.state, spec)
+    }
+
+    /// The state of `stream`'s camera, if the stream exists and has one.
+    pub fn camera_status(&self, stream: &str) -> Option<CameraStatus> {
+        let streams = self.state.streams.lock();
+        let camera = streams.get(stream)?.camera.as_ref()?;
+        Some(CameraStatus {
+            running: camera.is_running(),
+            frames_encoded: camera.frames_encoded(),
+            last_error: camera.last_error(),
+        })
+    }
+
+    /// Counts of the requests served so far, by kind, and of the errors returned, by code.
+    pub fn request_stats(&self) -> RequestStats {
+        self.state.request_stats()
+    }
+
+    /// The producer timestamp of frame `frame_number` of `stream` (frame numbers are the ones
+    /// in the picture's barcode), if the stream exists.
+    pub fn frame_producer_time(&self, stream: &str, frame_number: u64) -> Option<SystemTime> {
+        self.state.frame_producer_time(stream, frame_number)
+    }
+
+    /// Moves the clock that HLS session expiry is checked against forward by `by` (only that
+    /// clock: fragments and timestamps keep real time). A test can so see a session expire
+    /// (403 `NotAuthorizedException` "Streaming session token is expired") without waiting the
+    /// 300 s minimum of `Expires`.
+    pub fn advance_session_clock(&self, by: Duration) {
+        self.state.advance_session_clock(by);
+    }
+
+    /// Stops the server and the cameras (also done on drop).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+        self.state.stop_cameras();
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,484 @@
+//! The emulator's state: streams, their fragments, sessions, faults and statistics.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rand::Rng;
+
+use super::StreamSpec;
+use super::camera::{Camera, CameraConfig, EncodedFragment};
+use super::faults::FaultState;
+use super::mp4::{self, Sample, VideoTrack};
+use super::session::Session;
+use crate::error::{Error, ErrorKind, Result};
+
+/// A stream's status, as `DescribeStream` and `ListStreams` report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StreamStatus {
+    /// Being created: listed, but not yet usable.
+    Creating,
+    /// Usable.
+    Active,
+    /// Being updated.
+    Updating,
+    /// Being deleted.
+    Deleting,
+}
+
+impl StreamStatus {
+    /// The KVS spelling (`ACTIVE`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamStatus::Creating => "CREATING",
+            StreamStatus::Active => "ACTIVE",
+            StreamStatus::Updating => "UPDATING",
+            StreamStatus::Deleting => "DELETING",
+        }
+    }
+}
+
+/// Ground truth about one published fragment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FragmentRecord {
+    /// Position in the stream, 0, 1, 2, … (continuous unless the camera was offline).
+    pub index: u64,
+    /// The KVS-style fragment number (a long decimal string, as `ListFragments` would show).
+    pub fragment_number: String,
+    /// Producer timestamp of the first frame.
+    pub producer_start: SystemTime,
+    /// Server timestamp (producer timestamp + ingest delay).
+    pub server_start: SystemTime,
+    /// Duration (frame count / fps).
+    pub duration: Duration,
+    /// Number of frames.
+    pub frame_count: u32,
+    /// Frame number (as in the picture's barcode) of the first frame.
+    pub first_frame: u64,
+    /// Picture width.
+    pub width: u32,
+    /// Picture height.
+    pub height: u32,
+    /// Size of the fMP4 media fragment in bytes.
+    pub size: usize,
+}
+
+/// Counts of requests served, by kind, and of errors returned, by error code.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestStats {
+    /// Control-plane and archived-media API calls, by operation name (`ListStreams`, …).
+    pub api_calls: BTreeMap<String, u64>,
+    /// `getHLSMasterPlaylist.m3u8` requests.
+    pub master_playlists: u64,
+    /// `getHLSMediaPlaylist.m3u8` requests.
+    pub media_playlists: u64,
+    /// `getMP4InitFragment.mp4` requests.
+    pub init_fragments: u64,
+    /// `getMP4MediaFragment.mp4` requests.
+    pub media_fragments: u64,
+    /// Error responses by `x-amzn-ErrorType`.
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// A fragment as stored and served.
+#[derive(Debug)]
+pub(crate) struct StoredFragment {
+    pub index: u64,
+    pub producer_start: SystemTime,
+    pub server_start: SystemTime,
+    pub duration: Duration,
+    pub first_frame: u64,
+    pub track: Arc<VideoTrack>,
+    /// Increases by one each time the codec private data changes.
+    pub codec_generation: u64,
+    pub init: Bytes,
+    pub media: Bytes,
+    pub samples: Vec<Sample>,
+}
+
+impl StoredFragment {
+    pub fn frame_count(&self) -> u32 {
+        u32::try_from(self.samples.len()).unwrap_or(u32::MAX)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct StreamInfo {
+    pub name: String,
+    pub arn: String,
+    pub created: SystemTime,
+    pub version: String,
+    pub status: StreamStatus,
+    pub media_type: String,
+    pub device_name: Option<String>,
+    pub kms_key_id: String,
+    pub retention_hours: u32,
+}
+
+pub(crate) struct StreamState {
+    pub info: StreamInfo,
+    pub fps: u32,
+    pub ingest_delay: Duration,
+    pub camera_start: SystemTime,
+    pub fragments: VecDeque<Arc<StoredFragment>>,
+    pub ground_truth: Vec<FragmentRecord>,
+    pub camera: Option<Camera>,
+    pub faults: FaultState,
+    next_index: u64,
+    generation: u64,
+    last_track: Option<Arc<VideoTrack>>,
+}
+
+impl StreamState {
+    /// Time of the newest fragment's end on the server clock, if any.
+    pub fn newest_server_end(&self) -> Option<SystemTime> {
+        self.fragments.back().map(|f| f.server_start + f.duration)
+    }
+}
+
+pub(crate) struct Settings {
+    pub endpoint: String,
+    pub region: String,
+    pub max_fragments_per_stream: usize,
+    pub list_streams_page_limit: Option<usize>,
+}
+
+pub(crate) struct State {
+    pub settings: Settings,
+    pub streams: Mutex<BTreeMap<String, StreamState>>,
+    pub sessions: Mutex<HashMap<String, Session>>,
+    stats: Mutex<RequestStats>,
+    /// Added to the wall clock when session expiry is checked (see `Emulator::advance_session_clock`).
+    clock_offset: Mutex<Duration>,
+}
+
+pub(crate) fn valid_stream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+pub(crate) fn random_string(len: usize, alphabet: &[u8]) -> String {
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| char::from(alphabet[rng.random_range(0..alphabet.len())]))
+        .collect()
+}
+
+fn millis(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+impl State {
+    pub fn new(settings: Settings) -> Self {
+        State {
+            settings,
+            streams: Mutex::new(BTreeMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            stats: Mutex::new(RequestStats::default()),
+            clock_offset: Mutex::new(Duration::ZERO),
+        }
+    }
+
+    /// The clock session expiry is checked against.
+    pub fn session_now(&self) -> SystemTime {
+        SystemTime::now() + *self.clock_offset.lock()
+    }
+
+    pub fn advance_session_clock(&self, by: Duration) {
+        *self.clock_offset.lock() += by;
+    }
+
+    pub fn arn(&self, name: &str, created: SystemTime) -> String {
+        format!(
+            "arn:aws:kinesisvideo:{}:{}:stream/{}/{}",
+            self.settings.region,
+            super::ACCOUNT_ID,
+            name,
+            millis(created)
+        )
+    }
+
+    pub fn new_info(
+        &self,
+        name: &str,
+        status: StreamStatus,
+        media_type: Option<String>,
+        device_name: Option<String>,
+        kms_key_id: Option<String>,
+        retention_hours: u32,
+    ) -> StreamInfo {
+        let created = SystemTime::now();
+        StreamInfo {
+            name: name.to_owned(),
+            arn: self.arn(name, created),
+            created,
+            version: random_string(
+                20,
+                b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789",
+            ),
+            status,
+            media_type: media_type.unwrap_or_default(),
+            device_name,
+            kms_key_id: kms_key_id.unwrap_or_else(|| {
+                format!(
+                    "arn:aws:kms:{}:{}:alias/aws/kinesisvideo",
+                    self.settings.region,
+                    super::ACCOUNT_ID
+                )
+            }),
+            retention_hours,
+        }
+    }
+
+    /// Inserts an empty stream (no camera); fails if the name is taken.
+    pub fn insert_stream(&self, info: StreamInfo, fps: u32, ingest_delay: Duration) -> Result<()> {
+        let mut streams = self.streams.lock();
+        if streams.contains_key(&info.name) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("the stream {} already exists", info.name),
+            ));
+        }
+        let name = info.name.clone();
+        streams.insert(
+            name,
+            StreamState {
+                info,
+                fps,
+                ingest_delay,
+                camera_start: SystemTime::now(),
+                fragments: VecDeque::new(),
+                ground_truth: Vec::new(),
+                camera: None,
+                faults: FaultState::default(),
+                next_index: 0,
+                generation: 0,
+                last_track: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Adds a stream described by `spec` and starts its camera.
+    pub fn add_stream(state: &Arc<State>, spec: StreamSpec) -> Result<()> {
+        let info = state.new_info(
+            &spec.name,
+            spec.status,
+            Some(spec.media_type.clone()),
+            spec.device_name.clone(),
+            None,
+            spec.retention_hours,
+        );
+        state.insert_stream(info, spec.fps, spec.ingest_delay)?;
+        if !spec.camera {
+            return Ok(());
+        }
+        // Producer times on whole milliseconds, like the timestamps KVS stores.
+        let start = super::http::to_millis(
+            SystemTime::now()
+                .checked_sub(spec.history)
+                .unwrap_or_else(SystemTime::now),
+        );
+        // A decode-time origin far from wall time: clients must use the program date time.
+        let timescale_ticks = {
+            let mut rng = rand::rng();
+            rng.random_range(1_000_000u64..10_000_000) * 90_000
+        };
+        let config = CameraConfig {
+            name: spec.name.clone(),
+            width: spec.width,
+            height: spec.height,
+            fps: spec.fps,
+            frames_per_fragment: spec.frames_per_fragment(),
+            bitrate_kbps: spec.bitrate_kbps,
+            start,
+            history: spec.history,
+            decode_time_base: timescale_ticks,
+        };
+        let weak = Arc::downgrade(state);
+        let name = spec.name.clone();
+        let camera = Camera::start(config, move |fragment| {
+            if let Some(state) = weak.upgrade() {
+                state.publish(&name, fragment);
+            }
+        })
+        .map_err(|e| e.context(format!("camera of stream {}", spec.name)))?;
+        let orphan = {
+            let mut streams = state.streams.lock();
+            match streams.get_mut(&spec.name) {
+                Some(stream) => {
+                    stream.camera_start = start;
+                    stream.camera = Some(camera);
+                    None
+                }
+                None => Some(camera),
+            }
+        };
+        // Stopped outside the lock: the camera thread may be waiting for it.
+        if let Some(camera) = orphan {
+            camera.stop();
+        }
+        Ok(())
+    }
+
+    /// Called from a camera thread for every finished fragment.
+    fn publish(&self, name: &str, fragment: EncodedFragment) {
+        let mut streams = self.streams.lock();
+        let Some(stream) = streams.get_mut(name) else {
+            return;
+        };
+        if stream.faults.camera_offline() {
+            tracing::debug!(
+                stream = name,
+                index = fragment.index,
+                "camera offline: fragment dropped"
+            );
+            return;
+        }
+        let new_codec = stream
+            .last_track
+            .as_ref()
+            .is_none_or(|t| **t != *fragment.track);
+        if new_codec {
+            if stream.last_track.is_some() {
+                stream.generation += 1;
+            }
+            stream.last_track = Some(Arc::clone(&fragment.track));
+        }
+        let init = match stream.fragments.back() {
+            Some(prev) if !new_codec => prev.init.clone(),
+            _ => Bytes::from(mp4::init_segment(&fragment.track)),
+        };
+        let index = stream.next_index;
+        stream.next_index += 1;
+        let sequence = u32::try_from(index % u64::from(u32::MAX)).unwrap_or(0) + 1;
+        let media = Bytes::from(mp4::media_segment(
+            sequence,
+            fragment.decode_time,
+            &fragment.samples,
+        ));
+        let server_start = fragment.producer_start + stream.ingest_delay;
+        // KVS fragment numbers are long decimal strings that grow with time.
+        let fragment_number = format!(
+            "9134385233318{:020}{:015}",
+            millis(stream.info.created) % 100_000_000_000_000_000_000,
+            index
+        );
+        let stored = Arc::new(StoredFragment {
+            index,
+            producer_start: fragment.producer_start,
+            server_start,
+            duration: fragment.duration,
+            first_frame: fragment.first_frame,
+            track: Arc::clone(&fragment.track),
+            codec_generation: stream.generation,
+            init,
+            media: media.clone(),
+            samples: fragment.samples,
+        });
+        stream.ground_truth.push(FragmentRecord {
+            index,
+            fragment_number,
+            producer_start: stored.producer_start,
+            server_start,
+            duration: stored.duration,
+            frame_count: stored.frame_count(),
+            first_frame: stored.first_frame,
+            width: stored.track.width,
+            height: stored.track.height,
+            size: media.len(),
+        });
+        stream.fragments.push_back(stored);
+        while stream.fragments.len() > self.settings.max_fragments_per_stream {
+            stream.fragments.pop_front();
+        }
+    }
+
+    pub fn has_stream(&self, name: &str) -> bool {
+        self.streams.lock().contains_key(name)
+    }
+
+    pub fn ground_truth(&self, name: &str) -> Vec<FragmentRecord> {
+        self.streams
+            .lock()
+            .get(name)
+            .map(|s| s.ground_truth.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn ground_truth_len(&self, name: &str) -> usize {
+        self.streams
+            .lock()
+            .get(name)
+            .map(|s| s.ground_truth.len())
+            .unwrap_or(0)
+    }
+
+    pub fn frame_producer_time(&self, name: &str, frame: u64) -> Option<SystemTime> {
+        let streams = self.streams.lock();
+        let stream = streams.get(name)?;
+        let nanos = u128::from(frame) * 1_000_000_000 / u128::from(stream.fps.max(1));
+        Some(stream.camera_start + Duration::from_nanos(u64::try_from(nanos).ok()?))
+    }
+
+    /// Removes a stream: its camera stops and its sessions stop working.
+    pub fn remove_stream(&self, name: &str) -> bool {
+        let removed = self.streams.lock().remove(name);
+        match removed {
+            Some(mut stream) => {
+                if let Some(camera) = stream.camera.take() {
+                    camera.stop();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn stop_cameras(&self) {
+        let cameras: Vec<Camera> = self
+            .streams
+            .lock()
+            .values_mut()
+            .filter_map(|s| s.camera.take())
+            .collect();
+        for camera in cameras {
+            camera.stop();
+        }
+    }
+
+    pub fn count_api(&self, operation: &str) {
+        *self
+            .stats
+            .lock()
+            .api_calls
+            .entry(operation.to_owned())
+            .or_default() += 1;
+    }
+
+    pub fn count_error(&self, code: &str) {
+        *self.stats.lock().errors.entry(code.to_owned()).or_default() += 1;
+    }
+
+    pub fn count_hls(&self, kind: super::session::HlsRequest) {
+        use super::session::HlsRequest;
+        let mut stats = self.stats.lock();
+        match kind {
+            HlsRequest::Master => stats.master_playlists += 1,
+            HlsRequest::MediaPlaylist => stats.media_playlists += 1,
+            HlsRequest::Init => stats.init_fragments += 1,
+            HlsRequest::Fragment => stats.media_fragments += 1,
+        }
+    }
+
+    pub fn request_stats(&self) -> RequestStats {
+        self.stats.lock().clone()
+    }
+}

@@ -1,0 +1,46 @@
+//! # kvs-frames
+//!
+//! Decoded video frames, with the time the camera captured them, from AWS Kinesis Video
+//! Streams (KVS), and the tools around that: a local KVS emulator for tests and demos without
+//! AWS, and (planned) supervision of the RTSP→KVS producer processes that feed KVS.
+//!
+//! ## What is here today
+//!
+//! * [`error`]: one error type for the whole crate. Every KVS error (control plane,
+//!   archived media, HLS responses), HTTP status, GStreamer and I/O failure maps to an
+//!   [`ErrorKind`] that says whether retrying can help
+//!   ([`Error::is_transient`](error::Error::is_transient)).
+//! * [`redact`]: removal of session tokens and credentials from any text, used by every error
+//!   and log line of the crate.
+//! * [`emulator`] (feature `emulator`): a local KVS on `127.0.0.1` — control plane, HLS in the
+//!   shape KVS serves it, GetClip, a synthetic live camera per stream, ground truth and fault
+//!   injection — that the AWS SDKs, HLS players and this crate's tests talk to over real HTTP.
+//!
+//! The frame source (`KvsHlsFrameSource`), producer supervision, discovery/clips and the generic
+//! URI frame source are being built on this foundation; see the README for the plan.
+//!
+//! ## Errors at a glance
+//!
+//! ```
+//! use kvs_frames::error::{Error, ErrorKind};
+//!
+//! // What a reader gets when a camera has sent nothing for 30 s:
+//! let err = Error::from_kvs(
+//!     "ResourceNotFoundException",
+//!     Some(404),
+//!     "No fragments found in the stream for the streaming request.",
+//! );
+//! assert_eq!(err.kind(), ErrorKind::NoFragments);
+//! assert!(err.is_transient()); // back off and try again: the camera may come back
+//! ```
+#![deny(missing_docs)]
+#![forbid(clippy::print_stdout, clippy::print_stderr)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod error;
+pub mod redact;
+
+#[cfg(feature = "emulator")]
+pub mod emulator;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,641 @@
+//! The emulator's HLS, GetClip and faults, read over real HTTP and decoded by real GStreamer.
+#![cfg(feature = "emulator")]
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_kinesisvideoarchivedmedia::types::{
+    ClipFragmentSelector, ClipFragmentSelectorType, ClipTimestampRange, HlsDiscontinuityMode,
+    HlsFragmentSelectorType, HlsPlaybackMode,
+};
+use common::{SessionParams, dt, get, resolve, small};
+use kvs_frames::emulator::FragmentRecord;
+use kvs_frames::error::{Error, ErrorKind};
+
+fn pdt(t: SystemTime) -> chrono::DateTime<chrono::FixedOffset> {
+    let utc: chrono::DateTime<chrono::Utc> = t.into();
+    utc.fixed_offset()
+}
+
+/// Milliseconds, the precision of `EXT-X-PROGRAM-DATE-TIME`.
+fn ms(t: SystemTime) -> i64 {
+    pdt(t).timestamp_millis()
+}
+
+/// Fetches the init segment and the listed fragments of a media playlist, concatenated.
+async fn download(playlist_url: &str, playlist: &m3u8_rs::MediaPlaylist) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let mut last_map = None;
+    for segment in &playlist.segments {
+        if let Some(map) = &segment.map
+            && last_map.as_deref() != Some(map.uri.as_str())
+        {
+            let init = get(&resolve(playlist_url, &map.uri)).await.unwrap();
+            assert_eq!(init.status, 200, "init: {}", init.text());
+            bytes.extend_from_slice(&init.body);
+            last_map = Some(map.uri.clone());
+        }
+        let fragment = get(&resolve(playlist_url, &segment.uri)).await.unwrap();
+        assert_eq!(fragment.status, 200, "fragment: {}", fragment.text());
+        bytes.extend_from_slice(&fragment.body);
+    }
+    bytes
+}
+
+fn expected_frames(records: &[FragmentRecord]) -> Vec<u32> {
+    records
+        .iter()
+        .flat_map(|r| (r.first_frame..r.first_frame + u64::from(r.frame_count)).map(|n| n as u32))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_playlists_have_the_kvs_shape_and_decode_to_the_ground_truth() {
+    let emulator = common::start(vec![small("cam-1").history(Duration::from_secs(3))]);
+    common::wait_fragments(&emulator, "cam-1", 4, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "cam-1").await;
+    let master_url = common::session(&media, "cam-1", &SessionParams::default())
+        .await
+        .unwrap();
+
+    let master = get(&master_url).await.unwrap();
+    assert_eq!(master.status, 200);
+    let text = master.text();
+    assert!(text.contains("#EXT-X-STREAM-INF:CODECS=\"avc1."), "{text}");
+    let parsed = common::parse_master(&text);
+    assert_eq!(parsed.variants.len(), 1);
+    let variant = &parsed.variants[0];
+    assert_eq!(
+        variant.resolution.map(|r| (r.width, r.height)),
+        Some((320, 240))
+    );
+    assert_eq!(variant.frame_rate, Some(25.0));
+    assert!(
+        variant
+            .uri
+            .starts_with("getHLSMediaPlaylist.m3u8?SessionToken=")
+    );
+    assert!(variant.uri.ends_with("&TrackNumber=1"));
+    // The token carries characters that must be percent-encoded, and they are.
+    let token = variant.uri["getHLSMediaPlaylist.m3u8?SessionToken=".len()..]
+        .trim_end_matches("&TrackNumber=1");
+    assert!(token.contains('%'), "{token}");
+    assert!(!token.contains('+') && !token.contains('/') && !token.contains('='));
+
+    let playlist_url = resolve(&master_url, &variant.uri);
+    let response = get(&playlist_url).await.unwrap();
+    assert_eq!(response.status, 200);
+    let text = response.text();
+    assert!(text.starts_with("#EXTM3U\n#EXT-X-VERSION:7\n"), "{text}");
+    assert!(text.contains("#EXT-X-INDEPENDENT-SEGMENTS"));
+    assert!(!text.contains("#EXT-X-ENDLIST"), "LIVE playlists never end");
+    let playlist = common::parse_media(&text);
+    assert_eq!(
+        playlist.media_sequence, 0,
+        "media sequence is session-local"
+    );
+    assert_eq!(playlist.target_duration, 1);
+    assert!(!playlist.segments.is_empty() && playlist.segments.len() <= 5);
+    assert!(
+        playlist.segments[0].map.is_some(),
+        "EXT-X-MAP before the first fragment"
+    );
+    // PRODUCER_TIMESTAMP defaults to HlsDiscontinuityMode NEVER.
+    assert!(playlist.segments.iter().all(|s| !s.discontinuity));
+    let truth = emulator.ground_truth("cam-1");
+    let mut records = Vec::new();
+    for (i, segment) in playlist.segments.iter().enumerate() {
+        assert!(
+            segment.uri.starts_with(&format!(
+                "getMP4MediaFragment.mp4?FragmentNumber={i}&SessionToken="
+            )),
+            "{}",
+            segment.uri
+        );
+        assert!((segment.duration - 1.0).abs() < 1e-6);
+        let time = segment
+            .program_date_time
+            .expect("PROGRAM-DATE-TIME on every fragment");
+        let record = truth
+            .iter()
+            .find(|r| ms(r.producer_start) == time.timestamp_millis())
+            .unwrap_or_else(|| panic!("no ground-truth fragment starts at {time}"));
+        records.push(record.clone());
+    }
+    // Consecutive fragments, and the newest is listed.
+    for pair in records.windows(2) {
+        assert_eq!(pair[1].index, pair[0].index + 1);
+    }
+
+    // Decode what the playlist lists: the barcodes are exactly the ground-truth frames.
+    let bytes = download(&playlist_url, &playlist).await;
+    let frames = tokio::task::spawn_blocking(move || common::decode_mp4(&bytes))
+        .await
+        .unwrap();
+    let numbers: Vec<u32> = frames
+        .iter()
+        .map(|f| f.frame_number.expect("barcode"))
+        .collect();
+    assert_eq!(numbers, expected_frames(&records));
+    assert!(frames.iter().all(|f| f.width == 320 && f.height == 240));
+    // The decode time is continuous but is not wall time.
+    let first_pts = frames[0].pts.unwrap();
+    let wall = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap();
+    assert!(
+        (first_pts.nseconds() as i128 - wall.as_nanos() as i128).abs() > 3600 * 1_000_000_000,
+        "tfdt must not equal wall time"
+    );
+    for pair in frames.windows(2) {
+        assert_eq!(
+            pair[1].pts.unwrap() - pair[0].pts.unwrap(),
+            gstreamer::ClockTime::from_mseconds(40)
+        );
+    }
+    // The producer time of frame n is known to the emulator.
+    let n = u64::from(numbers[0]);
+    assert_eq!(
+        emulator.frame_producer_time("cam-1", n).map(ms),
+        Some(ms(records[0].producer_start))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_timestamps_and_discontinuity_modes() {
+    let emulator = common::start(vec![small("cam-1").history(Duration::from_secs(4))]);
+    common::wait_fragments(&emulator, "cam-1", 4, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "cam-1").await;
+    let truth = emulator.ground_truth("cam-1");
+
+    // SERVER_TIMESTAMP defaults to ALWAYS, and its times are the server's.
+    let url = common::session(
+        &media,
+        "cam-1",
+        &SessionParams {
+            selector: HlsFragmentSelectorType::ServerTimestamp,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    let playlist = common::parse_media(&get(&playlist_url).await.unwrap().text());
+    assert!(playlist.segments.iter().all(|s| s.discontinuity));
+    for segment in &playlist.segments {
+        let time = segment.program_date_time.unwrap().timestamp_millis();
+        let record = truth
+            .iter()
+            .find(|r| ms(r.server_start) == time)
+            .expect("server time of a ground-truth fragment");
+        assert_eq!(
+            record
+                .server_start
+                .duration_since(record.producer_start)
+                .unwrap(),
+            Duration::from_millis(300)
+        );
+    }
+
+    // ON_DISCONTINUITY: none while the camera runs without gaps.
+    let url = common::session(
+        &media,
+        "cam-1",
+        &SessionParams {
+            discontinuity: Some(HlsDiscontinuityMode::OnDiscontinuity),
+            display: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    let text = get(&playlist_url).await.unwrap().text();
+    assert!(!text.contains("#EXT-X-DISCONTINUITY"), "{text}");
+    assert!(
+        !text.contains("#EXT-X-PROGRAM-DATE-TIME"),
+        "display NEVER: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_and_live_replay_sessions() {
+    let emulator = common::start(vec![small("cam-1").history(Duration::from_secs(8))]);
+    common::wait_fragments(&emulator, "cam-1", 8, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "cam-1").await;
+    let truth = emulator.ground_truth("cam-1");
+    let (start, end) = (truth[2].producer_start, truth[6].producer_start);
+
+    let url = common::session(
+        &media,
+        "cam-1",
+        &SessionParams {
+            mode: HlsPlaybackMode::OnDemand,
+            range: Some((dt(start), Some(dt(end)))),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    let text = get(&playlist_url).await.unwrap().text();
+    assert!(text.contains("#EXT-X-PLAYLIST-TYPE:VOD"), "{text}");
+    assert!(text.trim_end().ends_with("#EXT-X-ENDLIST"), "{text}");
+    let playlist = common::parse_media(&text);
+    let times: Vec<i64> = playlist
+        .segments
+        .iter()
+        .map(|s| s.program_date_time.unwrap().timestamp_millis())
+        .collect();
+    let want: Vec<i64> = truth[2..=6].iter().map(|r| ms(r.producer_start)).collect();
+    assert_eq!(
+        times, want,
+        "fragments whose start lies in the inclusive range"
+    );
+    let bytes = download(&playlist_url, &playlist).await;
+    let frames = tokio::task::spawn_blocking(move || common::decode_mp4(&bytes))
+        .await
+        .unwrap();
+    let numbers: Vec<u32> = frames.iter().map(|f| f.frame_number.unwrap()).collect();
+    assert_eq!(numbers, expected_frames(&truth[2..=6]));
+
+    // LIVE_REPLAY: starts at the start time and adds a fragment per fragment duration.
+    let url = common::session(
+        &media,
+        "cam-1",
+        &SessionParams {
+            mode: HlsPlaybackMode::LiveReplay,
+            range: Some((dt(truth[1].producer_start), None)),
+            max_results: Some(10),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    let first = common::parse_media(&get(&playlist_url).await.unwrap().text());
+    assert_eq!(
+        first.segments[0]
+            .program_date_time
+            .unwrap()
+            .timestamp_millis(),
+        ms(truth[1].producer_start)
+    );
+    let before = first.segments.len();
+    assert!(before <= 2, "LIVE_REPLAY starts small, got {before}");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let later = common::parse_media(&get(&playlist_url).await.unwrap().text());
+    assert!(
+        later.segments.len() >= before + 2,
+        "{} then {}",
+        before,
+        later.segments.len()
+    );
+    assert!(!later.end_list);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_revocation_and_quotas() {
+    let emulator = common::start(vec![small("cam-1").history(Duration::from_secs(2))]);
+    common::wait_fragments(&emulator, "cam-1", 2, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "cam-1").await;
+
+    // Expiry: 403 NotAuthorizedException "Streaming session token is expired".
+    let url = common::session(
+        &media,
+        "cam-1",
+        &SessionParams {
+            expires: Some(300),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    assert_eq!(get(&playlist_url).await.unwrap().status, 200);
+    emulator.advance_session_clock(Duration::from_secs(301));
+    let expired = get(&playlist_url).await.unwrap();
+    assert_eq!(expired.status, 403);
+    assert_eq!(
+        expired.error_type.as_deref(),
+        Some("NotAuthorizedException")
+    );
+    assert!(
+        expired
+            .text()
+            .contains("Streaming session token is expired")
+    );
+    let e = Error::from_hls_response(403, expired.error_type.as_deref(), &expired.body);
+    assert_eq!(e.kind(), ErrorKind::SessionExpired);
+    assert!(e.is_transient());
+
+    // A new session works; revocation ends it.
+    let url = common::session(&media, "cam-1", &SessionParams::default())
+        .await
+        .unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    assert_eq!(get(&playlist_url).await.unwrap().status, 200);
+    emulator.faults("cam-1").unwrap().revoke_sessions();
+    assert_eq!(get(&playlist_url).await.unwrap().status, 403);
+    assert_eq!(get(&url).await.unwrap().status, 403);
+
+    // Quota: 5 media playlist requests per second per session.
+    let url = common::session(&media, "cam-1", &SessionParams::default())
+        .await
+        .unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let r = get(&playlist_url).await.unwrap();
+        statuses.push((r.status, r.error_type));
+    }
+    let throttled = statuses
+        .iter()
+        .filter(|(s, t)| *s == 400 && t.as_deref() == Some("ClientLimitExceededException"))
+        .count();
+    assert!(throttled >= 5, "{statuses:?}");
+    assert_eq!(statuses[0].0, 200);
+    // After a second the quota is back.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(&playlist_url).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_clip_is_a_playable_mp4_of_the_range() {
+    let emulator = common::start(vec![small("cam-1").history(Duration::from_secs(8))]);
+    common::wait_fragments(&emulator, "cam-1", 8, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "cam-1").await;
+    let truth = emulator.ground_truth("cam-1");
+    let out = media
+        .get_clip()
+        .stream_name("cam-1")
+        .clip_fragment_selector(
+            ClipFragmentSelector::builder()
+                .fragment_selector_type(ClipFragmentSelectorType::ProducerTimestamp)
+                .timestamp_range(
+                    ClipTimestampRange::builder()
+                        .start_timestamp(dt(truth[1].producer_start))
+                        .end_timestamp(dt(truth[5].producer_start))
+                        .build()
+                        .unwrap(),
+                )
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.content_type(), Some("video/mp4"));
+    let bytes = out.payload.collect().await.unwrap().into_bytes().to_vec();
+    assert_eq!(&bytes[4..8], b"ftyp");
+    let frames = tokio::task::spawn_blocking(move || common::decode_mp4(&bytes))
+        .await
+        .unwrap();
+    let numbers: Vec<u32> = frames.iter().map(|f| f.frame_number.unwrap()).collect();
+    assert_eq!(numbers, expected_frames(&truth[1..=5]));
+
+    // An empty range is a typed "no fragments" error.
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let err = media
+        .get_clip()
+        .stream_name("cam-1")
+        .clip_fragment_selector(
+            ClipFragmentSelector::builder()
+                .fragment_selector_type(ClipFragmentSelectorType::ServerTimestamp)
+                .timestamp_range(
+                    ClipTimestampRange::builder()
+                        .start_timestamp(dt(hour_ago))
+                        .end_timestamp(dt(hour_ago + Duration::from_secs(60)))
+                        .build()
+                        .unwrap(),
+                )
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_service_error()
+            .unwrap()
+            .is_resource_not_found_exception()
+    );
+    assert_eq!(
+        Error::from_sdk("GetClip", err).kind(),
+        ErrorKind::NoFragments
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_clip_stops_at_200_fragments() {
+    let emulator = common::start(vec![
+        small("short")
+            .fps(10)
+            .fragment_duration(Duration::from_millis(100))
+            .history(Duration::from_secs(23)),
+    ]);
+    common::wait_fragments(&emulator, "short", 220, Duration::from_secs(60)).await;
+    let media = common::media(&emulator, "short").await;
+    let truth = emulator.ground_truth("short");
+    let out = media
+        .get_clip()
+        .stream_name("short")
+        .clip_fragment_selector(
+            ClipFragmentSelector::builder()
+                .fragment_selector_type(ClipFragmentSelectorType::ProducerTimestamp)
+                .timestamp_range(
+                    ClipTimestampRange::builder()
+                        .start_timestamp(dt(truth[0].producer_start))
+                        .end_timestamp(dt(truth[219].producer_start))
+                        .build()
+                        .unwrap(),
+                )
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let bytes = out.payload.collect().await.unwrap().into_bytes().to_vec();
+    let frames = tokio::task::spawn_blocking(move || common::decode_mp4(&bytes))
+        .await
+        .unwrap();
+    let numbers: Vec<u32> = frames.iter().map(|f| f.frame_number.unwrap()).collect();
+    assert_eq!(numbers, expected_frames(&truth[..200]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_faults_are_observable() {
+    let emulator = common::start(vec![small("cam-1").history(Duration::from_secs(3))]);
+    common::wait_fragments(&emulator, "cam-1", 3, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "cam-1").await;
+    let url = common::session(
+        &media,
+        "cam-1",
+        &SessionParams {
+            expires: Some(3600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    let playlist = common::parse_media(&get(&playlist_url).await.unwrap().text());
+    let fragment_url = resolve(&playlist_url, &playlist.segments[0].uri);
+    let faults = emulator.faults("cam-1").unwrap();
+
+    // HTTP 500.
+    faults.server_errors(Duration::from_secs(60));
+    let r = get(&playlist_url).await.unwrap();
+    assert_eq!(r.status, 500);
+    let e = Error::from_hls_response(r.status, r.error_type.as_deref(), &r.body);
+    assert_eq!(e.kind(), ErrorKind::ServiceUnavailable);
+    faults.clear();
+    assert_eq!(get(&playlist_url).await.unwrap().status, 200);
+
+    // Throttling.
+    faults.throttle(Duration::from_secs(60));
+    let r = get(&fragment_url).await.unwrap();
+    assert_eq!(
+        (r.status, r.error_type.as_deref()),
+        (400, Some("ClientLimitExceededException"))
+    );
+    faults.clear();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Connection reset half-way through the body.
+    let full = get(&fragment_url).await.unwrap();
+    assert_eq!(full.status, 200);
+    faults.reset_fragment_downloads(Duration::from_secs(60));
+    let cut = get(&fragment_url).await;
+    let err = cut.err().expect("a reset download fails");
+    assert!(Error::from_reqwest(err).is_transient());
+    faults.clear();
+
+    // A stalled download: half the body, a pause, then the rest.
+    faults.stall_fragment_downloads(Duration::from_secs(60), Duration::from_millis(1500));
+    let started = Instant::now();
+    let slow = get(&fragment_url).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    assert_eq!(slow.body, full.body);
+    faults.clear();
+
+    // Deletion: the session's requests now fail with 404, and DescribeStream agrees.
+    faults.delete_stream();
+    let r = get(&playlist_url).await.unwrap();
+    assert_eq!(
+        (r.status, r.error_type.as_deref()),
+        (404, Some("ResourceNotFoundException"))
+    );
+    let e = Error::from_hls_response(r.status, r.error_type.as_deref(), &r.body);
+    assert_eq!(e.kind(), ErrorKind::StreamNotFound);
+    assert!(!e.is_transient());
+    assert!(emulator.faults("cam-1").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolution_change_brings_a_new_init_segment() {
+    let emulator = common::start(vec![small("cam-1")]);
+    common::wait_fragments(&emulator, "cam-1", 2, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "cam-1").await;
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .change_resolution(480, 270);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !emulator
+        .ground_truth("cam-1")
+        .iter()
+        .any(|r| r.width == 480)
+    {
+        assert!(Instant::now() < deadline, "no 480x270 fragment");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let truth = emulator.ground_truth("cam-1");
+    let url = common::session(
+        &media,
+        "cam-1",
+        &SessionParams {
+            mode: HlsPlaybackMode::OnDemand,
+            range: Some((dt(truth[0].producer_start), Some(dt(SystemTime::now())))),
+            discontinuity: Some(HlsDiscontinuityMode::OnDiscontinuity),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    let playlist = common::parse_media(&get(&playlist_url).await.unwrap().text());
+    let change = truth.iter().position(|r| r.width == 480).unwrap();
+    assert!(change > 0);
+    for (i, segment) in playlist.segments.iter().enumerate() {
+        assert_eq!(segment.discontinuity, i == change, "fragment {i}");
+        assert_eq!(segment.map.is_some(), i == 0 || i == change, "fragment {i}");
+    }
+    let bytes = download(&playlist_url, &playlist).await;
+    let frames = tokio::task::spawn_blocking(move || common::decode_mp4(&bytes))
+        .await
+        .unwrap();
+    let before = expected_frames(&truth[..change]).len();
+    assert!(
+        frames[..before]
+            .iter()
+            .all(|f| (f.width, f.height) == (320, 240))
+    );
+    assert!(
+        frames[before..]
+            .iter()
+            .all(|f| (f.width, f.height) == (480, 270))
+    );
+    let numbers: Vec<u32> = frames.iter().map(|f| f.frame_number.unwrap()).collect();
+    assert_eq!(numbers, expected_frames(&truth[..playlist.segments.len()]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_offline_leaves_a_gap_and_live_goes_not_found() {
+    let emulator = common::start(vec![small("cam-1")]);
+    common::wait_fragments(&emulator, "cam-1", 2, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "cam-1").await;
+    let url = common::session(
+        &media,
+        "cam-1",
+        &SessionParams {
+            expires: Some(3600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    let before = emulator.ground_truth("cam-1").len();
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .camera_offline(Duration::from_secs(33));
+    // Fragments stop …
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = emulator.ground_truth("cam-1").len();
+    assert!(during <= before + 1, "{before} → {during}");
+    // … the playlist still answers for 30 s, then 404 "No fragments found".
+    assert_eq!(get(&playlist_url).await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    let r = get(&playlist_url).await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    let e = Error::from_hls_response(r.status, r.error_type.as_deref(), &r.body);
+    assert_eq!(e.kind(), ErrorKind::NoFragments);
+    // The camera comes back: fragments resume after a gap in producer time.
+    common::wait_fragments(&emulator, "cam-1", during + 2, Duration::from_secs(10)).await;
+    let truth = emulator.ground_truth("cam-1");
+    let gap = truth
+        .windows(2)
+        .map(|w| {
+            w[1].producer_start
+                .duration_since(w[0].producer_start)
+                .unwrap()
+        })
+        .max()
+        .unwrap();
+    assert!(gap >= Duration::from_secs(30), "gap {gap:?}");
+    assert_eq!(get(&playlist_url).await.unwrap().status, 200);
+}
