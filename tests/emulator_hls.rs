@@ -10,7 +10,7 @@ use aws_sdk_kinesisvideoarchivedmedia::types::{
     HlsFragmentSelectorType, HlsPlaybackMode,
 };
 use common::{SessionParams, dt, get, resolve, small};
-use kvs_frames::emulator::FragmentRecord;
+use kvs_frames::emulator::{DecodeTimeOrigin, FragmentRecord};
 use kvs_frames::error::{Error, ErrorKind};
 
 fn pdt(t: SystemTime) -> chrono::DateTime<chrono::FixedOffset> {
@@ -139,8 +139,10 @@ async fn live_playlists_have_the_kvs_shape_and_decode_to_the_ground_truth() {
         .collect();
     assert_eq!(numbers, expected_frames(&records));
     assert!(frames.iter().all(|f| f.width == 320 && f.height == 240));
-    // The decode time is continuous but is not wall time.
+    // The decode time is continuous, starts at 0 in each session (DecodeTimeOrigin::Session)
+    // and is not wall time.
     let first_pts = frames[0].pts.unwrap();
+    assert_eq!(first_pts, gstreamer::ClockTime::ZERO);
     let wall = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap();
@@ -638,4 +640,38 @@ async fn camera_offline_leaves_a_gap_and_live_goes_not_found() {
         .unwrap();
     assert!(gap >= Duration::from_secs(30), "gap {gap:?}");
     assert_eq!(get(&playlist_url).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_decode_time_origin_is_shared_by_sessions_and_far_from_zero() {
+    let emulator = common::start(vec![
+        small("cam-1")
+            .history(Duration::from_secs(3))
+            .decode_time_origin(DecodeTimeOrigin::Stream),
+    ]);
+    common::wait_fragments(&emulator, "cam-1", 3, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "cam-1").await;
+    let truth = emulator.ground_truth("cam-1");
+    let params = SessionParams {
+        mode: HlsPlaybackMode::OnDemand,
+        range: Some((
+            dt(truth[1].producer_start),
+            Some(dt(truth[1].producer_start + Duration::from_millis(500))),
+        )),
+        ..Default::default()
+    };
+    let mut first_pts = Vec::new();
+    for _ in 0..2 {
+        let url = common::session(&media, "cam-1", &params).await.unwrap();
+        let playlist_url = common::media_playlist_url(&url).await;
+        let playlist = common::parse_media(&get(&playlist_url).await.unwrap().text());
+        assert_eq!(playlist.segments.len(), 1);
+        let bytes = download(&playlist_url, &playlist).await;
+        let frames = tokio::task::spawn_blocking(move || common::decode_mp4(&bytes))
+            .await
+            .unwrap();
+        first_pts.push(frames[0].pts.unwrap());
+    }
+    assert_eq!(first_pts[0], first_pts[1], "one timeline for every session");
+    assert!(first_pts[0] > gstreamer::ClockTime::from_seconds(100 * 3600));
 }

@@ -884,7 +884,15 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
             pipeline_error(format!("camera {}: sample without buffer", self.name))
         })?;
         let is_sync = !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT);
-        let pts = buffer.pts();
+        // Encoders may shift timestamps (x264enc adds 1000 h so that DTS never goes negative)
+        // and say so in the segment: compare in running time.
+        let pts = buffer.pts().map(|pts| {
+            sample
+                .segment()
+                .and_then(|segment| segment.downcast_ref::<gst::format::Time>())
+                .and_then(|segment| segment.to_running_time(pts))
+                .unwrap_or(pts)
+        });
         if let Some(pts) = pts
             && self.timing.frame_of_pts(pts) != n
         {

@@ -293,6 +293,9 @@ pub(crate) async fn get_hls_streaming_session_url(
         };
         session.base_index = base.index;
         session.base_generation = base.codec_generation;
+        if stream.decode_time_origin == super::DecodeTimeOrigin::Session {
+            session.decode_origin = Some(base.decode_time);
+        }
         drop(streams);
         let token = new_token();
         let url = format!(
@@ -634,8 +637,24 @@ pub(crate) async fn fragment(
         let fragment = fragment_by_local(session, stream, &params)?.ok_or_else(|| {
             KvsError::invalid_argument("The FragmentNumber query parameter is missing")
         })?;
+        let media = match session.decode_origin {
+            Some(origin) => {
+                let mut bytes = fragment.media.to_vec();
+                if !mp4::set_base_media_decode_time(
+                    &mut bytes,
+                    fragment.decode_time.saturating_sub(origin),
+                ) {
+                    tracing::warn!(
+                        "cannot rewrite the decode time of fragment {}",
+                        fragment.index
+                    );
+                }
+                Bytes::from(bytes)
+            }
+            None => fragment.media.clone(),
+        };
         Ok((
-            fragment.media.clone(),
+            media,
             stream.faults.reset_fragments(),
             stream.faults.stall(),
         ))

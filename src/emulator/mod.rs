@@ -69,6 +69,24 @@ pub const SECRET_ACCESS_KEY: &str = "kvs-frames-emulator-test-secret-key";
 /// The account id used in the ARNs the emulator makes.
 pub const ACCOUNT_ID: &str = "123456789012";
 
+/// Where the fMP4 decode time (`tfdt`) of the fragments an HLS session serves starts.
+///
+/// KVS does not document the epoch of `tfdt` in its HLS fragments, so clients must take wall
+/// time from `EXT-X-PROGRAM-DATE-TIME`, never from `tfdt`. Either choice here is continuous inside
+/// a session and never equal to wall time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DecodeTimeOrigin {
+    /// 0 at the first fragment of each session (default): the same fragment has a different
+    /// decode time in different sessions. Players that map the first decode time of a live
+    /// stream to running time 0 (GStreamer's `hlsdemux`, ffplay) play it in real time.
+    #[default]
+    Session,
+    /// One decode time for the whole stream, continuous since the camera started, from a random
+    /// origin hundreds of hours away from 0 and from wall time: for testing clients that must not
+    /// depend on `tfdt`.
+    Stream,
+}
+
 /// The state of a stream's synthetic camera, see [`Emulator::camera_status`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CameraStatus {
@@ -99,6 +117,7 @@ pub struct StreamSpec {
     pub(crate) camera: bool,
     pub(crate) media_type: String,
     pub(crate) device_name: Option<String>,
+    pub(crate) decode_time_origin: DecodeTimeOrigin,
 }
 
 impl StreamSpec {
@@ -118,7 +137,15 @@ impl StreamSpec {
             camera: true,
             media_type: "video/h264".to_owned(),
             device_name: None,
+            decode_time_origin: DecodeTimeOrigin::Session,
         }
+    }
+    /// Where the `tfdt` decode time of served fragments starts (default
+    /// [`DecodeTimeOrigin::Session`]).
+    #[must_use]
+    pub fn decode_time_origin(mut self, origin: DecodeTimeOrigin) -> Self {
+        self.decode_time_origin = origin;
+        self
     }
     /// Picture size in pixels (even numbers, 16x16 up to 3840x2160).
     #[must_use]

@@ -118,6 +118,25 @@ pub(crate) fn media_segment(
     out
 }
 
+/// Where [`media_segment`] puts the 64-bit `tfdt` value: moof header (8) + mfhd (16) + traf
+/// header (8) + tfhd (16) + tfdt header and version/flags (12).
+const TFDT_VALUE_AT: usize = 60;
+
+/// Rewrites the `baseMediaDecodeTime` of a segment made by [`media_segment`] (the emulator
+/// serves each HLS session its own decode-time origin). Returns false, changing nothing, when
+/// the bytes are not laid out as [`media_segment`] writes them.
+pub(crate) fn set_base_media_decode_time(segment: &mut [u8], base_media_decode_time: u64) -> bool {
+    let tfdt_ok = segment.get(TFDT_VALUE_AT - 8..TFDT_VALUE_AT - 4) == Some(b"tfdt".as_slice())
+        && segment.get(TFDT_VALUE_AT - 4) == Some(&1);
+    match segment.get_mut(TFDT_VALUE_AT..TFDT_VALUE_AT + 8) {
+        Some(value) if tfdt_ok => {
+            value.copy_from_slice(&base_media_decode_time.to_be_bytes());
+            true
+        }
+        _ => false,
+    }
+}
+
 /// A complete, playable, non-fragmented MP4 with moov before mdat (fast start):
 /// ftyp + moov (full sample tables: stts run-length encoded, ctts only when any offset ≠ 0
 /// (version 1, signed), stss, stsz, stsc, stco — or co64 when offsets exceed u32) + mdat
@@ -566,6 +585,35 @@ fn saturating_u32(n: usize) -> u32 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn base_media_decode_time_can_be_rewritten() {
+        let sample = Sample {
+            data: bytes::Bytes::from_static(&[0, 0, 0, 1, 0x65]),
+            duration: 3600,
+            composition_offset: 0,
+            is_sync: true,
+        };
+        let mut segment = media_segment(7, 1 << 40, std::slice::from_ref(&sample));
+        assert_eq!(
+            u64::from_be_bytes(
+                segment[TFDT_VALUE_AT..TFDT_VALUE_AT + 8]
+                    .try_into()
+                    .unwrap()
+            ),
+            1 << 40
+        );
+        assert!(set_base_media_decode_time(&mut segment, 90_000));
+        assert_eq!(
+            u64::from_be_bytes(
+                segment[TFDT_VALUE_AT..TFDT_VALUE_AT + 8]
+                    .try_into()
+                    .unwrap()
+            ),
+            90_000
+        );
+        assert!(!set_base_media_decode_time(&mut [0u8; 16], 1));
+    }
     use super::*;
     use gst::prelude::*;
     use gstreamer as gst;

@@ -93,6 +93,8 @@ pub(crate) struct Session {
     pub base_index: u64,
     /// Codec generation of the fragment at `base_index` (its init URL carries no number).
     pub base_generation: u64,
+    /// Subtracted from fragments' decode times when served (`DecodeTimeOrigin::Session`).
+    pub decode_origin: Option<u64>,
     buckets: [Bucket; 4],
 }
 
@@ -125,6 +127,7 @@ impl Session {
             revoked: false,
             base_index,
             base_generation,
+            decode_origin: None,
             buckets: [
                 Bucket::new(HlsRequest::Master.tps()),
                 Bucket::new(HlsRequest::MediaPlaylist.tps()),

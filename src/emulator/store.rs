@@ -90,6 +90,8 @@ pub(crate) struct StoredFragment {
     pub server_start: SystemTime,
     pub duration: Duration,
     pub first_frame: u64,
+    /// Decode time of the first frame in the stream's continuous timeline (track timescale).
+    pub decode_time: u64,
     pub track: Arc<VideoTrack>,
     /// Increases by one each time the codec private data changes.
     pub codec_generation: u64,
@@ -121,6 +123,7 @@ pub(crate) struct StreamState {
     pub info: StreamInfo,
     pub fps: u32,
     pub ingest_delay: Duration,
+    pub decode_time_origin: super::DecodeTimeOrigin,
     pub camera_start: SystemTime,
     pub fragments: VecDeque<Arc<StoredFragment>>,
     pub ground_truth: Vec<FragmentRecord>,
@@ -253,6 +256,7 @@ impl State {
                 info,
                 fps,
                 ingest_delay,
+                decode_time_origin: super::DecodeTimeOrigin::Session,
                 camera_start: SystemTime::now(),
                 fragments: VecDeque::new(),
                 ground_truth: Vec::new(),
@@ -377,6 +381,7 @@ impl State {
             server_start,
             duration: fragment.duration,
             first_frame: fragment.first_frame,
+            decode_time: fragment.decode_time,
             track: Arc::clone(&fragment.track),
             codec_generation: stream.generation,
             init,
