@@ -673,5 +673,8 @@ async fn stream_decode_time_origin_is_shared_by_sessions_and_far_from_zero() {
         first_pts.push(frames[0].pts.unwrap());
     }
     assert_eq!(first_pts[0], first_pts[1], "one timeline for every session");
-    assert!(first_pts[0] > gstreamer::ClockTime::from_seconds(100 * 3600));
+    assert!(
+        first_pts[0] > gstreamer::ClockTime::from_seconds(100 * 3600),
+        "{first_pts:?}"
+    );
 }

@@ -307,7 +307,12 @@ pub(crate) async fn create_stream(
         );
         let arn = info.arn.clone();
         state
-            .insert_stream(info, 25, std::time::Duration::from_millis(300))
+            .insert_stream(
+                info,
+                25,
+                std::time::Duration::from_millis(300),
+                super::DecodeTimeOrigin::Session,
+            )
             .map_err(|_| {
                 KvsError::new(
                     StatusCode::BAD_REQUEST,

@@ -241,7 +241,13 @@ impl State {
     }
 
     /// Inserts an empty stream (no camera); fails if the name is taken.
-    pub fn insert_stream(&self, info: StreamInfo, fps: u32, ingest_delay: Duration) -> Result<()> {
+    pub fn insert_stream(
+        &self,
+        info: StreamInfo,
+        fps: u32,
+        ingest_delay: Duration,
+        decode_time_origin: super::DecodeTimeOrigin,
+    ) -> Result<()> {
         let mut streams = self.streams.lock();
         if streams.contains_key(&info.name) {
             return Err(Error::new(
@@ -256,7 +262,7 @@ impl State {
                 info,
                 fps,
                 ingest_delay,
-                decode_time_origin: super::DecodeTimeOrigin::Session,
+                decode_time_origin,
                 camera_start: SystemTime::now(),
                 fragments: VecDeque::new(),
                 ground_truth: Vec::new(),
@@ -280,7 +286,7 @@ impl State {
             None,
             spec.retention_hours,
         );
-        state.insert_stream(info, spec.fps, spec.ingest_delay)?;
+        state.insert_stream(info, spec.fps, spec.ingest_delay, spec.decode_time_origin)?;
         if !spec.camera {
             return Ok(());
         }
