@@ -10,6 +10,8 @@
 //!   archived media, HLS responses), HTTP status, GStreamer and I/O failure maps to an
 //!   [`ErrorKind`] that says whether retrying can help
 //!   ([`Error::is_transient`](error::Error::is_transient)).
+//! * [`kvs`]: the KVS clients, with data endpoints cached per (stream, API) and reloaded on
+//!   failure, shared by every part of the crate.
 //! * [`redact`]: removal of session tokens and credentials from any text, used by every error
 //!   and log line of the crate.
 //! * [`emulator`] (feature `emulator`): a local KVS on `127.0.0.1` — control plane, HLS in the
@@ -38,6 +40,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod error;
+pub mod kvs;
 pub mod redact;
 
 #[cfg(feature = "emulator")]
