@@ -39,11 +39,22 @@
 #![forbid(clippy::print_stdout, clippy::print_stderr)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod backoff;
+mod decode;
 pub mod error;
+pub mod frame;
+mod hls;
 pub mod kvs;
+pub mod metrics;
 pub mod redact;
+pub mod source;
 
 #[cfg(feature = "emulator")]
 pub mod emulator;
 
 pub use error::{Error, ErrorKind, Result};
+pub use frame::{FragmentId, Frame, PixelFormat};
+pub use source::{
+    DeliveryPolicy, FrameStream, Frames, KvsHlsFrameSource, KvsHlsFrameSourceBuilder, PlaybackMode,
+    SourceState, SourceStats,
+};

@@ -1,0 +1,255 @@
+//! Decoded frames and their timestamps.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use gstreamer as gst;
+use gstreamer_video as gst_video;
+
+/// Pixel layout of delivered frames.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PixelFormat {
+    /// 3 bytes per pixel, blue-green-red: what OpenCV expects (default).
+    #[default]
+    Bgr,
+    /// 3 bytes per pixel, red-green-blue (numpy/PIL, most ML models).
+    Rgb,
+    /// 4 bytes per pixel, red-green-blue-alpha.
+    Rgba,
+    /// 4 bytes per pixel, blue-green-red-alpha.
+    Bgra,
+    /// 1 byte per pixel, luma only: cheapest for detectors that work in grey.
+    Gray8,
+    /// Planar YUV 4:2:0 (Y, U, V planes): the decoder's own layout, no colour conversion.
+    I420,
+    /// Semi-planar YUV 4:2:0 (Y plane, interleaved UV plane).
+    Nv12,
+}
+
+impl PixelFormat {
+    /// Every format.
+    pub const ALL: [PixelFormat; 7] = [
+        PixelFormat::Bgr,
+        PixelFormat::Rgb,
+        PixelFormat::Rgba,
+        PixelFormat::Bgra,
+        PixelFormat::Gray8,
+        PixelFormat::I420,
+        PixelFormat::Nv12,
+    ];
+
+    /// The GStreamer format.
+    pub fn video_format(self) -> gst_video::VideoFormat {
+        match self {
+            PixelFormat::Bgr => gst_video::VideoFormat::Bgr,
+            PixelFormat::Rgb => gst_video::VideoFormat::Rgb,
+            PixelFormat::Rgba => gst_video::VideoFormat::Rgba,
+            PixelFormat::Bgra => gst_video::VideoFormat::Bgra,
+            PixelFormat::Gray8 => gst_video::VideoFormat::Gray8,
+            PixelFormat::I420 => gst_video::VideoFormat::I420,
+            PixelFormat::Nv12 => gst_video::VideoFormat::Nv12,
+        }
+    }
+
+    /// Lower-case name (`bgr`, `rgb`, `rgba`, `bgra`, `gray8`, `i420`, `nv12`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PixelFormat::Bgr => "bgr",
+            PixelFormat::Rgb => "rgb",
+            PixelFormat::Rgba => "rgba",
+            PixelFormat::Bgra => "bgra",
+            PixelFormat::Gray8 => "gray8",
+            PixelFormat::I420 => "i420",
+            PixelFormat::Nv12 => "nv12",
+        }
+    }
+
+    /// Bytes per pixel of packed formats (None for the planar YUV formats).
+    pub fn bytes_per_pixel(self) -> Option<usize> {
+        match self {
+            PixelFormat::Bgr | PixelFormat::Rgb => Some(3),
+            PixelFormat::Rgba | PixelFormat::Bgra => Some(4),
+            PixelFormat::Gray8 => Some(1),
+            PixelFormat::I420 | PixelFormat::Nv12 => None,
+        }
+    }
+}
+
+impl fmt::Display for PixelFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PixelFormat {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PixelFormat::ALL
+            .into_iter()
+            .find(|f| {
+                f.as_str().eq_ignore_ascii_case(s)
+                    || (s.eq_ignore_ascii_case("gray") && *f == PixelFormat::Gray8)
+            })
+            .ok_or_else(|| {
+                crate::Error::invalid_config(
+                    "pixel_format",
+                    format!("{s:?}"),
+                    "must be one of bgr, rgb, rgba, bgra, gray8, i420, nv12",
+                )
+            })
+    }
+}
+
+/// Which fragment a frame came from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentId {
+    /// The fragment's `EXT-X-PROGRAM-DATE-TIME` (its producer or server start time, per the
+    /// session's selector), when the playlist carries it: this identifies a fragment across
+    /// sessions.
+    pub program_date_time: Option<SystemTime>,
+    /// Its media sequence number in the session that delivered it (session-local).
+    pub media_sequence: u64,
+    /// Which session of this source delivered it (1 for the first, +1 per refresh or reconnect).
+    pub session: u64,
+}
+
+/// One decoded frame. The pixels are the GStreamer buffer itself (no copy after the decoder
+/// and converter); the frame keeps it mapped for reading while it lives.
+pub struct Frame {
+    pub(crate) map: gst::MappedBuffer<gst::buffer::Readable>,
+    pub(crate) info: gst_video::VideoInfo,
+    pub(crate) format: PixelFormat,
+    pub(crate) producer_time: Option<SystemTime>,
+    pub(crate) pts: Option<Duration>,
+    pub(crate) emitted: SystemTime,
+    pub(crate) sequence: u64,
+    pub(crate) fragment: Option<FragmentId>,
+    pub(crate) key_frame: bool,
+}
+
+impl Frame {
+    /// Width in pixels.
+    pub fn width(&self) -> u32 {
+        self.info.width()
+    }
+    /// Height in pixels.
+    pub fn height(&self) -> u32 {
+        self.info.height()
+    }
+    /// Pixel layout.
+    pub fn format(&self) -> PixelFormat {
+        self.format
+    }
+    /// All bytes of the frame (every plane, with row padding).
+    pub fn data(&self) -> &[u8] {
+        self.map.as_slice()
+    }
+    /// Bytes per row of the first plane (may exceed `width × bytes per pixel`: rows can be
+    /// padded).
+    pub fn stride(&self) -> usize {
+        self.plane_stride(0).unwrap_or(0)
+    }
+    /// Number of planes (1 for packed formats, 3 for I420, 2 for NV12).
+    pub fn n_planes(&self) -> usize {
+        self.info.n_planes() as usize
+    }
+    /// Bytes per row of plane `plane`.
+    pub fn plane_stride(&self, plane: usize) -> Option<usize> {
+        self.info
+            .stride()
+            .get(plane)
+            .and_then(|s| usize::try_from(*s).ok())
+    }
+    /// The bytes of plane `plane` (rows × stride).
+    pub fn plane(&self, plane: usize) -> Option<&[u8]> {
+        let offset = *self.info.offset().get(plane)?;
+        let stride = self.plane_stride(plane)?;
+        let rows = self
+            .info
+            .format_info()
+            .scale_height(u8::try_from(plane).ok()?, self.height()) as usize;
+        self.data().get(offset..offset + stride * rows)
+    }
+    /// Row `y` of a packed format, without padding.
+    pub fn row(&self, y: u32) -> Option<&[u8]> {
+        let bpp = self.format.bytes_per_pixel()?;
+        let stride = self.stride();
+        let start = stride * y as usize;
+        self.data().get(start..start + bpp * self.width() as usize)
+    }
+    /// The frame's pixels without row padding (a copy when rows are padded, else borrowed):
+    /// what `numpy.frombuffer(...).reshape(h, w, c)`-style consumers want.
+    pub fn to_contiguous(&self) -> std::borrow::Cow<'_, [u8]> {
+        let Some(bpp) = self.format.bytes_per_pixel() else {
+            return std::borrow::Cow::Borrowed(self.data());
+        };
+        let row = bpp * self.width() as usize;
+        if self.stride() == row {
+            let len = row * self.height() as usize;
+            return std::borrow::Cow::Borrowed(&self.data()[..len.min(self.data().len())]);
+        }
+        let mut out = Vec::with_capacity(row * self.height() as usize);
+        for y in 0..self.height() {
+            if let Some(r) = self.row(y) {
+                out.extend_from_slice(r);
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+    /// When the camera captured the frame: the fragment's program date time plus the frame's
+    /// offset inside the fragment. None when the playlist has no program date times
+    /// (`DisplayFragmentTimestamp=NEVER`).
+    pub fn producer_time(&self) -> Option<SystemTime> {
+        self.producer_time
+    }
+    /// The frame's presentation time in the source's media timeline (continuous from the
+    /// source's first fragment; not wall time).
+    pub fn pts(&self) -> Option<Duration> {
+        self.pts
+    }
+    /// Wall-clock time when the frame left the decoder.
+    pub fn emitted_at(&self) -> SystemTime {
+        self.emitted
+    }
+    /// The timestamp the iterators pair with the frame: the producer time when known, else the
+    /// emit time.
+    pub fn timestamp(&self) -> SystemTime {
+        self.producer_time.unwrap_or(self.emitted)
+    }
+    /// Receive latency: emit time − producer time (None without producer time, or when clocks
+    /// disagree so that it would be negative).
+    pub fn age(&self) -> Option<Duration> {
+        self.emitted.duration_since(self.producer_time?).ok()
+    }
+    /// A number that grows by one per delivered frame of the source (frames dropped before
+    /// delivery leave gaps).
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+    /// The fragment the frame came from.
+    pub fn fragment(&self) -> Option<&FragmentId> {
+        self.fragment.as_ref()
+    }
+    /// Whether the frame was coded as a key frame.
+    pub fn is_key_frame(&self) -> bool {
+        self.key_frame
+    }
+    /// The underlying GStreamer buffer (for zero-copy hand-off to other GStreamer pipelines).
+    pub fn buffer(&self) -> &gst::BufferRef {
+        self.map.buffer()
+    }
+}
+
+impl fmt::Debug for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Frame")
+            .field("sequence", &self.sequence)
+            .field("width", &self.width())
+            .field("height", &self.height())
+            .field("format", &self.format)
+            .field("producer_time", &self.producer_time)
+            .field("pts", &self.pts)
+            .field("fragment", &self.fragment)
+            .finish_non_exhaustive()
+    }
+}

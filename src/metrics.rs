@@ -1,0 +1,220 @@
+//! Prometheus metrics of frame sources, registered in a registry the application owns.
+//!
+//! The six `kvs_hls_*` names below are a compatibility promise (existing dashboards use them):
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `kvs_hls_frames_total` | counter | `camera_id` |
+//! | `kvs_hls_reconnects_total` | counter | `camera_id` |
+//! | `kvs_hls_url_refreshes_total` | counter | `camera_id` |
+//! | `kvs_hls_read_errors_total` | counter | `camera_id` |
+//! | `kvs_hls_last_frame_timestamp` | gauge (producer time, Unix seconds) | `camera_id` |
+//! | `kvs_hls_connection_state` | gauge (0 disconnected, 1 connecting, 2 connected, 3 reconnecting, 4 error) | `camera_id` |
+//! | `kvs_hls_frames_dropped_total` | counter | `camera_id`, `reason` (`queue_full`, `target_fps`) |
+//! | `kvs_hls_fragments_total` | counter | `camera_id` |
+//! | `kvs_hls_fragment_bytes_total` | counter | `camera_id` |
+//! | `kvs_hls_fragment_fetch_seconds` | histogram | `camera_id` |
+//! | `kvs_hls_frame_age_seconds` | histogram (emit time − producer time) | `camera_id` |
+//!
+//! ```
+//! let registry = prometheus::Registry::new();
+//! let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry)?;
+//! // KvsHlsFrameSource::builder(…).metrics(metrics.clone()) for every source sharing the registry.
+//! # let _ = metrics;
+//! # Ok::<(), kvs_frames::Error>(())
+//! ```
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::source::{DropReason, SourceState};
+
+/// The collectors, cheap to clone; register once per registry and give a clone to every
+/// source.
+#[derive(Clone)]
+pub struct FrameSourceMetrics {
+    frames: IntCounterVec,
+    reconnects: IntCounterVec,
+    url_refreshes: IntCounterVec,
+    read_errors: IntCounterVec,
+    last_frame: GaugeVec,
+    state: IntGaugeVec,
+    dropped: IntCounterVec,
+    fragments: IntCounterVec,
+    bytes: IntCounterVec,
+    fetch_seconds: prometheus::HistogramVec,
+    frame_age: prometheus::HistogramVec,
+}
+
+impl std::fmt::Debug for FrameSourceMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameSourceMetrics").finish_non_exhaustive()
+    }
+}
+
+fn prom(e: prometheus::Error) -> Error {
+    Error::new(
+        ErrorKind::InvalidConfig,
+        format!(
+            "cannot register the kvs_hls metrics: {e} (register them once per registry and share the FrameSourceMetrics)"
+        ),
+    )
+}
+
+impl FrameSourceMetrics {
+    /// Creates the collectors and registers them in `registry`. Fails if they are already
+    /// registered there.
+    pub fn register(registry: &Registry) -> Result<Self> {
+        let counter = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["camera_id"]).map_err(prom)
+        };
+        let m = FrameSourceMetrics {
+            frames: counter("kvs_hls_frames_total", "Frames delivered to the reader")?,
+            reconnects: counter(
+                "kvs_hls_reconnects_total",
+                "Reconnections after errors or stalls",
+            )?,
+            url_refreshes: counter(
+                "kvs_hls_url_refreshes_total",
+                "HLS streaming session URLs refreshed before expiry or after a 403",
+            )?,
+            read_errors: counter(
+                "kvs_hls_read_errors_total",
+                "Errors while reading the stream",
+            )?,
+            last_frame: GaugeVec::new(
+                Opts::new(
+                    "kvs_hls_last_frame_timestamp",
+                    "Producer time of the newest delivered frame, Unix seconds",
+                ),
+                &["camera_id"],
+            )
+            .map_err(prom)?,
+            state: IntGaugeVec::new(
+                Opts::new(
+                    "kvs_hls_connection_state",
+                    "0 disconnected, 1 connecting, 2 connected, 3 reconnecting, 4 error",
+                ),
+                &["camera_id"],
+            )
+            .map_err(prom)?,
+            dropped: IntCounterVec::new(
+                Opts::new(
+                    "kvs_hls_frames_dropped_total",
+                    "Decoded frames not delivered, by reason",
+                ),
+                &["camera_id", "reason"],
+            )
+            .map_err(prom)?,
+            fragments: counter("kvs_hls_fragments_total", "Media fragments downloaded")?,
+            bytes: counter(
+                "kvs_hls_fragment_bytes_total",
+                "Bytes of fragments downloaded",
+            )?,
+            fetch_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "kvs_hls_fragment_fetch_seconds",
+                    "Time to download one fragment",
+                )
+                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                &["camera_id"],
+            )
+            .map_err(prom)?,
+            frame_age: HistogramVec::new(
+                HistogramOpts::new(
+                    "kvs_hls_frame_age_seconds",
+                    "Emit time minus producer time of delivered frames",
+                )
+                .buckets(vec![
+                    0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0,
+                ]),
+                &["camera_id"],
+            )
+            .map_err(prom)?,
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+            Box::new(m.frames.clone()),
+            Box::new(m.reconnects.clone()),
+            Box::new(m.url_refreshes.clone()),
+            Box::new(m.read_errors.clone()),
+            Box::new(m.last_frame.clone()),
+            Box::new(m.state.clone()),
+            Box::new(m.dropped.clone()),
+            Box::new(m.fragments.clone()),
+            Box::new(m.bytes.clone()),
+            Box::new(m.fetch_seconds.clone()),
+            Box::new(m.frame_age.clone()),
+        ];
+        for c in collectors {
+            registry.register(c).map_err(prom)?;
+        }
+        Ok(m)
+    }
+
+    /// Creates every series of `camera_id` at zero so that dashboards see the camera at once.
+    pub(crate) fn init_camera(&self, camera: &str) {
+        let _ = self.frames.with_label_values(&[camera]);
+        let _ = self.reconnects.with_label_values(&[camera]);
+        let _ = self.url_refreshes.with_label_values(&[camera]);
+        let _ = self.read_errors.with_label_values(&[camera]);
+        let _ = self.fragments.with_label_values(&[camera]);
+        let _ = self.bytes.with_label_values(&[camera]);
+        for reason in [DropReason::QueueFull, DropReason::TargetFps] {
+            let _ = self.dropped.with_label_values(&[camera, reason.as_str()]);
+        }
+        self.state.with_label_values(&[camera]).set(0);
+    }
+
+    pub(crate) fn frame(
+        &self,
+        camera: &str,
+        producer_time: Option<SystemTime>,
+        age: Option<Duration>,
+    ) {
+        self.frames.with_label_values(&[camera]).inc();
+        if let Some(t) = producer_time.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+            self.last_frame
+                .with_label_values(&[camera])
+                .set(t.as_secs_f64());
+        }
+        if let Some(age) = age {
+            self.frame_age
+                .with_label_values(&[camera])
+                .observe(age.as_secs_f64());
+        }
+    }
+
+    pub(crate) fn dropped(&self, camera: &str, reason: DropReason, n: u64) {
+        self.dropped
+            .with_label_values(&[camera, reason.as_str()])
+            .inc_by(n);
+    }
+
+    pub(crate) fn reconnect(&self, camera: &str) {
+        self.reconnects.with_label_values(&[camera]).inc();
+    }
+
+    pub(crate) fn url_refresh(&self, camera: &str) {
+        self.url_refreshes.with_label_values(&[camera]).inc();
+    }
+
+    pub(crate) fn read_error(&self, camera: &str) {
+        self.read_errors.with_label_values(&[camera]).inc();
+    }
+
+    pub(crate) fn state(&self, camera: &str, state: SourceState) {
+        self.state.with_label_values(&[camera]).set(state as i64);
+    }
+
+    pub(crate) fn fragment(&self, camera: &str, bytes: usize, fetch: Duration) {
+        self.fragments.with_label_values(&[camera]).inc();
+        self.bytes.with_label_values(&[camera]).inc_by(bytes as u64);
+        self.fetch_seconds
+            .with_label_values(&[camera])
+            .observe(fetch.as_secs_f64());
+    }
+}

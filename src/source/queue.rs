@@ -1,0 +1,203 @@
+//! The bounded queue between the decoder and the reader, with its drop policy.
+
+use std::collections::VecDeque;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::Error;
+use crate::frame::Frame;
+
+/// What happens when the reader is slower than the camera and the queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeliveryPolicy {
+    /// The decoder waits for the reader: nothing is dropped. Right for replays and on-demand
+    /// ranges (default for ON_DEMAND and LIVE_REPLAY). On a live stream a reader that stays
+    /// slower than the camera falls behind until fragments leave the playlist window.
+    Block,
+    /// The oldest queued frame makes room for the new one (default for LIVE): latency stays
+    /// bounded, the reader sees the newest frames, and every drop is counted.
+    DropOldest,
+    /// The queue holds one frame, always the newest: for detectors that only ever want "now".
+    LatestOnly,
+}
+
+impl DeliveryPolicy {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryPolicy::Block => "block",
+            DeliveryPolicy::DropOldest => "drop_oldest",
+            DeliveryPolicy::LatestOnly => "latest_only",
+        }
+    }
+}
+
+struct Inner {
+    items: VecDeque<Frame>,
+    terminal: Option<Error>,
+    closed: bool,
+    wakers: Vec<Waker>,
+}
+
+/// The queue. Frames in, frames (then possibly one terminal error) out.
+pub(crate) struct Queue {
+    inner: Mutex<Inner>,
+    readable: Condvar,
+    writable: Condvar,
+    capacity: usize,
+    policy: DeliveryPolicy,
+}
+
+/// What became of a pushed frame.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// Queued; `evicted` older frames were dropped for it.
+    Queued { evicted: u64 },
+    /// The queue is closed (source stopped): the frame was discarded.
+    Closed,
+}
+
+impl Queue {
+    pub fn new(capacity: usize, policy: DeliveryPolicy) -> Self {
+        let capacity = if policy == DeliveryPolicy::LatestOnly {
+            1
+        } else {
+            capacity.max(1)
+        };
+        Queue {
+            inner: Mutex::new(Inner {
+                items: VecDeque::with_capacity(capacity),
+                terminal: None,
+                closed: false,
+                wakers: Vec::new(),
+            }),
+            readable: Condvar::new(),
+            writable: Condvar::new(),
+            capacity,
+            policy,
+        }
+    }
+
+    fn wake(inner: &mut Inner) {
+        for waker in inner.wakers.drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Adds a frame according to the policy (with `Block`, waits while the queue is full).
+    pub fn push(&self, frame: Frame) -> Pushed {
+        let mut inner = self.inner.lock();
+        let mut evicted = 0;
+        loop {
+            if inner.closed || inner.terminal.is_some() {
+                return Pushed::Closed;
+            }
+            if inner.items.len() < self.capacity {
+                break;
+            }
+            match self.policy {
+                DeliveryPolicy::Block => self.writable.wait(&mut inner),
+                DeliveryPolicy::DropOldest | DeliveryPolicy::LatestOnly => {
+                    inner.items.pop_front();
+                    evicted += 1;
+                }
+            }
+        }
+        inner.items.push_back(frame);
+        self.readable.notify_one();
+        Self::wake(&mut inner);
+        Pushed::Queued { evicted }
+    }
+
+    /// Ends the queue with an error, delivered after the frames already queued.
+    pub fn fail(&self, error: Error) {
+        let mut inner = self.inner.lock();
+        if inner.terminal.is_none() && !inner.closed {
+            inner.terminal = Some(error);
+        }
+        self.readable.notify_all();
+        self.writable.notify_all();
+        Self::wake(&mut inner);
+    }
+
+    /// Ends the queue after the frames already queued (end of an on-demand range).
+    pub fn finish(&self) {
+        let mut inner = self.inner.lock();
+        inner.closed = true;
+        self.readable.notify_all();
+        self.writable.notify_all();
+        Self::wake(&mut inner);
+    }
+
+    /// Ends the queue at once, discarding queued frames (stop).
+    pub fn close(&self) {
+        let mut inner = self.inner.lock();
+        inner.closed = true;
+        inner.items.clear();
+        inner.terminal = None;
+        self.readable.notify_all();
+        self.writable.notify_all();
+        Self::wake(&mut inner);
+    }
+
+    fn take(&self, inner: &mut Inner) -> Option<Option<Result<Frame, Error>>> {
+        if let Some(frame) = inner.items.pop_front() {
+            self.writable.notify_one();
+            return Some(Some(Ok(frame)));
+        }
+        if let Some(error) = inner.terminal.take() {
+            inner.closed = true;
+            return Some(Some(Err(error)));
+        }
+        if inner.closed {
+            return Some(None);
+        }
+        None
+    }
+
+    /// The next item, waiting up to `timeout` (forever with None). `Ok(None)`: the queue ended;
+    /// `Err(())`: timed out.
+    pub fn pop(&self, timeout: Option<Duration>) -> Result<Option<Result<Frame, Error>>, ()> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut inner = self.inner.lock();
+        loop {
+            if let Some(item) = self.take(&mut inner) {
+                return Ok(item);
+            }
+            match deadline {
+                None => self.readable.wait(&mut inner),
+                Some(deadline) => {
+                    if self.readable.wait_until(&mut inner, deadline).timed_out() {
+                        return self.take(&mut inner).ok_or(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next item for an async reader.
+    pub fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, Error>>> {
+        let mut inner = self.inner.lock();
+        match self.take(&mut inner) {
+            Some(item) => Poll::Ready(item),
+            None => {
+                if !inner.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    inner.wakers.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Frames currently queued.
+    pub fn len(&self) -> usize {
+        self.inner.lock().items.len()
+    }
+
+    /// Whether the queue holds as many frames as it can (the reader is behind).
+    pub fn is_full(&self) -> bool {
+        self.len() >= self.capacity
+    }
+}
