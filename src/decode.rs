@@ -67,6 +67,8 @@ pub(crate) trait FrameSink: Send + Sync + 'static {
 
 enum Command {
     Fragment(FragmentInput),
+    /// End of stream: flush the decoder (its last frames) and answer when the appsink saw EOS.
+    Finish(tokio::sync::oneshot::Sender<()>),
 }
 
 struct Timeline {
@@ -82,6 +84,8 @@ struct Shared {
     stopping: AtomicBool,
     pipeline: Mutex<Option<gst::Pipeline>>,
     pipelines_built: std::sync::atomic::AtomicU64,
+    /// Set by the appsink when end-of-stream reached it.
+    eos: (parking_lot::Mutex<bool>, parking_lot::Condvar),
 }
 
 /// Handle of the decoder thread.
@@ -110,6 +114,7 @@ impl Decoder {
             stopping: AtomicBool::new(false),
             pipeline: Mutex::new(None),
             pipelines_built: std::sync::atomic::AtomicU64::new(0),
+            eos: (parking_lot::Mutex::new(false), parking_lot::Condvar::new()),
         });
         let first = build_pipeline(&config, &shared, &sink)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Command>(2);
@@ -147,6 +152,21 @@ impl Decoder {
             .ok_or_else(|| Error::new(ErrorKind::Stopped, "the decoder is stopped"))?;
         tx.send(Command::Fragment(fragment))
             .await
+            .map_err(|_| Error::new(ErrorKind::Stopped, "the decoder thread has ended"))
+    }
+
+    /// Sends end-of-stream through the pipeline and waits until every frame is out.
+    pub async fn finish(&self) -> Result<()> {
+        let tx = self
+            .tx
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::new(ErrorKind::Stopped, "the decoder is stopped"))?;
+        let (done, wait) = tokio::sync::oneshot::channel();
+        tx.send(Command::Finish(done))
+            .await
+            .map_err(|_| Error::new(ErrorKind::Stopped, "the decoder thread has ended"))?;
+        wait.await
             .map_err(|_| Error::new(ErrorKind::Stopped, "the decoder thread has ended"))
     }
 
@@ -344,6 +364,13 @@ fn build_pipeline(
                 });
                 Ok(gst::FlowSuccess::Ok)
             })
+            .eos({
+                let shared = Arc::clone(shared);
+                move |_| {
+                    *shared.eos.0.lock() = true;
+                    shared.eos.1.notify_all();
+                }
+            })
             .build(),
     );
 
@@ -393,10 +420,37 @@ fn run(
     let mut built = Some(first);
     let mut current_init: Option<Bytes> = None;
     let mut init_sent = false;
-    while let Some(Command::Fragment(fragment)) = rx.blocking_recv() {
+    while let Some(command) = rx.blocking_recv() {
         if shared.stopping.load(Ordering::SeqCst) {
             break;
         }
+        let fragment = match command {
+            Command::Fragment(f) => f,
+            Command::Finish(done) => {
+                if let Some(b) = built.as_ref() {
+                    *shared.eos.0.lock() = false;
+                    if b.appsrc.end_of_stream().is_ok() {
+                        let mut eos = shared.eos.0.lock();
+                        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                        while !*eos
+                            && !shared.stopping.load(Ordering::SeqCst)
+                            && !shared.failed.load(Ordering::SeqCst)
+                        {
+                            if shared.eos.1.wait_until(&mut eos, deadline).timed_out() {
+                                tracing::warn!(source = %config.name, "no end-of-stream from the decoder within 30 s");
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = done.send(());
+                // The pipeline is spent: the next fragment (if any) gets a new one.
+                if let Some(old) = built.take() {
+                    let _ = old.pipeline.set_state(gst::State::Null);
+                }
+                continue;
+            }
+        };
         if shared.failed.load(Ordering::SeqCst) || built.is_none() {
             if let Some(old) = built.take() {
                 let _ = old.pipeline.set_state(gst::State::Null);

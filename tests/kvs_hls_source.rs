@@ -117,3 +117,593 @@ fn live_frames_arrive_at_the_camera_rate_with_exact_producer_times() {
         "the iterator ends after stop"
     );
 }
+
+#[test]
+fn proactive_refresh_loses_and_repeats_nothing_and_keeps_the_pipeline() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let source = source(&emulator, "cam-1")
+        .expires(Duration::from_secs(300))
+        .refresh_margin(Duration::from_secs(295))
+        .delivery(DeliveryPolicy::Block)
+        .build()
+        .unwrap();
+    // 30 s of video at 25 fps.
+    let frames = take(&source, 750, Duration::from_secs(10));
+    assert_exact(&emulator, "cam-1", &frames);
+    let stats = source.stats();
+    assert!(stats.url_refreshes >= 5, "{stats:?}");
+    assert_eq!(stats.pipelines_built, 1, "one pipeline for the whole run");
+    assert_eq!(stats.reconnects, 0, "{stats:?}");
+    let sessions: std::collections::BTreeSet<u64> = frames
+        .iter()
+        .map(|f| f.fragment().unwrap().session)
+        .collect();
+    assert!(sessions.len() >= 5, "frames came through {sessions:?}");
+}
+
+#[test]
+fn reactive_refresh_after_revocation_loses_nothing() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let source = source(&emulator, "cam-1")
+        .delivery(DeliveryPolicy::Block)
+        .build()
+        .unwrap();
+    let mut frames = take(&source, 50, Duration::from_secs(10));
+    emulator.faults("cam-1").unwrap().revoke_sessions();
+    frames.extend(take(&source, 150, Duration::from_secs(10)));
+    assert_exact(&emulator, "cam-1", &frames);
+    let stats = source.stats();
+    assert!(stats.url_refreshes >= 1, "{stats:?}");
+    assert_eq!(
+        stats.reconnects, 0,
+        "a 403 is a refresh, not a reconnect: {stats:?}"
+    );
+    assert!(
+        emulator
+            .request_stats()
+            .errors
+            .get("NotAuthorizedException")
+            .copied()
+            .unwrap_or(0)
+            >= 1
+    );
+}
+
+#[test]
+fn camera_offline_reconnects_with_backoff_and_resumes() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let backoff = BackoffPolicy::default()
+        .initial(Duration::from_secs(1))
+        .max(Duration::from_secs(4))
+        .jitter(Jitter::Fixed(1.0))
+        .max_consecutive_errors(None);
+    let source = source(&emulator, "cam-1")
+        .stall_timeout(Duration::from_secs(4))
+        .backoff(backoff)
+        .build()
+        .unwrap();
+    let before = take(&source, 25, Duration::from_secs(10));
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .camera_offline(Duration::from_secs(40));
+    // Frames stop; the source goes Reconnecting and backs off.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let mut saw_reconnecting = false;
+    let mut after = Vec::new();
+    let mut frames = source.frames();
+    while Instant::now() < deadline && after.len() < 50 {
+        saw_reconnecting |= source.state() == SourceState::Reconnecting;
+        if let Some(item) = frames.next_timeout(Duration::from_millis(200)) {
+            let (frame, _) = item.unwrap();
+            if number(&frame) > number(&before[24]) + 25 * 10 {
+                after.push(frame);
+            }
+        }
+    }
+    assert!(saw_reconnecting, "state Reconnecting during the outage");
+    assert_eq!(
+        after.len(),
+        50,
+        "frames resume after the camera returns: {:?}",
+        source.stats()
+    );
+    assert_exact(&emulator, "cam-1", &after);
+    let stats = source.stats();
+    assert!(stats.reconnects >= 3, "{stats:?}");
+    // Deterministic backoff (jitter fixed at 1): 1 s, 2 s, 4 s, then capped at 4 s.
+    let secs: Vec<u64> = stats.backoff_history.iter().map(|d| d.as_secs()).collect();
+    assert_eq!(&secs[..3], &[1, 2, 4], "{secs:?}");
+    assert!(secs.iter().all(|s| *s <= 4), "{secs:?}");
+    assert_eq!(source.state(), SourceState::Connected);
+    assert!(stats.read_errors >= stats.reconnects);
+}
+
+fn quick_backoff() -> BackoffPolicy {
+    BackoffPolicy::default()
+        .initial(Duration::from_millis(500))
+        .max(Duration::from_secs(1))
+        .jitter(Jitter::Fixed(1.0))
+        .max_consecutive_errors(None)
+}
+
+#[test]
+fn http_faults_recover_without_losing_frames() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let source = source(&emulator, "cam-1")
+        .delivery(DeliveryPolicy::Block)
+        .stall_timeout(Duration::from_secs(2))
+        .backoff(quick_backoff())
+        .build()
+        .unwrap();
+    let faults = emulator.faults("cam-1").unwrap();
+    let mut frames = take(&source, 25, Duration::from_secs(10));
+    let mut reconnects = source.stats().reconnects;
+    let window = Duration::from_millis(1500);
+    for (name, inject) in [
+        (
+            "HTTP 500",
+            Box::new(|| faults.server_errors(window)) as Box<dyn Fn()>,
+        ),
+        (
+            "connection reset",
+            Box::new(|| faults.reset_fragment_downloads(window)),
+        ),
+        ("throttling", Box::new(|| faults.throttle(window))),
+        (
+            "stalled download",
+            Box::new(|| faults.stall_fragment_downloads(window, Duration::from_secs(20))),
+        ),
+    ] {
+        inject();
+        frames.extend(take(&source, 100, Duration::from_secs(15)));
+        let now = source.stats().reconnects;
+        assert!(
+            now > reconnects,
+            "{name}: no reconnect observed: {:?}",
+            source.stats()
+        );
+        reconnects = now;
+    }
+    assert_exact(&emulator, "cam-1", &frames);
+    assert_eq!(source.stats().pipelines_built, 1);
+}
+
+#[test]
+fn stream_deletion_ends_the_iterator_with_a_fatal_error() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let source = source(&emulator, "cam-1")
+        .backoff(quick_backoff())
+        .build()
+        .unwrap();
+    take(&source, 10, Duration::from_secs(10));
+    emulator.faults("cam-1").unwrap().delete_stream();
+    let mut frames = source.frames();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no fatal error: {:?}",
+            source.stats()
+        );
+        match frames.next_timeout(Duration::from_secs(1)) {
+            Some(Ok(_)) | None => continue,
+            Some(Err(e)) => break e,
+        }
+    };
+    assert_eq!(error.kind(), ErrorKind::StreamNotFound, "{error}");
+    assert!(!error.is_transient());
+    assert!(
+        frames.next_timeout(Duration::from_secs(1)).is_none(),
+        "ended"
+    );
+    assert_eq!(source.state(), SourceState::Error);
+    assert!(source.stats().last_error.unwrap().contains("cam-1"));
+}
+
+#[test]
+fn resolution_change_switches_frame_size_without_a_stall() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let source = source(&emulator, "cam-1")
+        .delivery(DeliveryPolicy::Block)
+        .build()
+        .unwrap();
+    let mut frames = take(&source, 25, Duration::from_secs(10));
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .change_resolution(480, 270);
+    frames.extend(take(&source, 100, Duration::from_secs(10)));
+    assert_exact(&emulator, "cam-1", &frames);
+    assert_eq!((frames[0].width(), frames[0].height()), (320, 240));
+    let last = frames.last().unwrap();
+    assert_eq!((last.width(), last.height()), (480, 270));
+    let switch = frames.iter().position(|f| f.width() == 480).unwrap();
+    assert!(frames[switch..].iter().all(|f| f.width() == 480));
+    assert_eq!(source.stats().reconnects, 0);
+}
+
+fn history(name: &str, seconds: u64) -> Emulator {
+    let emulator = common::start(vec![
+        common::small(name).history(Duration::from_secs(seconds)),
+    ]);
+    assert!(emulator.wait_for_fragments(name, seconds as usize, Duration::from_secs(30)));
+    emulator
+}
+
+fn drain(source: &KvsHlsFrameSource) -> Vec<Frame> {
+    let mut frames = source.frames();
+    let mut out = Vec::new();
+    loop {
+        match frames.next_timeout(Duration::from_secs(15)) {
+            Some(Ok((frame, _))) => out.push(frame),
+            Some(Err(e)) => panic!("error after {} frames: {e}", out.len()),
+            None => break,
+        }
+    }
+    assert_ne!(source.state(), SourceState::Error);
+    out
+}
+
+fn expected(
+    emulator: &Emulator,
+    stream: &str,
+    fragments: std::ops::RangeInclusive<usize>,
+) -> Vec<u32> {
+    let truth = emulator.ground_truth(stream);
+    truth[fragments]
+        .iter()
+        .flat_map(|r| (r.first_frame..r.first_frame + u64::from(r.frame_count)).map(|n| n as u32))
+        .collect()
+}
+
+#[test]
+fn on_demand_and_live_replay_deliver_exactly_the_range() {
+    let emulator = history("cam-1", 10);
+    let truth = emulator.ground_truth("cam-1");
+    let on_demand = source(&emulator, "cam-1")
+        .playback(PlaybackMode::OnDemand {
+            start: truth[2].producer_start,
+            end: truth[6].producer_start,
+        })
+        .build()
+        .unwrap();
+    let frames = drain(&on_demand);
+    let numbers: Vec<u32> = frames.iter().map(number).collect();
+    assert_eq!(numbers, expected(&emulator, "cam-1", 2..=6));
+    assert_exact(&emulator, "cam-1", &frames);
+    assert_eq!(on_demand.stats().frames_dropped(), 0);
+
+    let replay = source(&emulator, "cam-1")
+        .playback(PlaybackMode::LiveReplay {
+            start: truth[1].producer_start,
+            end: Some(truth[3].producer_start),
+        })
+        .build()
+        .unwrap();
+    let frames = drain(&replay);
+    let numbers: Vec<u32> = frames.iter().map(number).collect();
+    assert_eq!(numbers, expected(&emulator, "cam-1", 1..=3));
+}
+
+#[test]
+fn long_on_demand_ranges_continue_past_one_playlist() {
+    let emulator = history("cam-1", 8);
+    let truth = emulator.ground_truth("cam-1");
+    // Three fragments per playlist: the range needs three sessions.
+    let source = source(&emulator, "cam-1")
+        .playback(PlaybackMode::OnDemand {
+            start: truth[0].producer_start,
+            end: truth[7].producer_start,
+        })
+        .max_playlist_fragments(3)
+        .build()
+        .unwrap();
+    let numbers: Vec<u32> = drain(&source).iter().map(number).collect();
+    assert_eq!(numbers, expected(&emulator, "cam-1", 0..=7));
+    assert!(source.stats().sessions >= 3);
+}
+
+#[test]
+fn slow_readers_drop_oldest_or_block() {
+    let emulator = common::start(vec![common::small("cam-1").history(Duration::from_secs(6))]);
+    assert!(emulator.wait_for_fragments("cam-1", 6, Duration::from_secs(30)));
+    // DropOldest: memory stays bounded, drops are counted.
+    let live = source(&emulator, "cam-1")
+        .delivery(DeliveryPolicy::DropOldest)
+        .queue_capacity(5)
+        .build()
+        .unwrap();
+    let mut frames = live.frames();
+    let mut max_queue = 0;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        if let Some(Ok((frame, _))) = frames.next_timeout(Duration::from_secs(5)) {
+            got.push(number(&frame));
+        }
+        max_queue = max_queue.max(live.stats().queue_len);
+        std::thread::sleep(Duration::from_millis(100)); // 10 fps reader, 25 fps camera
+    }
+    let stats = live.stats();
+    assert!(stats.frames_dropped_queue_full > 0, "{stats:?}");
+    assert!(max_queue <= 5);
+    assert!(got.windows(2).all(|w| w[1] > w[0]), "order kept");
+    live.stop();
+
+    // Block: a slow reader of an archived range loses nothing.
+    let truth = emulator.ground_truth("cam-1");
+    let archive = source(&emulator, "cam-1")
+        .playback(PlaybackMode::OnDemand {
+            start: truth[1].producer_start,
+            end: truth[3].producer_start,
+        })
+        .queue_capacity(2)
+        .build()
+        .unwrap();
+    let mut numbers = Vec::new();
+    for item in archive.frames() {
+        let (frame, _) = item.unwrap();
+        numbers.push(number(&frame));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(numbers, expected(&emulator, "cam-1", 1..=3));
+    assert_eq!(archive.stats().frames_dropped(), 0);
+}
+
+#[test]
+fn every_invalid_option_is_a_typed_error_naming_it() {
+    let emulator = common::start(vec![common::small("cam-1").camera(false)]);
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let cases: Vec<(&str, KvsHlsFrameSourceBuilder)> = vec![
+        ("camera_id", KvsHlsFrameSource::builder("", "cam-1")),
+        ("stream_name", KvsHlsFrameSource::builder("c", "bad name")),
+        (
+            "stream_arn",
+            KvsHlsFrameSource::builder("c", "arn:".to_owned() + &"x".repeat(1100)),
+        ),
+        (
+            "expires",
+            source(&emulator, "cam-1").expires(Duration::from_secs(299)),
+        ),
+        (
+            "expires",
+            source(&emulator, "cam-1").expires(Duration::from_secs(43_201)),
+        ),
+        (
+            "refresh_margin",
+            source(&emulator, "cam-1")
+                .expires(Duration::from_secs(300))
+                .refresh_margin(Duration::from_secs(300)),
+        ),
+        (
+            "max_playlist_fragments",
+            source(&emulator, "cam-1").max_playlist_fragments(0),
+        ),
+        (
+            "max_playlist_fragments",
+            source(&emulator, "cam-1").max_playlist_fragments(5001),
+        ),
+        (
+            "playback",
+            source(&emulator, "cam-1").playback(PlaybackMode::OnDemand {
+                start: now,
+                end: now - hour,
+            }),
+        ),
+        (
+            "playback",
+            source(&emulator, "cam-1").playback(PlaybackMode::OnDemand {
+                start: now - 25 * hour,
+                end: now,
+            }),
+        ),
+        (
+            "container",
+            source(&emulator, "cam-1").container(kvs_frames::source::Container::MpegTs),
+        ),
+        (
+            "poll_interval",
+            source(&emulator, "cam-1").poll_interval(Duration::from_millis(10)),
+        ),
+        (
+            "request_timeout",
+            source(&emulator, "cam-1").request_timeout(Duration::ZERO),
+        ),
+        (
+            "stall_timeout",
+            source(&emulator, "cam-1").stall_timeout(Duration::from_secs(3600)),
+        ),
+        ("resize", source(&emulator, "cam-1").resize(641, 480)),
+        ("target_fps", source(&emulator, "cam-1").target_fps(0.0)),
+        (
+            "target_fps",
+            source(&emulator, "cam-1").target_fps(f64::NAN),
+        ),
+        (
+            "queue_capacity",
+            source(&emulator, "cam-1").queue_capacity(0),
+        ),
+        (
+            "backoff.initial",
+            source(&emulator, "cam-1").backoff(BackoffPolicy::default().initial(Duration::ZERO)),
+        ),
+        (
+            "backoff.max_consecutive_errors",
+            source(&emulator, "cam-1")
+                .backoff(BackoffPolicy::default().max_consecutive_errors(Some(0))),
+        ),
+    ];
+    for (option, builder) in cases {
+        let err = builder.build().expect_err(option);
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{option}: {err}");
+        assert_eq!(err.invalid_option(), Some(option), "{err}");
+        assert!(err.to_string().contains(option), "{err}");
+    }
+    // The pixel format parser names the value too.
+    let err = "yuv444".parse::<PixelFormat>().unwrap_err();
+    assert!(err.to_string().contains("yuv444"));
+}
+
+#[test]
+fn metrics_carry_the_promised_names_and_the_camera_label() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let registry = prometheus::Registry::new();
+    let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
+    assert!(
+        kvs_frames::metrics::FrameSourceMetrics::register(&registry).is_err(),
+        "once per registry"
+    );
+    let source = KvsHlsFrameSource::builder("front-door", "cam-1")
+        .sdk_config(&emulator.sdk_config())
+        .metrics(metrics)
+        .build()
+        .unwrap();
+    take(&source, 30, Duration::from_secs(10));
+    let mut text = String::new();
+    for family in registry.gather() {
+        text.push_str(
+            &prometheus::TextEncoder::new()
+                .encode_to_string(&[family])
+                .unwrap(),
+        );
+    }
+    for name in [
+        "kvs_hls_frames_total",
+        "kvs_hls_reconnects_total",
+        "kvs_hls_url_refreshes_total",
+        "kvs_hls_read_errors_total",
+        "kvs_hls_last_frame_timestamp",
+        "kvs_hls_connection_state",
+        "kvs_hls_frames_dropped_total",
+        "kvs_hls_fragments_total",
+        "kvs_hls_fragment_bytes_total",
+        "kvs_hls_fragment_fetch_seconds",
+        "kvs_hls_frame_age_seconds",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(name) && l.contains("camera_id=\"front-door\"")),
+            "{name} missing:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("kvs_hls_connection_state{camera_id=\"front-door\"} 2"),
+        "{text}"
+    );
+    let frames_line = text
+        .lines()
+        .find(|l| l.starts_with("kvs_hls_frames_total{"))
+        .unwrap();
+    let count: f64 = frames_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 30.0);
+}
+
+#[test]
+fn async_stream_and_sync_iterator_give_the_same_frames() {
+    let emulator = history("cam-1", 5);
+    let truth = emulator.ground_truth("cam-1");
+    let range = PlaybackMode::OnDemand {
+        start: truth[1].producer_start,
+        end: truth[3].producer_start,
+    };
+    let sync: Vec<(u32, Option<SystemTime>)> =
+        drain(&source(&emulator, "cam-1").playback(range).build().unwrap())
+            .iter()
+            .map(|f| (number(f), f.producer_time()))
+            .collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let builder = source(&emulator, "cam-1").playback(range);
+    let streamed: Vec<(u32, Option<SystemTime>)> = runtime.block_on(async move {
+        use futures_util::StreamExt;
+        let source = builder.build().unwrap();
+        let mut stream = source.stream();
+        let mut out = Vec::new();
+        while let Some(item) = stream.next().await {
+            let (frame, ts) = item.unwrap();
+            assert_eq!(Some(ts), frame.producer_time());
+            out.push((number(&frame), frame.producer_time()));
+        }
+        out
+    });
+    assert_eq!(sync, streamed);
+    assert_eq!(sync.len(), expected(&emulator, "cam-1", 1..=3).len());
+}
+
+#[test]
+fn target_fps_and_key_frames_only_sample_the_stream() {
+    let emulator = history("cam-1", 5);
+    let truth = emulator.ground_truth("cam-1");
+    let range = PlaybackMode::OnDemand {
+        start: truth[0].producer_start,
+        end: truth[3].producer_start,
+    };
+    let five = drain(
+        &source(&emulator, "cam-1")
+            .playback(range)
+            .target_fps(5.0)
+            .build()
+            .unwrap(),
+    );
+    let numbers: Vec<u32> = five.iter().map(number).collect();
+    assert_eq!(numbers.len(), 20, "4 s at 5 fps: {numbers:?}");
+    assert!(numbers.windows(2).all(|w| w[1] - w[0] == 5), "{numbers:?}");
+    let keys = source(&emulator, "cam-1")
+        .playback(range)
+        .key_frames_only(true)
+        .build()
+        .unwrap();
+    let frames = drain(&keys);
+    let numbers: Vec<u32> = frames.iter().map(number).collect();
+    let firsts: Vec<u32> = truth[0..=3].iter().map(|r| r.first_frame as u32).collect();
+    assert_eq!(numbers, firsts, "one frame per fragment, its key frame");
+    assert!(frames.iter().all(Frame::is_key_frame));
+    assert_exact(&emulator, "cam-1", &frames[..1]);
+}
+
+#[test]
+fn every_pixel_format_and_resize() {
+    let emulator = history("cam-1", 2);
+    let truth = emulator.ground_truth("cam-1");
+    let range = PlaybackMode::OnDemand {
+        start: truth[0].producer_start,
+        end: truth[0].producer_start + Duration::from_millis(1),
+    };
+    for format in PixelFormat::ALL {
+        let source = source(&emulator, "cam-1")
+            .playback(range)
+            .pixel_format(format)
+            .resize(160, 120)
+            .build()
+            .unwrap();
+        let frames = drain(&source);
+        assert_eq!(frames.len(), 25, "{format}");
+        let f = &frames[0];
+        assert_eq!((f.width(), f.height(), f.format()), (160, 120, format));
+        match format.bytes_per_pixel() {
+            Some(bpp) => {
+                assert_eq!(f.n_planes(), 1);
+                assert!(f.stride() >= 160 * bpp);
+                assert_eq!(f.row(119).unwrap().len(), 160 * bpp);
+                assert_eq!(f.to_contiguous().len(), 160 * 120 * bpp);
+            }
+            None => {
+                let planes = if format == PixelFormat::I420 { 3 } else { 2 };
+                assert_eq!(f.n_planes(), planes);
+                assert_eq!(f.plane(0).unwrap().len(), f.plane_stride(0).unwrap() * 120);
+                assert!(f.plane(1).unwrap().len() >= 160 * 60 / 2);
+            }
+        }
+        if format == PixelFormat::Bgr || format == PixelFormat::Gray8 {
+            assert_exact(&emulator, "cam-1", &frames);
+        }
+    }
+}

@@ -89,7 +89,7 @@ pub enum DiscontinuityMode {
 #[derive(Clone)]
 enum ClientSource {
     Env { region: Option<String> },
-    Config(aws_config::SdkConfig),
+    Config(Box<aws_config::SdkConfig>),
     Client(KvsClient),
 }
 
@@ -184,7 +184,7 @@ impl KvsHlsFrameSourceBuilder {
     /// environment's, e.g. `Emulator::sdk_config()`.
     #[must_use]
     pub fn sdk_config(mut self, config: &aws_config::SdkConfig) -> Self {
-        self.client = ClientSource::Config(config.clone());
+        self.client = ClientSource::Config(Box::new(config.clone()));
         self
     }
     /// Share a [`KvsClient`] (and its endpoint cache) with other sources.
@@ -659,22 +659,24 @@ impl FrameSink for Sink {
         let producer_time = frame.producer_time;
         let emitted = frame.emitted;
         let age = frame.age();
+        {
+            // Counted before the frame becomes visible to the reader.
+            let mut stats = ctx.core.stats.lock();
+            stats.frames_delivered += 1;
+            stats.last_frame_producer_time = producer_time.or(stats.last_frame_producer_time);
+            stats.last_frame_at = Some(emitted);
+        }
+        if let Some(m) = &ctx.metrics {
+            m.frame(&ctx.camera_id, producer_time, age);
+        }
         match ctx.core.queue.push(frame) {
-            Pushed::Queued { evicted } => {
-                let mut stats = ctx.core.stats.lock();
-                stats.frames_delivered += 1;
-                stats.frames_dropped_queue_full += evicted;
-                stats.last_frame_producer_time = producer_time.or(stats.last_frame_producer_time);
-                stats.last_frame_at = Some(emitted);
-                drop(stats);
+            Pushed::Queued { evicted } if evicted > 0 => {
+                ctx.core.stats.lock().frames_dropped_queue_full += evicted;
                 if let Some(m) = &ctx.metrics {
-                    m.frame(&ctx.camera_id, producer_time, age);
-                    if evicted > 0 {
-                        m.dropped(&ctx.camera_id, DropReason::QueueFull, evicted);
-                    }
+                    m.dropped(&ctx.camera_id, DropReason::QueueFull, evicted);
                 }
             }
-            Pushed::Closed => {}
+            Pushed::Queued { .. } | Pushed::Closed => {}
         }
     }
 
@@ -788,8 +790,10 @@ impl Reader {
             let error = match result {
                 Ok(Outcome::Finished) => {
                     tracing::info!(camera = %self.camera(), "end of the requested range");
-                    // Let the decoder drain before ending the queue.
-                    self.drain().await;
+                    // Flush the decoder (its last frames) before ending the queue.
+                    if let Err(e) = self.decoder.finish().await {
+                        tracing::debug!(camera = %self.camera(), error = %e, "decoder finish");
+                    }
                     self.ctx.core.queue.finish();
                     self.ctx.set_state(SourceState::Disconnected);
                     return;
@@ -871,19 +875,6 @@ impl Reader {
                 ErrorKind::NoFragments,
                 format!("{error} (the stream exists: retrying)"),
             ),
-        }
-    }
-
-    async fn drain(&self) {
-        // Wait until the decoder has produced its last frame (no progress for a moment).
-        loop {
-            let idle = self.ctx.last_progress.lock().elapsed();
-            if idle > Duration::from_millis(700) || self.ctx.stopped() {
-                return;
-            }
-            if self.ctx.sleep(Duration::from_millis(100)).await.is_err() {
-                return;
-            }
         }
     }
 
