@@ -3,6 +3,7 @@
 #   make deps      install the Debian packages the crate, its tests and examples need (no-op when present)
 #   make test      deps + every test: unit, integration, doc tests, all features
 #   make lint      deps + rustfmt --check, clippy -D warnings, rustdoc -D warnings
+#   make demo      deps + the frame-reader demo against the embedded emulator for about 20 s
 #   make emulator  run the standalone KVS emulator on 127.0.0.1:4566 (Ctrl+C stops it)
 
 SHELL := /bin/bash
@@ -19,7 +20,7 @@ DEB_PACKAGES := pkg-config \
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps test lint emulator fmt clean
+.PHONY: deps test lint demo bench emulator fmt clean
 
 deps:
 	@missing=""; \
@@ -35,9 +36,9 @@ deps:
 
 test: deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) nextest run --all-features --all-targets; \
+	  $(CARGO) nextest run --all-features --lib --bins --tests --examples; \
 	else \
-	  $(CARGO) test --all-features --all-targets; \
+	  $(CARGO) test --all-features --lib --bins --tests --examples; \
 	fi
 	$(CARGO) test --all-features --doc
 
@@ -45,6 +46,15 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --all-features -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --all-features
+
+DEMO_ARGS ?= --emulator --duration 20 --snapshot-dir target/demo-snapshots --snapshot-every 125
+
+demo: deps
+	$(CARGO) run --features emulator --example demo_kvs_hls_reader -- $(DEMO_ARGS)
+
+# Benchmarks are not part of `make test` (they measure, they do not check); `make lint` compiles them.
+bench: deps
+	$(CARGO) bench --all-features
 
 emulator: deps
 	$(CARGO) run --features emulator --example kvs_emulator -- $(EMULATOR_ARGS)

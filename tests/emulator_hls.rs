@@ -285,7 +285,10 @@ async fn on_demand_and_live_replay_sessions() {
         ms(truth[1].producer_start)
     );
     let before = first.segments.len();
-    assert!(before < 7, "LIVE_REPLAY starts small, not with the whole archive: {before}");
+    assert!(
+        before < 7,
+        "LIVE_REPLAY starts small, not with the whole archive: {before}"
+    );
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let later = common::parse_media(&get(&playlist_url).await.unwrap().text());
     assert!(

@@ -83,6 +83,8 @@ pub(crate) struct CameraConfig {
     pub history: Duration,
     /// Decode time, in timescale ticks, of frame 0 (not wall time).
     pub decode_time_base: u64,
+    /// Stop after this many frames (rounded up to a whole fragment); None runs until stopped.
+    pub max_frames: Option<u64>,
 }
 
 /// One finished fragment: `frames_per_fragment` encoded frames, the first an IDR frame.
@@ -704,6 +706,8 @@ struct Worker<F> {
     fragment: Option<PartialFragment>,
     /// Index of the next fragment.
     next_index: u64,
+    /// Stop at the first fragment boundary at or after this frame.
+    max_frames: Option<u64>,
 }
 
 impl<F: FnMut(EncodedFragment)> Worker<F> {
@@ -712,6 +716,14 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
         let mut n: u64 = 0;
         loop {
             if n.is_multiple_of(self.frames_per_fragment) {
+                if self.max_frames.is_some_and(|max| n >= max) {
+                    info!(
+                        camera = self.name.as_str(),
+                        frames = n,
+                        "camera finished (no live video)"
+                    );
+                    return Ok(());
+                }
                 self.apply_pending_resolution()?;
                 self.fragment = Some(PartialFragment {
                     index: self.next_index,
@@ -1034,6 +1046,7 @@ impl Camera {
             track: None,
             fragment: None,
             next_index: 0,
+            max_frames: cfg.max_frames,
         };
         let thread = std::thread::Builder::new()
             .name(format!("camera-{}", cfg.name))
@@ -1151,6 +1164,7 @@ mod tests {
             start: SystemTime::now() - history,
             history,
             decode_time_base: BASE,
+            max_frames: None,
         }
     }
 

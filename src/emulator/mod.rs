@@ -118,6 +118,7 @@ pub struct StreamSpec {
     pub(crate) media_type: String,
     pub(crate) device_name: Option<String>,
     pub(crate) decode_time_origin: DecodeTimeOrigin,
+    pub(crate) live: bool,
 }
 
 impl StreamSpec {
@@ -138,7 +139,17 @@ impl StreamSpec {
             media_type: "video/h264".to_owned(),
             device_name: None,
             decode_time_origin: DecodeTimeOrigin::Session,
+            live: true,
         }
+    }
+    /// Whether the camera goes on live after its [`history`](Self::history) (default true).
+    /// With `false` the stream holds only the archived history (whole fragments) and the
+    /// camera then stops: an archive-only stream for ON_DEMAND and GetClip work, with no
+    /// encoder running in the background.
+    #[must_use]
+    pub fn live(mut self, live: bool) -> Self {
+        self.live = live;
+        self
     }
     /// Where the `tfdt` decode time of served fragments starts (default
     /// [`DecodeTimeOrigin::Session`]).
@@ -266,6 +277,13 @@ impl StreamSpec {
                 "StreamSpec::bitrate_kbps",
                 self.bitrate_kbps,
                 "must be 50..=50000",
+            ));
+        }
+        if !self.live && self.history < self.fragment_duration {
+            return Err(Error::invalid_config(
+                "StreamSpec::history",
+                format!("{:?}", self.history),
+                "an archive-only stream (live(false)) needs at least one fragment of history",
             ));
         }
         if self.history > Duration::from_secs(24 * 3600) {

@@ -311,6 +311,11 @@ impl State {
             start,
             history: spec.history,
             decode_time_base: timescale_ticks,
+            max_frames: (!spec.live).then(|| {
+                let fpf = u64::from(spec.frames_per_fragment());
+                let frames = (spec.history.as_secs_f64() * f64::from(spec.fps)).floor() as u64;
+                (frames / fpf).max(1) * fpf
+            }),
         };
         let weak = Arc::downgrade(state);
         let name = spec.name.clone();

@@ -1,0 +1,436 @@
+//! Reads decoded frames from a KVS stream (or from the embedded emulator) and shows what a
+//! detector loop gets: frames, producer timestamps, latency, drops, reconnects.
+//!
+//! ```text
+//!   KVS (or the embedded emulator)          KvsHlsFrameSource                           this demo
+//!   GetHLSStreamingSessionURL ──▶ playlist ──▶ fragments ──▶ decode (GStreamer) ──▶ frames() ──▶ stats every 10 s
+//!                                                                                         ├──▶ --output jsonl (stdout)
+//!                                                                                         ├──▶ --snapshot-dir (PNG)
+//!                                                                                         ├──▶ window (if a display exists)
+//!                                                                                         └──▶ --metrics-port (/metrics)
+//! ```
+//!
+//! `make demo` runs it for 20 s against the embedded emulator. Against AWS:
+//! `cargo run --features emulator --example demo_kvs_hls_reader -- --stream-name my-stream --region us-east-1`
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use kvs_frames::emulator::{Emulator, StreamSpec};
+use kvs_frames::metrics::FrameSourceMetrics;
+use kvs_frames::{Frame, KvsHlsFrameSource, PixelFormat, SourceStats};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    /// One JSON line per frame on stdout.
+    Jsonl,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Decoded frames with producer timestamps from Kinesis Video Streams")]
+struct Args {
+    /// KVS stream name (or ARN). Without it, the embedded emulator is used.
+    #[arg(long)]
+    stream_name: Option<String>,
+    /// AWS region (default: the configured one).
+    #[arg(long)]
+    region: Option<String>,
+    /// Camera id used in logs and metrics (default: the stream name).
+    #[arg(long)]
+    camera_id: Option<String>,
+    /// Deliver at most this many frames per second.
+    #[arg(long)]
+    target_fps: Option<f64>,
+    /// Stop after this many frames.
+    #[arg(long)]
+    max_frames: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Pixel format: bgr, rgb, rgba, bgra, gray8, i420, nv12.
+    #[arg(long, default_value = "bgr")]
+    pixel_format: String,
+    /// Never open a window (default when there is no display).
+    #[arg(long)]
+    no_display: bool,
+    /// Serve Prometheus metrics on 127.0.0.1:PORT/metrics.
+    #[arg(long)]
+    metrics_port: Option<u16>,
+    /// Start the embedded KVS emulator and read from it (the default without --stream-name).
+    #[arg(long)]
+    emulator: bool,
+    /// Per-frame output.
+    #[arg(long, value_enum)]
+    output: Option<Output>,
+    /// Write PNG snapshots into this directory.
+    #[arg(long)]
+    snapshot_dir: Option<std::path::PathBuf>,
+    /// Write a snapshot every N frames (with --snapshot-dir).
+    #[arg(long, default_value_t = 100)]
+    snapshot_every: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,kvs_frames=info".into()),
+        )
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let pixel_format: PixelFormat = args.pixel_format.parse()?;
+    if args.snapshot_every == 0 {
+        bail!("--snapshot-every must be at least 1");
+    }
+    if let Some(d) = args.duration
+        && !(d.is_finite() && d > 0.0)
+    {
+        bail!("--duration must be a positive number of seconds, not {d}");
+    }
+    if let Some(dir) = &args.snapshot_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --snapshot-dir {}", dir.display()))?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+
+    // The emulator, unless a real stream is named.
+    let use_emulator = args.emulator || args.stream_name.is_none();
+    let emulator = if use_emulator {
+        let emulator = Emulator::builder()
+            .stream(
+                StreamSpec::new("demo-camera")
+                    .resolution(1280, 720)
+                    .fps(25)
+                    .fragment_duration(Duration::from_secs(1)),
+            )
+            .start()
+            .context("starting the embedded KVS emulator")?;
+        eprintln!("embedded KVS emulator at {}", emulator.endpoint());
+        if !emulator.wait_for_fragments("demo-camera", 1, Duration::from_secs(10)) {
+            bail!("the emulator's camera produced no fragment");
+        }
+        Some(emulator)
+    } else {
+        None
+    };
+    let stream = match (&args.stream_name, &emulator) {
+        (Some(s), None) => s.clone(),
+        (Some(s), Some(_)) => s.clone(),
+        (None, _) => "demo-camera".to_owned(),
+    };
+    let camera_id = args.camera_id.clone().unwrap_or_else(|| stream.clone());
+
+    let registry = prometheus::Registry::new();
+    let metrics = FrameSourceMetrics::register(&registry)?;
+    let mut builder = KvsHlsFrameSource::builder(&camera_id, stream.as_str())
+        .pixel_format(pixel_format)
+        .metrics(metrics)
+        .runtime(runtime.handle().clone());
+    if let Some(emulator) = &emulator {
+        builder = builder.sdk_config(&emulator.sdk_config());
+    } else if let Some(region) = &args.region {
+        builder = builder.region(region);
+    }
+    if let Some(fps) = args.target_fps {
+        builder = builder.target_fps(fps);
+    }
+    let source = Arc::new(builder.build()?);
+
+    if let Some(port) = args.metrics_port {
+        let registry = registry.clone();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+            .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+        eprintln!("metrics at http://127.0.0.1:{port}/metrics");
+        runtime.spawn(async move {
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let registry = registry.clone();
+                    async move {
+                        prometheus::TextEncoder::new()
+                            .encode_to_string(&registry.gather())
+                            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+                    }
+                }),
+            );
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("metrics server: {e}");
+            }
+        });
+    }
+
+    // Ctrl+C stops the source; the frame loop then ends.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let source = Arc::clone(&source);
+        let interrupted = Arc::clone(&interrupted);
+        runtime.spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                interrupted.store(true, Ordering::SeqCst);
+                source.stop();
+            }
+        });
+    }
+
+    let mut display = if !args.no_display && std::env::var_os("DISPLAY").is_some() {
+        match Display::new() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("no window ({e}); running headless");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d));
+    let mut last_report = Instant::now();
+    let mut count = 0u64;
+    let mut window_count = 0u64;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut frames = source.frames();
+    let mut failure = None;
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d)
+            || args.max_frames.is_some_and(|m| count >= m)
+        {
+            break;
+        }
+        let item = match frames.next_timeout(Duration::from_millis(500)) {
+            Some(item) => item,
+            None if interrupted.load(Ordering::SeqCst) => break,
+            None if source.state() == kvs_frames::SourceState::Error
+                || source.state() == kvs_frames::SourceState::Disconnected && count > 0 =>
+            {
+                break;
+            }
+            None => {
+                report_if_due(&source, &mut last_report, &mut window_count);
+                continue;
+            }
+        };
+        let (frame, ts) = match item {
+            Ok(pair) => pair,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        count += 1;
+        window_count += 1;
+        if let Some(Output::Jsonl) = args.output {
+            writeln!(out, "{}", jsonl(&frame, ts)).context("writing to stdout")?;
+        }
+        if let Some(dir) = &args.snapshot_dir
+            && frame.sequence() % args.snapshot_every == 0
+        {
+            let path = dir.join(format!("frame-{:08}.png", frame.sequence()));
+            if let Err(e) = snapshot(&frame, &path) {
+                eprintln!("snapshot {}: {e:#}", path.display());
+            }
+        }
+        if let Some(d) = display.as_mut()
+            && let Err(e) = d.show(&frame)
+        {
+            eprintln!("display: {e:#}; closing the window");
+            display = None;
+        }
+        report_if_due(&source, &mut last_report, &mut window_count);
+    }
+    let stats = source.stats();
+    source.stop();
+    eprintln!("final: {}", summary(&stats, count, started.elapsed()));
+    drop(emulator);
+    match failure {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+fn report_if_due(source: &KvsHlsFrameSource, last: &mut Instant, window: &mut u64) {
+    let elapsed = last.elapsed();
+    if elapsed < Duration::from_secs(10) {
+        return;
+    }
+    let stats = source.stats();
+    let latency = stats
+        .last_frame_producer_time
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map_or_else(|| "n/a".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()));
+    eprintln!(
+        "[{}] state={} fps={:.1} frames={} dropped={} fragments={} reconnects={} refreshes={} latency={} queue={}",
+        source.camera_id(),
+        stats.state.as_str(),
+        *window as f64 / elapsed.as_secs_f64(),
+        stats.frames_delivered,
+        stats.frames_dropped(),
+        stats.fragments_fetched,
+        stats.reconnects,
+        stats.url_refreshes,
+        latency,
+        stats.queue_len,
+    );
+    *last = Instant::now();
+    *window = 0;
+}
+
+fn summary(stats: &SourceStats, count: u64, elapsed: Duration) -> String {
+    format!(
+        "{count} frames in {:.1}s ({:.1} fps), delivered={} dropped={} fragments={} bytes={} sessions={} refreshes={} reconnects={} errors={} state={}{}",
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64().max(0.001),
+        stats.frames_delivered,
+        stats.frames_dropped(),
+        stats.fragments_fetched,
+        stats.bytes_fetched,
+        stats.sessions,
+        stats.url_refreshes,
+        stats.reconnects,
+        stats.read_errors,
+        stats.state.as_str(),
+        stats
+            .last_error
+            .as_ref()
+            .map(|e| format!(" last_error={e}"))
+            .unwrap_or_default(),
+    )
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let dt: chrono::DateTime<chrono::Utc> = t.into();
+    dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+fn jsonl(frame: &Frame, ts: SystemTime) -> serde_json::Value {
+    let fragment = frame.fragment().map(|f| {
+        serde_json::json!({
+            "program_date_time": f.program_date_time.map(rfc3339),
+            "media_sequence": f.media_sequence,
+            "session": f.session,
+        })
+    });
+    serde_json::json!({
+        "sequence": frame.sequence(),
+        "producer_time": frame.producer_time().map(rfc3339),
+        "timestamp": rfc3339(ts),
+        "timestamp_unix": ts.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        "pts": frame.pts().map(|d| d.as_secs_f64()),
+        "width": frame.width(),
+        "height": frame.height(),
+        "format": frame.format().as_str(),
+        "key_frame": frame.is_key_frame(),
+        "fragment": fragment,
+    })
+}
+
+fn frame_caps(frame: &Frame) -> gst::Caps {
+    gstreamer_video::VideoCapsBuilder::new()
+        .format(frame.format().video_format())
+        .width(frame.width() as i32)
+        .height(frame.height() as i32)
+        .framerate(gst::Fraction::new(0, 1))
+        .build()
+}
+
+/// Encodes one frame as PNG with `appsrc ! videoconvert ! pngenc ! filesink`.
+fn snapshot(frame: &Frame, path: &std::path::Path) -> Result<()> {
+    let pipeline = gst::Pipeline::new();
+    let src = gst_app::AppSrc::builder()
+        .caps(&frame_caps(frame))
+        .format(gst::Format::Time)
+        .build();
+    let convert = gst::ElementFactory::make("videoconvert").build()?;
+    let png = gst::ElementFactory::make("pngenc")
+        .property("snapshot", true)
+        .build()?;
+    let sink = gst::ElementFactory::make("filesink")
+        .property("location", path.to_string_lossy().as_ref())
+        .build()?;
+    pipeline.add_many([src.upcast_ref(), &convert, &png, &sink])?;
+    gst::Element::link_many([src.upcast_ref(), &convert, &png, &sink])?;
+    pipeline.set_state(gst::State::Playing)?;
+    src.push_buffer(frame.buffer().to_owned())?;
+    src.end_of_stream()?;
+    let bus = pipeline.bus().context("no bus")?;
+    let msg = bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(10),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    pipeline.set_state(gst::State::Null)?;
+    match msg.as_ref().map(|m| m.view()) {
+        Some(gst::MessageView::Eos(_)) => Ok(()),
+        Some(gst::MessageView::Error(e)) => bail!("{}", e.error()),
+        _ => bail!("timed out"),
+    }
+}
+
+/// A window: `appsrc ! videoconvert ! autovideosink`, fed with the frames' buffers (no copy).
+struct Display {
+    pipeline: gst::Pipeline,
+    src: gst_app::AppSrc,
+    caps: Option<gst::Caps>,
+}
+
+impl Display {
+    fn new() -> Result<Self> {
+        let pipeline = gst::Pipeline::new();
+        let src = gst_app::AppSrc::builder()
+            .format(gst::Format::Time)
+            .is_live(true)
+            .build();
+        let convert = gst::ElementFactory::make("videoconvert").build()?;
+        let sink = gst::ElementFactory::make("autovideosink")
+            .property("sync", false)
+            .build()?;
+        pipeline.add_many([src.upcast_ref(), &convert, &sink])?;
+        gst::Element::link_many([src.upcast_ref(), &convert, &sink])?;
+        pipeline.set_state(gst::State::Playing)?;
+        Ok(Display {
+            pipeline,
+            src,
+            caps: None,
+        })
+    }
+
+    fn show(&mut self, frame: &Frame) -> Result<()> {
+        let caps = frame_caps(frame);
+        if self.caps.as_ref() != Some(&caps) {
+            self.src.set_caps(Some(&caps));
+            self.caps = Some(caps);
+        }
+        self.src.push_buffer(frame.buffer().to_owned())?;
+        Ok(())
+    }
+}
+
+impl Drop for Display {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
