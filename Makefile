@@ -20,7 +20,7 @@ DEB_PACKAGES := pkg-config \
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps test lint demo bench emulator fmt clean
+.PHONY: deps test lint demo bench perf-memory emulator fmt clean
 
 deps:
 	@missing=""; \
@@ -55,6 +55,9 @@ demo: deps
 # Benchmarks are not part of `make test` (they measure, they do not check); `make lint` compiles them.
 bench: deps
 	$(CARGO) bench --all-features
+
+perf-memory: deps
+	$(CARGO) run --release --features emulator --example perf_memory
 
 emulator: deps
 	$(CARGO) run --features emulator --example kvs_emulator -- $(EMULATOR_ARGS)
