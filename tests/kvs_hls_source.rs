@@ -707,3 +707,61 @@ fn every_pixel_format_and_resize() {
         }
     }
 }
+
+/// Captured log output (the whole process: nextest runs each test in its own process).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn session_tokens_never_reach_logs_errors_or_debug_output() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("kvs_frames=trace")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let source = source(&emulator, "cam-1")
+        .expires(Duration::from_secs(300))
+        .refresh_margin(Duration::from_secs(298))
+        .backoff(quick_backoff())
+        .build()
+        .unwrap();
+    let frames = take(&source, 50, Duration::from_secs(10));
+    emulator.faults("cam-1").unwrap().revoke_sessions();
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .server_errors(Duration::from_millis(2500));
+    let more = take(&source, 75, Duration::from_secs(15));
+    let stats = source.stats();
+    assert!(
+        stats.url_refreshes >= 1 && stats.read_errors >= 1,
+        "{stats:?}"
+    );
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("session"), "logs were captured: {text}");
+    let debug = format!("{source:?} {stats:?} {:?} {:?}", frames[0], more[0]);
+    for output in [&text, &debug] {
+        assert!(
+            !output.contains("SessionToken=CiA"),
+            "token leaked:\n{output}"
+        );
+        assert!(
+            !output.contains(kvs_frames::emulator::SECRET_ACCESS_KEY),
+            "secret leaked"
+        );
+    }
+}
