@@ -210,6 +210,15 @@ fn element(factory: &str) -> Result<gst::Element> {
     })
 }
 
+/// Drops the buffer of a probe: it is released here and the probe reports it handled.
+/// (Returning `PadProbeReturn::Drop` makes GStreamer 1.22 log a critical
+/// `gst_mini_object_unref: assertion 'mini_object != NULL'` per dropped buffer with these
+/// bindings.)
+fn discard(info: &mut gst::PadProbeInfo<'_>) -> gst::PadProbeReturn {
+    drop(info.data.take());
+    gst::PadProbeReturn::Handled
+}
+
 fn build_pipeline(
     config: &DecodeConfig,
     shared: &Arc<Shared>,
@@ -278,9 +287,7 @@ fn build_pipeline(
                 .is_some_and(|f| f.klass().contains("Decoder") && f.klass().contains("Video"));
             if is_decoder && let Some(pad) = element.static_pad("sink") {
                 pad.add_probe(gst::PadProbeType::BUFFER, |_, info| match info.buffer() {
-                    Some(b) if b.flags().contains(gst::BufferFlags::DELTA_UNIT) => {
-                        gst::PadProbeReturn::Drop
-                    }
+                    Some(b) if b.flags().contains(gst::BufferFlags::DELTA_UNIT) => discard(info),
                     _ => gst::PadProbeReturn::Ok,
                 });
             }
@@ -307,7 +314,7 @@ fn build_pipeline(
                             < gst::ClockTime::from_nseconds(min_gap.as_nanos() as u64) =>
                 {
                     drop_sink.dropped(DecoderDrop::TargetFps);
-                    gst::PadProbeReturn::Drop
+                    discard(info)
                 }
                 _ => {
                     *last = Some(pts);

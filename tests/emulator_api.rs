@@ -556,3 +556,39 @@ async fn session_parameters_are_validated_like_kvs() {
             .is_resource_not_found_exception()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_only_streams_hold_their_history_and_stop_encoding() {
+    let emulator = common::start(vec![
+        small("archive")
+            .history(Duration::from_millis(3500))
+            .live(false),
+    ]);
+    common::wait_fragments(&emulator, "archive", 3, Duration::from_secs(20)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while emulator.camera_status("archive").unwrap().running {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the camera keeps running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = emulator.camera_status("archive").unwrap();
+    assert_eq!(
+        status.frames_encoded, 75,
+        "whole fragments of history: {status:?}"
+    );
+    assert_eq!(status.last_error, None);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        emulator.ground_truth("archive").len(),
+        3,
+        "nothing after the history"
+    );
+    // An archive-only stream needs history.
+    let err = Emulator::builder()
+        .stream(small("x").live(false))
+        .start()
+        .unwrap_err();
+    assert_eq!(err.invalid_option(), Some("StreamSpec::history"));
+}
