@@ -283,8 +283,11 @@ fn report_if_due(source: &KvsHlsFrameSource, last: &mut Instant, window: &mut u6
         .last_frame_producer_time
         .and_then(|t| SystemTime::now().duration_since(t).ok())
         .map_or_else(|| "n/a".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()));
+    let producer_time = stats
+        .last_frame_producer_time
+        .map_or_else(|| "n/a".to_owned(), rfc3339);
     eprintln!(
-        "[{}] state={} fps={:.1} frames={} dropped={} fragments={} reconnects={} refreshes={} latency={} queue={}",
+        "[{}] state={} last_producer_time={producer_time} fps={:.1} frames={} dropped={} fragments={} reconnects={} refreshes={} latency={} queue={}",
         source.camera_id(),
         stats.state.as_str(),
         *window as f64 / elapsed.as_secs_f64(),
