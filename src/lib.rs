@@ -12,13 +12,17 @@
 //!   ([`Error::is_transient`](error::Error::is_transient)).
 //! * [`kvs`]: the KVS clients, with data endpoints cached per (stream, API) and reloaded on
 //!   failure, shared by every part of the crate.
+//! * [`kvs::discovery`] and [`kvs::clips`]: the ACTIVE streams of an account (cached, with
+//!   retries on throttling), and clips of any length as one MP4 (GetClip split at its 200
+//!   fragment / 100 MB limit and joined without re-encoding, written atomically, with an optional
+//!   JPEG thumbnail); [`retention`] deletes old clip files.
 //! * [`redact`]: removal of session tokens and credentials from any text, used by every error
 //!   and log line of the crate.
 //! * [`emulator`] (feature `emulator`): a local KVS on `127.0.0.1` — control plane, HLS in the
 //!   shape KVS serves it, GetClip, a synthetic live camera per stream, ground truth and fault
 //!   injection — that the AWS SDKs, HLS players and this crate's tests talk to over real HTTP.
 //!
-//! The frame source (`KvsHlsFrameSource`), producer supervision, discovery/clips and the generic
+//! The frame source (`KvsHlsFrameSource`), producer supervision and the generic
 //! URI frame source are being built on this foundation; see the README for the plan.
 //!
 //! ## Errors at a glance
@@ -42,6 +46,7 @@
 pub mod error;
 pub mod kvs;
 pub mod redact;
+pub mod retention;
 
 #[cfg(feature = "emulator")]
 pub mod emulator;
