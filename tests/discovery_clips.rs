@@ -465,6 +465,35 @@ async fn long_ranges_are_split_and_joined_without_gap_or_repeat() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_windows_hold_every_fragment_exactly_once() {
+    // The live-to-batch recipe (examples/clip_worker.rs): windows [t, t+N), [t+N, t+2N), …
+    // not aligned with the fragments, without the fragment running at the window start.
+    let emulator = common::start(vec![
+        small("cam-1").fps(10).history(Duration::from_secs(20)),
+    ]);
+    common::wait_fragments(&emulator, "cam-1", 20, Duration::from_secs(30)).await;
+    let truth = emulator.ground_truth("cam-1");
+    let clips = ClipExtractor::new(KvsClient::new(&emulator.sdk_config()), fast()).unwrap();
+    let t0 = truth[2].producer_start + Duration::from_millis(300);
+    let window = Duration::from_secs(5);
+    let mut frames = Vec::new();
+    for i in 0..3 {
+        let start = t0 + window * i;
+        let request = ClipRequest::new("cam-1", start, start + window - Duration::from_millis(1))
+            .include_fragment_at_start(false);
+        let clip = clips.extract_to_bytes(&request).await.unwrap();
+        assert_eq!(clip.info.fragments, 5);
+        frames.extend(
+            tokio::task::spawn_blocking(move || decoded_frames(clip.mp4))
+                .await
+                .unwrap(),
+        );
+    }
+    // Fragments 3..=17: those starting in [t0, t0 + 15 s).
+    assert_eq!(frames, expected_frames(&truth[3..=17]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_ranges_unknown_and_inactive_streams_are_typed_errors() {
     let emulator = common::start(vec![
         small("cam-1").fps(10).history(Duration::from_secs(3)),
