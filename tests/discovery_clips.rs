@@ -122,6 +122,19 @@ fn no_camera(name: &str) -> StreamSpec {
     StreamSpec::new(name).camera(false)
 }
 
+/// Services spawn these on multi-threaded runtimes: the futures must be `Send`.
+#[allow(dead_code)]
+fn futures_are_send(discovery: &Discovery, clips: &ClipExtractor, request: &ClipRequest) {
+    fn send<T: Send>(_: T) {}
+    send(discovery.active_streams());
+    send(discovery.refresh());
+    send(discovery.describe("cam-1"));
+    send(discovery.list_streams());
+    send(clips.extract_to_file(request, "x.mp4"));
+    send(clips.extract_to_bytes(request));
+    send(clips.fragments(request));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_reads_every_page_keeps_active_streams_and_caches_them() {
     let emulator = Emulator::builder()

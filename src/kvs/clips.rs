@@ -827,6 +827,20 @@ impl ClipExtractor {
                     ),
                 ));
             }
+            let listed: Duration = chunk.iter().map(|f| f.duration).sum();
+            let next_half = remaining
+                .get(len)
+                .map_or(Duration::ZERO, |f| f.duration / 2);
+            if Duration::from(report.duration) > listed + next_half.max(Duration::from_millis(500))
+            {
+                tracing::warn!(
+                    stream = %request.stream,
+                    listed_ms = u64::try_from(listed.as_millis()).unwrap_or(u64::MAX),
+                    got_ms = u64::try_from(Duration::from(report.duration).as_millis()).unwrap_or(u64::MAX),
+                    "GetClip returned more video than the listed fragments last (overlapping \
+                     timestamps?): the clip may repeat frames at this join"
+                );
+            }
             if covered < chunk.len() {
                 tracing::warn!(
                     stream = %request.stream,

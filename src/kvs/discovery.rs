@@ -650,7 +650,7 @@ where
     retry_with(
         policy,
         operation,
-        &mut || rand::random::<f64>(),
+        rand::random::<f64>,
         tokio::time::sleep,
         attempt,
     )
@@ -658,10 +658,10 @@ where
 }
 
 /// [`retry`] with the random source and the sleep injected (for tests).
-async fn retry_with<T, F, Fut, S, SFut>(
+async fn retry_with<T, F, Fut, S, SFut, U>(
     policy: &Backoff,
     operation: &str,
-    unit: &mut dyn FnMut() -> f64,
+    mut unit: U,
     mut sleep: S,
     mut attempt: F,
 ) -> Result<T>
@@ -670,6 +670,7 @@ where
     Fut: Future<Output = Result<T>>,
     S: FnMut(Duration) -> SFut,
     SFut: Future<Output = ()>,
+    U: FnMut() -> f64,
 {
     let mut number = 0;
     loop {
@@ -744,7 +745,7 @@ mod tests {
         let result = retry_with(
             &p,
             "ListStreams",
-            &mut || 0.5,
+            || 0.5,
             |d| {
                 slept.push(d);
                 std::future::ready(())
@@ -782,7 +783,7 @@ mod tests {
         let err = retry_with(
             &p,
             "DescribeStream",
-            &mut || 0.0,
+            || 0.0,
             |_| {
                 sleeps += 1;
                 std::future::ready(())
@@ -799,7 +800,7 @@ mod tests {
         let err = retry_with(
             &p,
             "DescribeStream",
-            &mut || 0.0,
+            || 0.0,
             |_| std::future::ready(()),
             |_| {
                 calls += 1;
