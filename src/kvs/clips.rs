@@ -1105,7 +1105,7 @@ impl Muxer {
             .format(gst::Format::Time)
             .is_live(false)
             .block(true)
-            .max_bytes(8 * 1024 * 1024)
+            .max_bytes(2 * 1024 * 1024)
             .build();
         let mux = gst::ElementFactory::make("mp4mux")
             .property("faststart", true)
