@@ -1,25 +1,33 @@
 //! # kvs-frames
 //!
 //! Decoded video frames, with the time the camera captured them, from AWS Kinesis Video
-//! Streams (KVS), and the tools around that: a local KVS emulator for tests and demos without
-//! AWS, and (planned) supervision of the RTSP→KVS producer processes that feed KVS.
+//! Streams (KVS), and the tools around that: stream discovery and clips, a local KVS emulator
+//! for tests and demos without AWS, and (planned) supervision of the RTSP→KVS producer
+//! processes that feed KVS.
 //!
 //! ## What is here today
 //!
+//! * [`KvsHlsFrameSource`]: frames with producer timestamps from a KVS stream over HLS, with
+//!   session refresh, reconnect with backoff, a stall watchdog, a bounded delivery queue,
+//!   [`metrics`], a blocking iterator and an async stream. Start with its documentation.
 //! * [`error`]: one error type for the whole crate. Every KVS error (control plane,
 //!   archived media, HLS responses), HTTP status, GStreamer and I/O failure maps to an
 //!   [`ErrorKind`] that says whether retrying can help
 //!   ([`Error::is_transient`](error::Error::is_transient)).
 //! * [`kvs`]: the KVS clients, with data endpoints cached per (stream, API) and reloaded on
 //!   failure, shared by every part of the crate.
+//! * [`kvs::discovery`] and [`kvs::clips`]: the ACTIVE streams of an account (cached, with
+//!   retries on throttling), and clips of any length as one MP4 (GetClip split at its 200
+//!   fragment / 100 MB limit and joined without re-encoding, written atomically, with an optional
+//!   JPEG thumbnail); [`retention`] deletes old clip files.
 //! * [`redact`]: removal of session tokens and credentials from any text, used by every error
 //!   and log line of the crate.
 //! * [`emulator`] (feature `emulator`): a local KVS on `127.0.0.1` — control plane, HLS in the
 //!   shape KVS serves it, GetClip, a synthetic live camera per stream, ground truth and fault
 //!   injection — that the AWS SDKs, HLS players and this crate's tests talk to over real HTTP.
 //!
-//! The frame source (`KvsHlsFrameSource`), producer supervision, discovery/clips and the generic
-//! URI frame source are being built on this foundation; see the README for the plan.
+//! Producer supervision and the generic URI frame source are being built on this foundation;
+//! see the README for the plan.
 //!
 //! ## Errors at a glance
 //!
@@ -47,6 +55,7 @@ mod hls;
 pub mod kvs;
 pub mod metrics;
 pub mod redact;
+pub mod retention;
 pub mod source;
 
 #[cfg(feature = "emulator")]

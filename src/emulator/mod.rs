@@ -46,6 +46,7 @@ pub mod barcode;
 mod camera;
 mod control;
 mod faults;
+mod fragments;
 mod hls;
 mod http;
 mod mp4;

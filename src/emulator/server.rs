@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use tokio::sync::oneshot;
 
 use super::store::State;
-use super::{control, hls};
+use super::{control, fragments, hls};
 use crate::error::{Error, ErrorKind, Result};
 
 fn router(state: Arc<State>) -> Router {
@@ -24,6 +24,7 @@ fn router(state: Arc<State>) -> Router {
             post(hls::get_hls_streaming_session_url),
         )
         .route("/getClip", post(hls::get_clip))
+        .route("/listFragments", post(fragments::list_fragments))
         .route("/hls/v1/getHLSMasterPlaylist.m3u8", get(hls::master))
         .route("/hls/v1/getHLSMediaPlaylist.m3u8", get(hls::media))
         .route("/hls/v1/getMP4InitFragment.mp4", get(hls::init))

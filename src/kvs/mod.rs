@@ -6,7 +6,17 @@
 //! `GetDataEndpoint` is limited to 5 TPS per stream, so [`KvsClient`] caches one endpoint per
 //! (stream, API) and forgets it when a call made through it fails
 //! ([`KvsClient::invalidate_endpoint`]).
+//!
+//! [`discovery`] lists the ACTIVE streams (cached for a TTL) and describes single streams;
+//! [`clips`] extracts any time range of a stream as one MP4 file (ListFragments + GetClip, split
+//! at KVS's per-call limits and joined without re-encoding).
 
 mod client;
+pub mod clips;
+pub mod discovery;
 
 pub use client::{KvsClient, StreamId};
+pub use clips::{
+    ClipBytes, ClipExtractor, ClipInfo, ClipOptions, ClipRequest, FragmentInfo, TimestampSelector,
+};
+pub use discovery::{ActiveStreams, Discovery, DiscoveryOptions, StreamDetails, StreamStatus};
