@@ -2,7 +2,7 @@
 //!
 //! Decoded video frames, with the time the camera captured them, from AWS Kinesis Video
 //! Streams (KVS), and the tools around that: a local KVS emulator for tests and demos without
-//! AWS, and (planned) supervision of the RTSP→KVS producer processes that feed KVS.
+//! AWS, and supervision of the RTSP→KVS producer processes that feed KVS.
 //!
 //! ## What is here today
 //!
@@ -14,11 +14,14 @@
 //!   failure, shared by every part of the crate.
 //! * [`redact`]: removal of session tokens and credentials from any text, used by every error
 //!   and log line of the crate.
+//! * [`producer`]: supervision of the RTSP→KVS producer processes (`kvs_gstreamer_sample`,
+//!   `gst-launch-1.0 … kvssink`, any command): restarts with backoff, stall watchdog, graceful
+//!   process-group stops, status, health, events, metrics, orphan cleanup and stream naming.
 //! * [`emulator`] (feature `emulator`): a local KVS on `127.0.0.1` — control plane, HLS in the
 //!   shape KVS serves it, GetClip, a synthetic live camera per stream, ground truth and fault
 //!   injection — that the AWS SDKs, HLS players and this crate's tests talk to over real HTTP.
 //!
-//! The frame source (`KvsHlsFrameSource`), producer supervision, discovery/clips and the generic
+//! The frame source (`KvsHlsFrameSource`), discovery/clips and the generic
 //! URI frame source are being built on this foundation; see the README for the plan.
 //!
 //! ## Errors at a glance
@@ -41,6 +44,7 @@
 
 pub mod error;
 pub mod kvs;
+pub mod producer;
 pub mod redact;
 
 #[cfg(feature = "emulator")]
