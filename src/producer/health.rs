@@ -191,7 +191,7 @@ pub(crate) fn assess(
                 None => counts.push((*r, 1)),
             }
         }
-        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
         let summary: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
         issues.push(format!(
             "unstable: {} restarts in the last 10 minutes ({})",
@@ -206,14 +206,13 @@ pub(crate) fn assess(
     {
         from_reason(*reason, s, heartbeats_since_activation, &mut recs);
     }
-    if !matches!(
+    if (!matches!(
         status.state,
         ProducerState::Running | ProducerState::Stopped
-    ) || recent.len() >= UNSTABLE_RESTARTS
+    ) || recent.len() >= UNSTABLE_RESTARTS)
+        && let Some(err) = &status.last_error
     {
-        if let Some(err) = &status.last_error {
-            from_error_text(err, &mut recs);
-        }
+        from_error_text(err, &mut recs);
     }
     if let Some(cpu) = status.cpu_percent
         && cpu > 90.0

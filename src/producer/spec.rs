@@ -46,10 +46,14 @@ impl RtspUrl {
         &self.0
     }
 
-    /// The URL with its password replaced by `***`.
+    /// The URL with its password replaced by `***`; a string that is not a URL with a host
+    /// (where the redaction rules cannot locate a password) is hidden entirely.
     #[must_use]
     pub fn redacted(&self) -> String {
-        redact_url(&self.0)
+        match url::Url::parse(&self.0) {
+            Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => redact_url(&self.0),
+            _ => "<not a URL: hidden>".to_owned(),
+        }
     }
 
     /// Checks that the URL parses and, when `rtsp_only`, that its scheme is `rtsp`, `rtsps`,
@@ -57,20 +61,12 @@ impl RtspUrl {
     /// parse (a malformed URL may hide its password from the redaction rules).
     pub(crate) fn validate(&self, rtsp_only: bool) -> Result<()> {
         let parsed = url::Url::parse(&self.0).map_err(|e| {
-            Error::invalid_config(
-                "rtsp_url",
-                "(value hidden: it may hold a password)",
-                &format!("not a URL: {e}"),
-            )
+            Error::invalid_config("rtsp_url", self.redacted(), &format!("not a URL: {e}"))
         })?;
         // Without an authority (`admin:pw@cam/x` parses with scheme `admin`), the redaction
         // rules cannot find the password: hide the value.
         let has_host = parsed.host_str().is_some_and(|h| !h.is_empty());
-        let shown = if has_host {
-            self.redacted()
-        } else {
-            "(value hidden: it may hold a password)".to_owned()
-        };
+        let shown = self.redacted();
         if !has_host {
             return Err(Error::invalid_config(
                 "rtsp_url",

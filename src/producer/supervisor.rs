@@ -1122,35 +1122,33 @@ impl Runner {
                     &format!("{what}; restart #{attempt} in {}", human(delay)),
                     Some(reason),
                 );
-                loop {
-                    tokio::select! {
-                        () = sleep_until(deadline) => return true,
-                        cmd = self.cmds.recv() => match cmd {
-                            Some(Command::Stop { reply, .. }) => {
-                                self.stop_replies.push(reply);
-                                self.transition(
-                                    ProducerState::Stopped,
-                                    "stopped by request during backoff",
-                                    None,
-                                );
-                                self.answer_stops();
-                                return false;
-                            }
-                            Some(Command::Restart { reply }) => {
-                                self.pending_starts.push(reply);
-                                self.record_restart(RestartReason::Manual);
-                                self.tracker.reset();
-                                self.sync_tracker();
-                                return true;
-                            }
-                            Some(Command::Shutdown) | None => {
-                                self.transition(
-                                    ProducerState::Stopped,
-                                    "supervisor dropped",
-                                    None,
-                                );
-                                return false;
-                            }
+                tokio::select! {
+                    () = sleep_until(deadline) => true,
+                    cmd = self.cmds.recv() => match cmd {
+                        Some(Command::Stop { reply, .. }) => {
+                            self.stop_replies.push(reply);
+                            self.transition(
+                                ProducerState::Stopped,
+                                "stopped by request during backoff",
+                                None,
+                            );
+                            self.answer_stops();
+                            false
+                        }
+                        Some(Command::Restart { reply }) => {
+                            self.pending_starts.push(reply);
+                            self.record_restart(RestartReason::Manual);
+                            self.tracker.reset();
+                            self.sync_tracker();
+                            true
+                        }
+                        Some(Command::Shutdown) | None => {
+                            self.transition(
+                                ProducerState::Stopped,
+                                "supervisor dropped",
+                                None,
+                            );
+                            false
                         }
                     }
                 }
@@ -1262,7 +1260,7 @@ impl Runner {
         );
         Ok((
             Proc::Child {
-                child,
+                child: Box::new(child),
                 pid,
                 readers,
             },

@@ -173,7 +173,10 @@ fn serve(options: RtspServerBuilder, tx: mpsc::Sender<Result<(u16, glib::MainLoo
     main_loop.run();
     // Stop: disconnect every client and close the listening socket.
     server.client_filter(Some(&mut |_, _| rtsp_server::RTSPFilterResult::Remove));
-    source.remove();
+    // The source belongs to our context (`SourceId::remove` would look in the global one).
+    if let Some(source) = context.find_source_by_id(&source) {
+        source.destroy();
+    }
     while context.iteration(false) {}
 }
 
@@ -211,7 +214,10 @@ impl RtspServer {
     pub fn url_with_credentials(&self) -> String {
         match &self.credentials {
             Some((user, password)) => {
-                format!("rtsp://{user}:{password}@127.0.0.1:{}{}", self.port, self.path)
+                format!(
+                    "rtsp://{user}:{password}@127.0.0.1:{}{}",
+                    self.port, self.path
+                )
             }
             None => self.url(),
         }
