@@ -315,8 +315,6 @@ pub(crate) struct StatusInner {
     pub rss_bytes: Option<u64>,
     pub heartbeat_line: Option<String>,
     pub stall_timeout: Option<Duration>,
-    pub stop_timeout: Duration,
-    pub start_limit_hit: bool,
     /// Heartbeats seen before the producer was (re)started by the user.
     pub heartbeats_at_activation: u64,
     /// The spec it runs (for restarting a stopped producer).
@@ -446,7 +444,6 @@ impl Supervisor {
                         let mut s = producer.status.lock();
                         apply_spec(&mut s, &spec, &rendered);
                         s.last_supervisor_error = None;
-                        s.start_limit_hit = false;
                     }
                     producer
                 }
@@ -803,8 +800,6 @@ fn new_status(spec: &ProducerSpec, rendered: &Rendered) -> StatusInner {
         rss_bytes: None,
         heartbeat_line: None,
         stall_timeout: None,
-        stop_timeout: spec.stop_timeout,
-        start_limit_hit: false,
         heartbeats_at_activation: 0,
         spec: None,
     };
@@ -825,7 +820,6 @@ fn apply_spec(s: &mut StatusInner, spec: &ProducerSpec, rendered: &Rendered) {
     s.stall_timeout = spec
         .stall_timeout
         .filter(|_| rendered.heartbeat_line.is_some());
-    s.stop_timeout = spec.stop_timeout;
     s.spec = Some(spec.clone());
 }
 
@@ -1105,7 +1099,6 @@ impl Runner {
                 );
                 {
                     let mut s = self.producer.status.lock();
-                    s.start_limit_hit = true;
                     s.last_supervisor_error = Some(redact_text(&message).into_owned());
                 }
                 self.transition(ProducerState::Fatal, &message, Some(reason));
