@@ -215,6 +215,10 @@ async fn producers_of_a_live_supervisor_are_left_alone() {
         .unwrap()
         .pid
         .unwrap();
+    first
+        .wait_for_state("cam-1", ProducerState::Running, T)
+        .await
+        .unwrap();
     // A second instance with the same id (a misconfiguration) must not kill them.
     let second = Supervisor::builder().id(&id).build().await.unwrap();
     assert_eq!(second.orphans().len(), 1);

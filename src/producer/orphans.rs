@@ -98,20 +98,31 @@ pub(crate) fn instance_marker(nonce: u64) -> String {
     format!("{pid}.{start}.{nonce}")
 }
 
-/// Whether the supervisor instance `marker` (`pid.start.nonce`) is still alive.
-fn instance_alive(marker: &str, own: (i32, u64)) -> bool {
+/// Whether the supervisor instance of a process is alive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    Alive,
+    Dead,
+    /// No valid instance marker: never touch such a process.
+    Unknown,
+}
+
+/// The state of the supervisor instance `marker` (`pid.start.nonce`).
+fn owner(marker: &str, own: (i32, u64)) -> Owner {
     let mut parts = marker.splitn(3, '.');
     let (Some(pid), Some(start), Some(nonce)) = (
         parts.next().and_then(|p| p.parse::<i32>().ok()),
         parts.next().and_then(|p| p.parse::<u64>().ok()),
         parts.next().and_then(|p| p.parse::<u64>().ok()),
     ) else {
-        return false;
+        return Owner::Unknown;
     };
-    if (pid, start) == own {
-        return live_instances().lock().contains(&nonce);
-    }
-    procfs::is_alive(pid, Some(start))
+    let alive = if (pid, start) == own {
+        live_instances().lock().contains(&nonce)
+    } else {
+        procfs::is_alive(pid, Some(start))
+    };
+    if alive { Owner::Alive } else { Owner::Dead }
 }
 
 fn instance_pid(marker: &str) -> Option<u32> {
@@ -186,7 +197,19 @@ pub(crate) async fn handle_orphans(
             supervisor_pid: instance_pid(&leader.instance),
             outcome: OrphanOutcome::LeftRunning(String::new()),
         };
-        if instance_alive(&leader.instance, own) {
+        // Only groups whose every member names the same, dead, supervisor instance are ours
+        // to stop or adopt.
+        let owners: Vec<Owner> = members.iter().map(|m| owner(&m.instance, own)).collect();
+        let same_instance = members.iter().all(|m| m.instance == leader.instance);
+        if owners.contains(&Owner::Unknown) || !same_instance {
+            action.outcome = OrphanOutcome::LeftRunning(
+                "its supervisor cannot be identified (invalid KVS_FRAMES_SUPERVISOR_INSTANCE)"
+                    .to_owned(),
+            );
+            report.push(action);
+            continue;
+        }
+        if owners.contains(&Owner::Alive) {
             action.outcome = OrphanOutcome::LeftRunning(format!(
                 "its supervisor (pid {}) is still running",
                 action.supervisor_pid.unwrap_or(0)
@@ -305,14 +328,18 @@ mod tests {
         let own = own_identity();
         let nonce = 0xfeed_beef;
         let marker = instance_marker(nonce);
-        assert!(!instance_alive(&marker, own));
+        assert_eq!(owner(&marker, own), Owner::Dead);
         register_instance(nonce);
-        assert!(instance_alive(&marker, own));
+        assert_eq!(owner(&marker, own), Owner::Alive);
         unregister_instance(nonce);
-        assert!(!instance_alive(&marker, own));
-        assert!(!instance_alive("garbage", own));
-        // A pid that cannot be alive with that start time.
-        assert!(!instance_alive(&format!("{}.1.1", own.0), (own.0, own.1 + 1)) || own.1 == 1);
+        assert_eq!(owner(&marker, own), Owner::Dead);
+        assert_eq!(owner("garbage", own), Owner::Unknown);
+        assert_eq!(owner("", own), Owner::Unknown);
+        // Our pid with another start time: an earlier process that had our pid.
+        assert_eq!(
+            owner(&format!("{}.{}.1", own.0, own.1 + 1), own),
+            Owner::Dead
+        );
         assert_eq!(instance_pid("123.4.5"), Some(123));
         assert!(started_at(0).is_some());
     }

@@ -81,9 +81,23 @@ pub(crate) fn all_stats() -> Vec<ProcStat> {
 
 /// `/proc/<pid>/environ` as `NAME=value` entries (the environment the process was started
 /// with). Unreadable (another user's process, gone) → error.
+///
+/// A process caught in `execve` can show part of its old environment and part of its new one
+/// in one read: the environment is read until two consecutive reads agree.
 pub(crate) fn environ(pid: i32) -> io::Result<Vec<(String, String)>> {
-    let bytes = std::fs::read(Path::new("/proc").join(pid.to_string()).join("environ"))?;
-    Ok(parse_environ(&bytes))
+    let path = Path::new("/proc").join(pid.to_string()).join("environ");
+    let mut previous = std::fs::read(&path)?;
+    for _ in 0..4 {
+        let current = std::fs::read(&path)?;
+        if current == previous {
+            return Ok(parse_environ(&current));
+        }
+        previous = current;
+    }
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "the environment keeps changing (process in execve)",
+    ))
 }
 
 pub(crate) fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
