@@ -12,9 +12,9 @@ EMULATOR_ARGS ?= --port 4566
 
 # Build and runtime packages: GStreamer headers for the -sys crates, the plugins the decode path and
 # the emulator's camera use (x264enc is in -ugly, avdec_h264 in -libav, textoverlay needs a font),
-# gst-launch-1.0 for the tests that run real producer pipelines.
+# gst-launch-1.0 for the tests that run real producer pipelines, gst-rtsp-server for their RTSP camera.
 DEB_PACKAGES := pkg-config \
-	libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
+	libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev \
 	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
 	gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools fonts-dejavu-core
 

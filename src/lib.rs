@@ -1,9 +1,9 @@
 //! # kvs-frames
 //!
 //! Decoded video frames, with the time the camera captured them, from AWS Kinesis Video
-//! Streams (KVS), and the tools around that: stream discovery and clips, a local KVS emulator
-//! for tests and demos without AWS, and (planned) supervision of the RTSP→KVS producer
-//! processes that feed KVS.
+//! Streams (KVS), and the tools around that: stream discovery and clips, supervision of the
+//! RTSP→KVS producer processes that feed KVS, and a local KVS emulator for tests and demos
+//! without AWS.
 //!
 //! ## What is here today
 //!
@@ -22,11 +22,14 @@
 //!   JPEG thumbnail); [`retention`] deletes old clip files.
 //! * [`redact`]: removal of session tokens and credentials from any text, used by every error
 //!   and log line of the crate.
+//! * [`producer`]: supervision of the RTSP→KVS producer processes (`kvs_gstreamer_sample`,
+//!   `gst-launch-1.0 … kvssink`, any command): restarts with backoff, stall watchdog, graceful
+//!   process-group stops, status, health, events, metrics, orphan cleanup and stream naming.
 //! * [`emulator`] (feature `emulator`): a local KVS on `127.0.0.1` — control plane, HLS in the
 //!   shape KVS serves it, GetClip, a synthetic live camera per stream, ground truth and fault
 //!   injection — that the AWS SDKs, HLS players and this crate's tests talk to over real HTTP.
 //!
-//! Producer supervision and the generic URI frame source are being built on this foundation;
+//! The generic URI frame source (RTSP, HLS URLs, files) is being built on this foundation;
 //! see the README for the plan.
 //!
 //! ## Errors at a glance
@@ -54,6 +57,7 @@ pub mod frame;
 mod hls;
 pub mod kvs;
 pub mod metrics;
+pub mod producer;
 pub mod redact;
 pub mod retention;
 pub mod source;

@@ -2,6 +2,8 @@
 //! emulator, raw HTTP, and a real GStreamer decoder that reads each frame's barcode.
 #![allow(dead_code)]
 
+pub mod rtsp;
+
 use std::time::Duration;
 
 use aws_sdk_kinesisvideo::types::ApiName;
