@@ -28,6 +28,7 @@ use super::control::{resolve_stream, respond};
 use super::http::{
     KvsError, epoch_seconds, from_epoch_seconds, json_response, parse_json, to_millis,
 };
+use super::hls::FragmentSelector;
 use super::store::{State, StoredFragment, StreamState, StreamStatus};
 
 /// `ListFragmentsMaxResults` in the service model.
@@ -36,20 +37,6 @@ const MAX_RESULTS: i64 = 1000;
 const DEFAULT_MAX_RESULTS: i64 = 100;
 /// Prefix of the emulator's page tokens (the rest is hex, within the model's token pattern).
 const TOKEN_PREFIX: &str = "kvsemulf";
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
-struct TimestampRange {
-    start_timestamp: Option<f64>,
-    end_timestamp: Option<f64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
-struct FragmentSelector {
-    fragment_selector_type: Option<String>,
-    timestamp_range: Option<TimestampRange>,
-}
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase")]

@@ -33,18 +33,20 @@ const CLIP_MAX_FRAGMENTS: usize = 200;
 /// … or 100 MB of media.
 const CLIP_MAX_BYTES: usize = 100 * 1024 * 1024;
 
+/// `TimestampRange` of the archived-media requests (epoch seconds).
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase")]
-struct TimestampRange {
-    start_timestamp: Option<f64>,
-    end_timestamp: Option<f64>,
+pub(super) struct TimestampRange {
+    pub start_timestamp: Option<f64>,
+    pub end_timestamp: Option<f64>,
 }
 
+/// `HLSFragmentSelector`, `ClipFragmentSelector` and `FragmentSelector` share this shape.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase")]
-struct FragmentSelector {
-    fragment_selector_type: Option<String>,
-    timestamp_range: Option<TimestampRange>,
+pub(super) struct FragmentSelector {
+    pub fragment_selector_type: Option<String>,
+    pub timestamp_range: Option<TimestampRange>,
 }
 
 #[derive(Deserialize, Default)]
