@@ -25,10 +25,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::control::{resolve_stream, respond};
+use super::hls::FragmentSelector;
 use super::http::{
     KvsError, epoch_seconds, from_epoch_seconds, json_response, parse_json, to_millis,
 };
-use super::hls::FragmentSelector;
 use super::store::{State, StoredFragment, StreamState, StreamStatus};
 
 /// `ListFragmentsMaxResults` in the service model.
