@@ -425,8 +425,9 @@ impl UriFrameSourceBuilder {
         Ok(target)
     }
 
-    /// Validates every option (a file must exist), checks that GStreamer and the elements the
-    /// pipeline needs are installed, and starts reading in the background.
+    /// Validates every option (a file must exist), checks that GStreamer, a source element for
+    /// the URI's scheme and the other elements the pipeline needs are installed, and starts
+    /// reading in the background.
     pub fn build(self) -> Result<UriFrameSource> {
         let target = self.validate()?;
         gst::init().map_err(|e| {
@@ -436,11 +437,6 @@ impl UriFrameSourceBuilder {
             )
         })?;
         let mut needed = vec!["uridecodebin", "videoconvert", "videoscale", "appsink"];
-        needed.push(match target.kind {
-            UriKind::Rtsp => "rtspsrc",
-            UriKind::Http => "souphttpsrc",
-            UriKind::File => "filesrc",
-        });
         if !self.pixel_format.is_raw() {
             needed.push("jpegenc");
         }
@@ -451,6 +447,16 @@ impl UriFrameSourceBuilder {
                     format!("GStreamer element {factory:?} is missing: install its plugin package"),
                 ));
             }
+        }
+        // The element uridecodebin will pick for the scheme (rtspsrc, souphttpsrc, filesrc, …).
+        if let Err(e) = gst::Element::make_from_uri(gst::URIType::Src, &target.uri, None) {
+            return Err(Error::new(
+                ErrorKind::Pipeline,
+                format!(
+                    "no GStreamer source element for {}: {e} (install gstreamer1.0-plugins-good)",
+                    target.display
+                ),
+            ));
         }
         let end_of_stream = self.end_of_stream.unwrap_or(match target.kind {
             UriKind::Rtsp => EndOfStream::Reconnect,
