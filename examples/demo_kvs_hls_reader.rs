@@ -1,17 +1,20 @@
-//! Reads decoded frames from a KVS stream (or from the embedded emulator) and shows what a
-//! detector loop gets: frames, producer timestamps, latency, drops, reconnects.
+//! Reads decoded frames from a KVS stream (or from the embedded emulator), or with `--uri` from
+//! an RTSP camera, an HLS URL or a file, and shows what a detector loop gets: frames, producer
+//! timestamps, latency, drops, reconnects.
 //!
 //! ```text
 //!   KVS (or the embedded emulator)          KvsHlsFrameSource                           this demo
 //!   GetHLSStreamingSessionURL ──▶ playlist ──▶ fragments ──▶ decode (GStreamer) ──▶ frames() ──▶ stats every 10 s
-//!                                                                                         ├──▶ --output jsonl (stdout)
-//!                                                                                         ├──▶ --snapshot-dir (PNG)
-//!                                                                                         ├──▶ window (if a display exists)
-//!                                                                                         └──▶ --metrics-port (/metrics)
+//!                                                                                    ▲     ├──▶ --output jsonl (stdout)
+//!   --uri rtsp://… | https://….m3u8 | file     UriFrameSource                         │     ├──▶ --snapshot-dir (PNG, or JPEG)
+//!   uridecodebin (rtspsrc | hlsdemux | filesrc) ──▶ decode (GStreamer) ───────────────┘     ├──▶ window (if a display exists)
+//!                                                                                          └──▶ --metrics-port (/metrics)
 //! ```
 //!
 //! `make demo` runs it for 20 s against the embedded emulator. Against AWS:
-//! `cargo run --features emulator --example demo_kvs_hls_reader -- --stream-name my-stream --region us-east-1`
+//! `cargo run --features emulator --example demo_kvs_hls_reader -- --stream-name my-stream --region us-east-1`;
+//! from a camera: `… -- --uri rtsp://user:pass@10.0.0.5/live --duration 30`; from a file at its
+//! own pace: `… -- --uri clip.mp4 --realtime`.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -26,7 +29,9 @@ use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use kvs_frames::emulator::{Emulator, StreamSpec};
 use kvs_frames::metrics::FrameSourceMetrics;
-use kvs_frames::{Frame, KvsHlsFrameSource, PixelFormat, SourceStats};
+use kvs_frames::{
+    Frame, Frames, KvsHlsFrameSource, PixelFormat, SourceState, SourceStats, UriFrameSource,
+};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Output {
@@ -37,13 +42,20 @@ enum Output {
 #[derive(Parser, Debug)]
 #[command(about = "Decoded frames with producer timestamps from Kinesis Video Streams")]
 struct Args {
-    /// KVS stream name (or ARN). Without it, the embedded emulator is used.
+    /// KVS stream name (or ARN). Without it (and without --uri), the embedded emulator is used.
     #[arg(long)]
     stream_name: Option<String>,
+    /// Read this URI with UriFrameSource instead of KVS: rtsp://, rtsps://, http(s)://…m3u8,
+    /// file:// or a file path.
+    #[arg(long, conflicts_with_all = ["stream_name", "emulator", "region"])]
+    uri: Option<String>,
+    /// With --uri: deliver a file or HLS VOD at its own pace instead of as fast as it decodes.
+    #[arg(long, requires = "uri")]
+    realtime: bool,
     /// AWS region (default: the configured one).
     #[arg(long)]
     region: Option<String>,
-    /// Camera id used in logs and metrics (default: the stream name).
+    /// Camera id used in logs and metrics (default: the stream name, or "uri-camera").
     #[arg(long)]
     camera_id: Option<String>,
     /// Deliver at most this many frames per second.
@@ -55,7 +67,7 @@ struct Args {
     /// Stop after this many seconds.
     #[arg(long)]
     duration: Option<f64>,
-    /// Pixel format: bgr, rgb, rgba, bgra, gray8, i420, nv12.
+    /// Pixel format: bgr, rgb, rgba, bgra, gray8, i420, nv12, jpeg or jpeg:QUALITY.
     #[arg(long, default_value = "bgr")]
     pixel_format: String,
     /// Never open a window (default when there is no display).
@@ -70,7 +82,7 @@ struct Args {
     /// Per-frame output.
     #[arg(long, value_enum)]
     output: Option<Output>,
-    /// Write PNG snapshots into this directory.
+    /// Write PNG snapshots (JPEG files with --pixel-format jpeg) into this directory.
     #[arg(long)]
     snapshot_dir: Option<std::path::PathBuf>,
     /// Write a snapshot every N frames (with --snapshot-dir).
@@ -115,48 +127,63 @@ fn run(args: Args) -> Result<()> {
         .build()
         .context("tokio runtime")?;
 
-    // The emulator, unless a real stream is named.
-    let use_emulator = args.emulator || args.stream_name.is_none();
-    let emulator = if use_emulator {
-        let emulator = Emulator::builder()
-            .stream(
-                StreamSpec::new("demo-camera")
-                    .resolution(1280, 720)
-                    .fps(25)
-                    .fragment_duration(Duration::from_secs(1)),
-            )
-            .start()
-            .context("starting the embedded KVS emulator")?;
-        eprintln!("embedded KVS emulator at {}", emulator.endpoint());
-        if !emulator.wait_for_fragments("demo-camera", 1, Duration::from_secs(10)) {
-            bail!("the emulator's camera produced no fragment");
-        }
-        Some(emulator)
-    } else {
-        None
-    };
-    let stream = match (&args.stream_name, &emulator) {
-        (Some(s), None) => s.clone(),
-        (Some(s), Some(_)) => s.clone(),
-        (None, _) => "demo-camera".to_owned(),
-    };
-    let camera_id = args.camera_id.clone().unwrap_or_else(|| stream.clone());
-
     let registry = prometheus::Registry::new();
     let metrics = FrameSourceMetrics::register(&registry)?;
-    let mut builder = KvsHlsFrameSource::builder(&camera_id, stream.as_str())
-        .pixel_format(pixel_format)
-        .metrics(metrics)
-        .runtime(runtime.handle().clone());
-    if let Some(emulator) = &emulator {
-        builder = builder.sdk_config(&emulator.sdk_config());
-    } else if let Some(region) = &args.region {
-        builder = builder.region(region);
-    }
-    if let Some(fps) = args.target_fps {
-        builder = builder.target_fps(fps);
-    }
-    let source = Arc::new(builder.build()?);
+
+    // A URI source, or KVS: the emulator unless a real stream is named.
+    let mut emulator = None;
+    let source = if let Some(uri) = &args.uri {
+        let camera_id = args
+            .camera_id
+            .clone()
+            .unwrap_or_else(|| "uri-camera".to_owned());
+        let mut builder = UriFrameSource::builder(&camera_id, uri)
+            .pixel_format(pixel_format)
+            .realtime(args.realtime)
+            .metrics(metrics)
+            .runtime(runtime.handle().clone());
+        if let Some(fps) = args.target_fps {
+            builder = builder.target_fps(fps);
+        }
+        let source = builder.build()?;
+        eprintln!("reading {} ({})", source.uri(), source.kind().as_str());
+        Arc::new(Source::Uri(source))
+    } else {
+        if args.emulator || args.stream_name.is_none() {
+            let started = Emulator::builder()
+                .stream(
+                    StreamSpec::new("demo-camera")
+                        .resolution(1280, 720)
+                        .fps(25)
+                        .fragment_duration(Duration::from_secs(1)),
+                )
+                .start()
+                .context("starting the embedded KVS emulator")?;
+            eprintln!("embedded KVS emulator at {}", started.endpoint());
+            if !started.wait_for_fragments("demo-camera", 1, Duration::from_secs(10)) {
+                bail!("the emulator's camera produced no fragment");
+            }
+            emulator = Some(started);
+        }
+        let stream = args
+            .stream_name
+            .clone()
+            .unwrap_or_else(|| "demo-camera".to_owned());
+        let camera_id = args.camera_id.clone().unwrap_or_else(|| stream.clone());
+        let mut builder = KvsHlsFrameSource::builder(&camera_id, stream.as_str())
+            .pixel_format(pixel_format)
+            .metrics(metrics)
+            .runtime(runtime.handle().clone());
+        if let Some(emulator) = &emulator {
+            builder = builder.sdk_config(&emulator.sdk_config());
+        } else if let Some(region) = &args.region {
+            builder = builder.region(region);
+        }
+        if let Some(fps) = args.target_fps {
+            builder = builder.target_fps(fps);
+        }
+        Arc::new(Source::Kvs(builder.build()?))
+    };
 
     if let Some(port) = args.metrics_port {
         let registry = registry.clone();
@@ -225,8 +252,8 @@ fn run(args: Args) -> Result<()> {
         let item = match frames.next_timeout(Duration::from_millis(500)) {
             Some(item) => item,
             None if interrupted.load(Ordering::SeqCst) => break,
-            None if source.state() == kvs_frames::SourceState::Error
-                || source.state() == kvs_frames::SourceState::Disconnected && count > 0 =>
+            None if source.state() == SourceState::Error
+                || source.state() == SourceState::Disconnected && count > 0 =>
             {
                 break;
             }
@@ -250,7 +277,12 @@ fn run(args: Args) -> Result<()> {
         if let Some(dir) = &args.snapshot_dir
             && frame.sequence() % args.snapshot_every == 0
         {
-            let path = dir.join(format!("frame-{:08}.png", frame.sequence()));
+            let extension = if frame.format().is_raw() {
+                "png"
+            } else {
+                "jpg"
+            };
+            let path = dir.join(format!("frame-{:08}.{extension}", frame.sequence()));
             if let Err(e) = snapshot(&frame, &path) {
                 eprintln!("snapshot {}: {e:#}", path.display());
             }
@@ -273,7 +305,46 @@ fn run(args: Args) -> Result<()> {
     }
 }
 
-fn report_if_due(source: &KvsHlsFrameSource, last: &mut Instant, window: &mut u64) {
+/// Either source: the demo uses the API they share.
+enum Source {
+    Kvs(KvsHlsFrameSource),
+    Uri(UriFrameSource),
+}
+
+impl Source {
+    fn frames(&self) -> Frames<'_> {
+        match self {
+            Source::Kvs(s) => s.frames(),
+            Source::Uri(s) => s.frames(),
+        }
+    }
+    fn stats(&self) -> SourceStats {
+        match self {
+            Source::Kvs(s) => s.stats(),
+            Source::Uri(s) => s.stats(),
+        }
+    }
+    fn state(&self) -> SourceState {
+        match self {
+            Source::Kvs(s) => s.state(),
+            Source::Uri(s) => s.state(),
+        }
+    }
+    fn camera_id(&self) -> &str {
+        match self {
+            Source::Kvs(s) => s.camera_id(),
+            Source::Uri(s) => s.camera_id(),
+        }
+    }
+    fn stop(&self) {
+        match self {
+            Source::Kvs(s) => s.stop(),
+            Source::Uri(s) => s.stop(),
+        }
+    }
+}
+
+fn report_if_due(source: &Source, last: &mut Instant, window: &mut u64) {
     let elapsed = last.elapsed();
     if elapsed < Duration::from_secs(10) {
         return;
@@ -353,16 +424,28 @@ fn jsonl(frame: &Frame, ts: SystemTime) -> serde_json::Value {
 }
 
 fn frame_caps(frame: &Frame) -> gst::Caps {
-    gstreamer_video::VideoCapsBuilder::new()
-        .format(frame.format().video_format())
-        .width(frame.width() as i32)
-        .height(frame.height() as i32)
-        .framerate(gst::Fraction::new(0, 1))
-        .build()
+    match frame.format().video_format() {
+        Some(format) => gstreamer_video::VideoCapsBuilder::new()
+            .format(format)
+            .width(frame.width() as i32)
+            .height(frame.height() as i32)
+            .framerate(gst::Fraction::new(0, 1))
+            .build(),
+        None => gst::Caps::builder("image/jpeg")
+            .field("width", frame.width() as i32)
+            .field("height", frame.height() as i32)
+            .field("framerate", gst::Fraction::new(0, 1))
+            .build(),
+    }
 }
 
-/// Encodes one frame as PNG with `appsrc ! videoconvert ! pngenc ! filesink`.
+/// Encodes one frame as PNG with `appsrc ! videoconvert ! pngenc ! filesink`; a JPEG frame is
+/// written as it is.
 fn snapshot(frame: &Frame, path: &std::path::Path) -> Result<()> {
+    if !frame.format().is_raw() {
+        std::fs::write(path, frame.data())?;
+        return Ok(());
+    }
     let pipeline = gst::Pipeline::new();
     let src = gst_app::AppSrc::builder()
         .caps(&frame_caps(frame))
@@ -407,12 +490,23 @@ impl Display {
             .format(gst::Format::Time)
             .is_live(true)
             .build();
+        // decodebin passes raw video through and decodes JPEG frames.
+        let decode = gst::ElementFactory::make("decodebin").build()?;
         let convert = gst::ElementFactory::make("videoconvert").build()?;
         let sink = gst::ElementFactory::make("autovideosink")
             .property("sync", false)
             .build()?;
-        pipeline.add_many([src.upcast_ref(), &convert, &sink])?;
-        gst::Element::link_many([src.upcast_ref(), &convert, &sink])?;
+        pipeline.add_many([src.upcast_ref(), &decode, &convert, &sink])?;
+        src.link(&decode)?;
+        gst::Element::link_many([&convert, &sink])?;
+        let convert_sink = convert
+            .static_pad("sink")
+            .context("videoconvert sink pad")?;
+        decode.connect_pad_added(move |_, pad| {
+            if !convert_sink.is_linked() {
+                let _ = pad.link(&convert_sink);
+            }
+        });
         pipeline.set_state(gst::State::Playing)?;
         Ok(Display {
             pipeline,

@@ -1,17 +1,26 @@
-//! The GStreamer decode pipeline, owned by one thread per source.
+//! The GStreamer decode pipeline: heads that bring encoded video, one shared tail.
 //!
 //! ```text
-//!  fragments (init + fMP4, tfdt rebased)            key-frame-only probe      target-fps probe
-//!  appsrc ──▶ decodebin (qtdemux/tsdemux → h264parse/h265parse → avdec_*) ──▶ videoconvert ──▶ videoscale ──▶ appsink
-//!                                                                                    (caps: format [, width, height])
+//!  KVS head (Decoder, one thread per source):
+//!  fragments (init + fMP4, tfdt rebased)
+//!  appsrc ──▶ decodebin (qtdemux/tsdemux → h264parse/h265parse → avdec_*) ─┐
+//!                                                                          │
+//!  URI head (source::uri):                                                 │
+//!  uridecodebin (rtspsrc → depay | souphttpsrc → hlsdemux | filesrc → demux → parse → decoder) ─┤
+//!                                                                          ▼
+//!  tail (add_tail):     target-fps probe ─▶ videoconvert ─▶ videoscale ─▶ appsink (format [, width, height])
+//!                                                                  └──▶ capsfilter ─▶ jpegenc ─▶ appsink (image/jpeg)
 //! ```
 //!
 //! * `decodebin` picks the demuxer, parser and decoder from the bytes (fMP4 or MPEG-TS, H.264 or
 //!   H.265) and follows resolution changes (a new init segment).
 //! * Key-frame-only mode drops delta units *before* the decoder (an IDR decodes alone), so it
 //!   costs one decode per fragment. `target_fps` drops decoded frames *before* colour conversion.
-//! * Frames leave the appsink without a copy: the [`Frame`] owns the mapped `gst::Buffer`.
-//! * A bus error rebuilds the pipeline (and re-sends the init segment); the source is told.
+//! * Frames leave the appsink without a copy: the [`Frame`] owns the mapped `gst::Buffer`. The
+//!   head's [`Stamp`] gives each its producer time (KVS: program date time + PTS; RTSP: the
+//!   sender's NTP time).
+//! * KVS head: a bus error rebuilds the pipeline (and re-sends the init segment); the source is
+//!   told. The URI source handles its own errors (reconnect with backoff).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -233,178 +242,59 @@ fn build_pipeline(
         .max_bytes(16 * 1024 * 1024)
         .build();
     let decodebin = element("decodebin")?;
-    let convert = element("videoconvert")?;
-    let scale = element("videoscale")?;
-    let mut caps = gst_video::VideoCapsBuilder::new().format(config.pixel_format.video_format());
-    if let Some((w, h)) = config.resize {
-        caps = caps.width(w as i32).height(h as i32);
-    }
-    let appsink = gst_app::AppSink::builder()
-        .name("sink")
-        .caps(&caps.build())
-        .sync(false)
-        .max_buffers(2)
-        .build();
     pipeline
-        .add_many([
-            appsrc.upcast_ref(),
-            &decodebin,
-            &convert,
-            &scale,
-            appsink.upcast_ref(),
-        ])
+        .add_many([appsrc.upcast_ref(), &decodebin])
         .map_err(Error::from)?;
     appsrc.link(&decodebin).map_err(Error::from)?;
-    gst::Element::link_many([&convert, &scale, appsink.upcast_ref()]).map_err(Error::from)?;
 
-    // decodebin's video pad → videoconvert.
-    let convert_sink = convert
-        .static_pad("sink")
-        .ok_or_else(|| Error::new(ErrorKind::Pipeline, "videoconvert has no sink pad"))?;
-    let link_target = convert_sink.clone();
-    decodebin.connect_pad_added(move |_, pad| {
-        let is_video = pad
-            .current_caps()
-            .and_then(|c| c.structure(0).map(|s| s.name().starts_with("video/")))
-            .unwrap_or(true);
-        if !is_video {
-            return;
-        }
-        if let Some(old) = link_target.peer() {
-            let _ = old.unlink(&link_target);
-        }
-        if let Err(e) = pad.link(&link_target) {
-            tracing::warn!(error = ?e, "cannot link the decoder to the converter");
-        }
+    // Producer time = program date time of timeline 0 + PTS; the fragment by its start.
+    let stamp_shared = Arc::clone(shared);
+    let stamp: Stamp = Box::new(move |pts, _reference| {
+        let timeline = stamp_shared.timeline.lock();
+        let fragment = pts.and_then(|p| {
+            timeline
+                .fragments
+                .iter()
+                .rev()
+                .find(|(start, _)| *start <= p + Duration::from_millis(1))
+                .map(|(_, id)| id.clone())
+        });
+        (timeline.epoch.zip(pts).map(|(e, p)| e + p), fragment)
     });
-
-    // Key frames only: drop delta units in front of the decoder.
-    if config.key_frames_only {
-        decodebin.connect("deep-element-added", false, |values| {
-            let element = values.get(2).and_then(|v| v.get::<gst::Element>().ok())?;
-            let is_decoder = element
-                .factory()
-                .is_some_and(|f| f.klass().contains("Decoder") && f.klass().contains("Video"));
-            if is_decoder && let Some(pad) = element.static_pad("sink") {
-                pad.add_probe(gst::PadProbeType::BUFFER, |_, info| match info.buffer() {
-                    Some(b) if b.flags().contains(gst::BufferFlags::DELTA_UNIT) => discard(info),
-                    _ => gst::PadProbeReturn::Ok,
-                });
-            }
-            None
-        });
-    }
-
-    // target_fps: keep a frame when at least 1/fps has passed (in stream time) since the last kept.
-    if let Some(fps) = config.target_fps {
-        let min_gap = Duration::from_secs_f64(1.0 / fps);
-        // Tolerate timestamp jitter of a millisecond.
-        let min_gap = min_gap.saturating_sub(Duration::from_millis(1));
-        let last: Mutex<Option<gst::ClockTime>> = Mutex::new(None);
-        let drop_sink = Arc::clone(sink);
-        convert_sink.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
-            let Some(pts) = info.buffer().and_then(|b| b.pts()) else {
-                return gst::PadProbeReturn::Ok;
-            };
-            let mut last = last.lock();
-            match *last {
-                Some(prev)
-                    if pts > prev
-                        && pts - prev
-                            < gst::ClockTime::from_nseconds(min_gap.as_nanos() as u64) =>
-                {
-                    drop_sink.dropped(DecoderDrop::TargetFps);
-                    discard(info)
-                }
-                _ => {
-                    *last = Some(pts);
-                    gst::PadProbeReturn::Ok
-                }
-            }
-        });
-    }
-
-    // Frames out of the appsink, without a copy.
-    let frame_shared = Arc::clone(shared);
-    let frame_sink = Arc::clone(sink);
-    let format = config.pixel_format;
-    appsink.set_callbacks(
-        gst_app::AppSinkCallbacks::builder()
-            .new_sample(move |appsink| {
-                let sample = appsink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                let Some(caps) = sample.caps() else {
-                    return Ok(gst::FlowSuccess::Ok);
-                };
-                let Ok(info) = gst_video::VideoInfo::from_caps(caps) else {
-                    return Ok(gst::FlowSuccess::Ok);
-                };
-                let Some(buffer) = sample.buffer_owned() else {
-                    return Ok(gst::FlowSuccess::Ok);
-                };
-                let pts = buffer.pts().map(|t| Duration::from_nanos(t.nseconds()));
-                let key_frame = !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT);
-                let Ok(map) = buffer.into_mapped_buffer_readable() else {
-                    return Ok(gst::FlowSuccess::Ok);
-                };
-                let (producer_time, fragment) = {
-                    let timeline = frame_shared.timeline.lock();
-                    let fragment = pts.and_then(|p| {
-                        timeline
-                            .fragments
-                            .iter()
-                            .rev()
-                            .find(|(start, _)| *start <= p + Duration::from_millis(1))
-                            .map(|(_, id)| id.clone())
-                    });
-                    (timeline.epoch.zip(pts).map(|(e, p)| e + p), fragment)
-                };
-                frame_sink.frame(Frame {
-                    map,
-                    info,
-                    format,
-                    producer_time,
-                    pts,
-                    emitted: SystemTime::now(),
-                    sequence: 0,
-                    fragment,
-                    key_frame,
-                });
-                Ok(gst::FlowSuccess::Ok)
-            })
-            .eos({
-                let shared = Arc::clone(shared);
-                move |_| {
-                    *shared.eos.0.lock() = true;
-                    shared.eos.1.notify_all();
-                }
-            })
-            .build(),
-    );
+    let eos_shared = Arc::clone(shared);
+    add_tail(
+        &pipeline,
+        &decodebin,
+        config,
+        sink,
+        TailHooks {
+            stamp,
+            on_eos: Box::new(move || {
+                *eos_shared.eos.0.lock() = true;
+                eos_shared.eos.1.notify_all();
+            }),
+        },
+    )?;
 
     // Errors from streaming threads: mark the pipeline failed and tell the source.
-    let bus = pipeline
-        .bus()
-        .ok_or_else(|| Error::new(ErrorKind::Pipeline, "the pipeline has no bus"))?;
     let err_shared = Arc::clone(shared);
     let err_sink = Arc::clone(sink);
-    bus.set_sync_handler(move |_, message| {
-        if let gst::MessageView::Error(err) = message.view()
-            && !err_shared.stopping.load(Ordering::SeqCst)
+    on_bus_error(&pipeline, move |err| {
+        if !err_shared.stopping.load(Ordering::SeqCst)
             && !err_shared.failed.swap(true, Ordering::SeqCst)
         {
-            let source = err
-                .src()
-                .map(|s| s.path_string().to_string())
-                .unwrap_or_default();
             let error = Error::new(
                 ErrorKind::Decode,
-                format!("GStreamer error from {source}: {}", err.error()),
+                format!(
+                    "GStreamer error from {}: {}",
+                    error_source(err),
+                    err.error()
+                ),
             );
-            tracing::warn!(%error, debug = ?err.debug(), "decode pipeline failed");
+            tracing::warn!(%error, debug = %error_debug(err), "decode pipeline failed");
             err_sink.error(error);
         }
-        gst::BusSyncReply::Drop
-    });
+    })?;
 
     pipeline.set_state(gst::State::Playing).map_err(|e| {
         Error::new(
@@ -415,6 +305,376 @@ fn build_pipeline(
     shared.pipelines_built.fetch_add(1, Ordering::Relaxed);
     *shared.pipeline.lock() = Some(pipeline.clone());
     Ok(Built { pipeline, appsrc })
+}
+
+/// How the tail gives a frame its producer time and fragment, from the frame's PTS and the
+/// sender's NTP time when the buffer carried a reference timestamp (RTSP).
+pub(crate) type Stamp = Box<
+    dyn Fn(Option<Duration>, Option<SystemTime>) -> (Option<SystemTime>, Option<FragmentId>)
+        + Send
+        + Sync,
+>;
+
+/// What the tail needs from the head that feeds it.
+pub(crate) struct TailHooks {
+    pub stamp: Stamp,
+    /// Called when end-of-stream reaches the appsink.
+    pub on_eos: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Seconds between the NTP epoch (1900) and the Unix epoch (1970).
+const NTP_UNIX_OFFSET: Duration = Duration::from_secs(2_208_988_800);
+
+/// An NTP time as GStreamer carries it (nanoseconds since 1900) → wall time.
+pub(crate) fn ntp_to_system_time(ntp_ns: u64) -> Option<SystemTime> {
+    Duration::from_nanos(ntp_ns)
+        .checked_sub(NTP_UNIX_OFFSET)
+        .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+}
+
+/// The sender's NTP time of a buffer, from a `GstReferenceTimestampMeta` with caps
+/// `timestamp/x-ntp` (added by `rtpjitterbuffer` once RTCP sender reports arrived).
+pub(crate) fn ntp_reference(buffer: &gst::BufferRef) -> Option<SystemTime> {
+    buffer
+        .iter_meta::<gst::ReferenceTimestampMeta>()
+        .find(|meta| {
+            meta.reference()
+                .structure(0)
+                .is_some_and(|s| s.name() == "timestamp/x-ntp")
+        })
+        .and_then(|meta| {
+            // SAFETY: the pointer is the meta itself, alive while `meta` borrows the buffer.
+            // The field is read directly because the binding's `timestamp()` panics on
+            // GST_CLOCK_TIME_NONE (u64::MAX), which is checked here instead.
+            let raw = unsafe { (*meta.as_ptr()).timestamp };
+            (raw != u64::MAX).then_some(raw)
+        })
+        .and_then(ntp_to_system_time)
+}
+
+/// What the converter probe saw of a frame that the appsink will deliver (an encoder such as
+/// `jpegenc` drops the delta flag and may drop metas).
+#[derive(Clone, Copy)]
+struct Seen {
+    pts: Option<gst::ClockTime>,
+    key_frame: bool,
+    reference: Option<SystemTime>,
+}
+
+/// Adds the shared tail to `pipeline`, fed by the decoded video pads of `head` (a decodebin
+/// or uridecodebin already in the pipeline):
+///
+/// ```text
+/// head: [decoder sink probe: key flags; key-frame-only drops delta units] decoder ─┐
+///   ┌──────────────────────────────────────────────────────────────────────────────┘
+///   └▶ [target-fps probe] videoconvert → videoscale → appsink (format [, width, height])
+///                         videoconvert → videoscale → capsfilter ([width, height]) → jpegenc → appsink (image/jpeg)
+/// ```
+///
+/// Frames leave the appsink without a copy, stamped by `hooks.stamp`; errors are the head's
+/// business ([`on_bus_error`]).
+pub(crate) fn add_tail(
+    pipeline: &gst::Pipeline,
+    head: &gst::Element,
+    config: &DecodeConfig,
+    sink: &Arc<dyn FrameSink>,
+    hooks: TailHooks,
+) -> Result<()> {
+    config.pixel_format.validate()?;
+    let convert = element("videoconvert")?;
+    let scale = element("videoscale")?;
+    let mut chain = vec![convert.clone(), scale];
+    let appsink_caps = match (config.pixel_format, config.pixel_format.video_format()) {
+        (_, Some(format)) => {
+            let mut caps = gst_video::VideoCapsBuilder::new().format(format);
+            if let Some((w, h)) = config.resize {
+                caps = caps.width(w as i32).height(h as i32);
+            }
+            caps.build()
+        }
+        (PixelFormat::Jpeg { quality }, None) => {
+            let mut size = gst_video::VideoCapsBuilder::new();
+            if let Some((w, h)) = config.resize {
+                size = size.width(w as i32).height(h as i32);
+            }
+            let filter = gst::ElementFactory::make("capsfilter")
+                .property("caps", size.build())
+                .build()
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Pipeline,
+                        "GStreamer element \"capsfilter\" is missing: install its plugin package",
+                    )
+                })?;
+            let jpegenc = gst::ElementFactory::make("jpegenc")
+                .property("quality", i32::from(quality))
+                .build()
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Pipeline,
+                        "GStreamer element \"jpegenc\" is missing: install gstreamer1.0-plugins-good",
+                    )
+                })?;
+            chain.push(filter);
+            chain.push(jpegenc);
+            gst::Caps::builder("image/jpeg").build()
+        }
+        (raw, None) => {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("no GStreamer format for {raw}"),
+            ));
+        }
+    };
+    let appsink = gst_app::AppSink::builder()
+        .name("sink")
+        .caps(&appsink_caps)
+        .sync(false)
+        .max_buffers(2)
+        .build();
+    for e in &chain {
+        pipeline.add(e).map_err(Error::from)?;
+    }
+    pipeline.add(&appsink).map_err(Error::from)?;
+    chain.push(appsink.clone().upcast());
+    gst::Element::link_many(chain.iter()).map_err(Error::from)?;
+
+    let convert_sink = convert
+        .static_pad("sink")
+        .ok_or_else(|| Error::new(ErrorKind::Pipeline, "videoconvert has no sink pad"))?;
+    link_decoded_video(pipeline, head, convert_sink.clone());
+    // Decoders (avdec_* in GStreamer 1.22) do not mark their output as key or delta: the
+    // flag is noted, by PTS, where the demuxer or depayloader set it.
+    let keys: KeyFlags = Arc::new(Mutex::new(VecDeque::new()));
+    watch_decoders(head, Arc::clone(&keys), config.key_frames_only);
+
+    // target_fps: keep a frame when at least 1/fps has passed (in stream time) since the last
+    // kept. Then note what the appsink cannot see any more (key flag, NTP time).
+    let min_gap = config.target_fps.map(|fps| {
+        // Tolerate timestamp jitter of a millisecond.
+        Duration::from_secs_f64(1.0 / fps).saturating_sub(Duration::from_millis(1))
+    });
+    let last: Mutex<Option<gst::ClockTime>> = Mutex::new(None);
+    let seen: Arc<Mutex<VecDeque<Seen>>> = Arc::new(Mutex::new(VecDeque::new()));
+    let probe_seen = Arc::clone(&seen);
+    let drop_sink = Arc::clone(sink);
+    convert_sink.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+        let Some(buffer) = info.buffer() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let pts = buffer.pts();
+        if let (Some(min_gap), Some(pts)) = (min_gap, pts) {
+            let mut last = last.lock();
+            match *last {
+                Some(prev)
+                    if pts > prev
+                        && pts - prev
+                            < gst::ClockTime::from_nseconds(min_gap.as_nanos() as u64) =>
+                {
+                    drop(last);
+                    drop_sink.dropped(DecoderDrop::TargetFps);
+                    return discard(info);
+                }
+                _ => *last = Some(pts),
+            }
+        }
+        let noted_key = pts.and_then(|pts| {
+            let mut keys = keys.lock();
+            let i = keys.iter().position(|(p, _)| *p == pts)?;
+            keys.remove(i).map(|(_, key)| key)
+        });
+        let entry = Seen {
+            pts,
+            key_frame: noted_key
+                .unwrap_or_else(|| !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT)),
+            reference: ntp_reference(buffer),
+        };
+        let mut seen = probe_seen.lock();
+        seen.push_back(entry);
+        while seen.len() > 32 {
+            seen.pop_front();
+        }
+        gst::PadProbeReturn::Ok
+    });
+
+    // Frames out of the appsink, without a copy.
+    let frame_sink = Arc::clone(sink);
+    let format = config.pixel_format;
+    let TailHooks { stamp, on_eos } = hooks;
+    appsink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |appsink| {
+                let sample = appsink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                let Some(caps) = sample.caps() else {
+                    return Ok(gst::FlowSuccess::Ok);
+                };
+                let (info, width, height) = if format.is_raw() {
+                    let Ok(info) = gst_video::VideoInfo::from_caps(caps) else {
+                        return Ok(gst::FlowSuccess::Ok);
+                    };
+                    let (w, h) = (info.width(), info.height());
+                    (Some(info), w, h)
+                } else {
+                    let size = caps.structure(0).and_then(|s| {
+                        Some((s.get::<i32>("width").ok()?, s.get::<i32>("height").ok()?))
+                    });
+                    let (w, h) = size.unwrap_or((0, 0));
+                    (
+                        None,
+                        u32::try_from(w).unwrap_or(0),
+                        u32::try_from(h).unwrap_or(0),
+                    )
+                };
+                let Some(buffer) = sample.buffer_owned() else {
+                    return Ok(gst::FlowSuccess::Ok);
+                };
+                let buffer_pts = buffer.pts();
+                let pts = buffer_pts.map(|t| Duration::from_nanos(t.nseconds()));
+                let noted = {
+                    let mut seen = seen.lock();
+                    match seen.iter().position(|s| s.pts == buffer_pts) {
+                        Some(i) => {
+                            let noted = seen.get(i).copied();
+                            seen.drain(..=i);
+                            noted
+                        }
+                        None => None,
+                    }
+                };
+                let key_frame = noted.map_or_else(
+                    || !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT),
+                    |s| s.key_frame,
+                );
+                let reference = ntp_reference(&buffer).or(noted.and_then(|s| s.reference));
+                let Ok(map) = buffer.into_mapped_buffer_readable() else {
+                    return Ok(gst::FlowSuccess::Ok);
+                };
+                let (producer_time, fragment) = stamp(pts, reference);
+                frame_sink.frame(Frame {
+                    map,
+                    info,
+                    width,
+                    height,
+                    format,
+                    producer_time,
+                    pts,
+                    emitted: SystemTime::now(),
+                    sequence: 0,
+                    fragment,
+                    key_frame,
+                });
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .eos(move |_| on_eos())
+            .build(),
+    );
+    Ok(())
+}
+
+/// (PTS, key frame) of the buffers that entered a video decoder, oldest first.
+type KeyFlags = Arc<Mutex<VecDeque<(gst::ClockTime, bool)>>>;
+
+/// Links the video pads `bin` adds (decodebin, uridecodebin) to `target`, replacing the
+/// previous link (a new stream group); other pads (audio, subtitles) go to a fakesink so that
+/// they never stop the pipeline with not-linked.
+fn link_decoded_video(pipeline: &gst::Pipeline, bin: &gst::Element, target: gst::Pad) {
+    let pipeline = pipeline.downgrade();
+    bin.connect_pad_added(move |_, pad| {
+        let is_video = pad
+            .current_caps()
+            .and_then(|c| c.structure(0).map(|s| s.name().starts_with("video/")))
+            .unwrap_or(true);
+        if !is_video {
+            let Some(pipeline) = pipeline.upgrade() else {
+                return;
+            };
+            let Ok(fakesink) = gst::ElementFactory::make("fakesink")
+                .property("sync", false)
+                .property("async", false)
+                .build()
+            else {
+                return;
+            };
+            if pipeline.add(&fakesink).is_ok() {
+                let _ = fakesink.sync_state_with_parent();
+                if let Some(sinkpad) = fakesink.static_pad("sink") {
+                    let _ = pad.link(&sinkpad);
+                }
+            }
+            return;
+        }
+        if let Some(old) = target.peer() {
+            let _ = old.unlink(&target);
+        }
+        if let Err(e) = pad.link(&target) {
+            tracing::warn!(error = ?e, "cannot link the decoder to the converter");
+        }
+    });
+}
+
+/// Watches every video decoder that `bin` (or a bin inside it) creates: notes the key flag
+/// of each buffer entering it in `keys` and, with `key_frames_only`, drops delta units there so
+/// that only key frames are decoded.
+fn watch_decoders(bin: &gst::Element, keys: KeyFlags, key_frames_only: bool) {
+    bin.connect("deep-element-added", false, move |values| {
+        let element = values.get(2).and_then(|v| v.get::<gst::Element>().ok())?;
+        let is_decoder = element
+            .factory()
+            .is_some_and(|f| f.klass().contains("Decoder") && f.klass().contains("Video"));
+        if is_decoder && let Some(pad) = element.static_pad("sink") {
+            let keys = Arc::clone(&keys);
+            pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                let Some(buffer) = info.buffer() else {
+                    return gst::PadProbeReturn::Ok;
+                };
+                let delta = buffer.flags().contains(gst::BufferFlags::DELTA_UNIT);
+                if delta && key_frames_only {
+                    return discard(info);
+                }
+                if let Some(pts) = buffer.pts() {
+                    let mut keys = keys.lock();
+                    keys.push_back((pts, !delta));
+                    while keys.len() > 64 {
+                        keys.pop_front();
+                    }
+                }
+                gst::PadProbeReturn::Ok
+            });
+        }
+        None
+    });
+}
+
+/// Calls `on_error` (on the posting streaming thread) for every error message of the
+/// pipeline; other messages are dropped.
+pub(crate) fn on_bus_error(
+    pipeline: &gst::Pipeline,
+    on_error: impl Fn(&gst::message::Error) + Send + Sync + 'static,
+) -> Result<()> {
+    let bus = pipeline
+        .bus()
+        .ok_or_else(|| Error::new(ErrorKind::Pipeline, "the pipeline has no bus"))?;
+    bus.set_sync_handler(move |_, message| {
+        if let gst::MessageView::Error(err) = message.view() {
+            on_error(err);
+        }
+        gst::BusSyncReply::Drop
+    });
+    Ok(())
+}
+
+/// The path of the element that posted `err`.
+pub(crate) fn error_source(err: &gst::message::Error) -> String {
+    err.src()
+        .map(|s| s.path_string().to_string())
+        .unwrap_or_default()
+}
+
+/// The debug text of `err`, redacted (it may quote a URL).
+pub(crate) fn error_debug(err: &gst::message::Error) -> String {
+    err.debug()
+        .map(|d| crate::redact::redact_text(d.as_str()).into_owned())
+        .unwrap_or_default()
 }
 
 fn run(

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use gstreamer as gst;
 use gstreamer_video as gst_video;
 
-/// Pixel layout of delivered frames.
+/// Pixel layout of delivered frames, or JPEG.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PixelFormat {
     /// 3 bytes per pixel, blue-green-red: what OpenCV expects (default).
@@ -24,10 +24,22 @@ pub enum PixelFormat {
     I420,
     /// Semi-planar YUV 4:2:0 (Y plane, interleaved UV plane).
     Nv12,
+    /// One complete JPEG (JFIF) image per frame, encoded after scaling with `jpegenc` at
+    /// `quality` (1–100; 85 is a good default): for services that post frames to an HTTP
+    /// endpoint (AI inference, thumbnails). [`Frame::data`] is the whole file; a frame has no
+    /// planes, stride or rows. Not a raw format: [`video_format`](Self::video_format) is None.
+    Jpeg {
+        /// Encoder quality, 1 (smallest) to 100 (best).
+        quality: u8,
+    },
 }
 
 impl PixelFormat {
-    /// Every format.
+    /// JPEG at the default quality, 85.
+    pub const JPEG: PixelFormat = PixelFormat::Jpeg { quality: 85 };
+
+    /// Every raw (uncompressed) format; JPEG is not listed (it takes a quality:
+    /// [`PixelFormat::JPEG`] or `PixelFormat::Jpeg { quality }`).
     pub const ALL: [PixelFormat; 7] = [
         PixelFormat::Bgr,
         PixelFormat::Rgb,
@@ -38,9 +50,10 @@ impl PixelFormat {
         PixelFormat::Nv12,
     ];
 
-    /// The GStreamer format.
-    pub fn video_format(self) -> gst_video::VideoFormat {
-        match self {
+    /// The GStreamer raw video format; None for [`Jpeg`](PixelFormat::Jpeg), which has no
+    /// raw equivalent.
+    pub fn video_format(self) -> Option<gst_video::VideoFormat> {
+        Some(match self {
             PixelFormat::Bgr => gst_video::VideoFormat::Bgr,
             PixelFormat::Rgb => gst_video::VideoFormat::Rgb,
             PixelFormat::Rgba => gst_video::VideoFormat::Rgba,
@@ -48,10 +61,32 @@ impl PixelFormat {
             PixelFormat::Gray8 => gst_video::VideoFormat::Gray8,
             PixelFormat::I420 => gst_video::VideoFormat::I420,
             PixelFormat::Nv12 => gst_video::VideoFormat::Nv12,
+            PixelFormat::Jpeg { .. } => return None,
+        })
+    }
+
+    /// Whether frames are raw pixels (every format but [`Jpeg`](PixelFormat::Jpeg)).
+    pub fn is_raw(self) -> bool {
+        !matches!(self, PixelFormat::Jpeg { .. })
+    }
+
+    /// Checks the JPEG quality (1–100); raw formats are always valid. Builders call it and
+    /// report an [`InvalidConfig`](crate::ErrorKind::InvalidConfig) error naming `pixel_format`.
+    pub fn validate(self) -> crate::Result<()> {
+        match self {
+            PixelFormat::Jpeg { quality } if !(1..=100).contains(&quality) => {
+                Err(crate::Error::invalid_config(
+                    "pixel_format",
+                    format!("jpeg:{quality}"),
+                    "the JPEG quality must be between 1 and 100",
+                ))
+            }
+            _ => Ok(()),
         }
     }
 
-    /// Lower-case name (`bgr`, `rgb`, `rgba`, `bgra`, `gray8`, `i420`, `nv12`).
+    /// Lower-case name (`bgr`, `rgb`, `rgba`, `bgra`, `gray8`, `i420`, `nv12`, `jpeg`; the
+    /// JPEG quality is in [`Display`](fmt::Display): `jpeg:85`).
     pub fn as_str(self) -> &'static str {
         match self {
             PixelFormat::Bgr => "bgr",
@@ -61,29 +96,58 @@ impl PixelFormat {
             PixelFormat::Gray8 => "gray8",
             PixelFormat::I420 => "i420",
             PixelFormat::Nv12 => "nv12",
+            PixelFormat::Jpeg { .. } => "jpeg",
         }
     }
 
-    /// Bytes per pixel of packed formats (None for the planar YUV formats).
+    /// Bytes per pixel of packed formats (None for the planar YUV formats and JPEG).
     pub fn bytes_per_pixel(self) -> Option<usize> {
         match self {
             PixelFormat::Bgr | PixelFormat::Rgb => Some(3),
             PixelFormat::Rgba | PixelFormat::Bgra => Some(4),
             PixelFormat::Gray8 => Some(1),
-            PixelFormat::I420 | PixelFormat::Nv12 => None,
+            PixelFormat::I420 | PixelFormat::Nv12 | PixelFormat::Jpeg { .. } => None,
         }
     }
 }
 
 impl fmt::Display for PixelFormat {
+    /// The [`as_str`](PixelFormat::as_str) name; JPEG with its quality (`jpeg:85`), which
+    /// [`FromStr`](std::str::FromStr) parses back.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        match self {
+            PixelFormat::Jpeg { quality } => write!(f, "jpeg:{quality}"),
+            other => f.write_str(other.as_str()),
+        }
     }
 }
 
 impl std::str::FromStr for PixelFormat {
     type Err = crate::Error;
+    /// A name of [`as_str`](PixelFormat::as_str) (ASCII case-insensitive; `gray` for `gray8`),
+    /// `jpeg` (quality 85) or `jpeg:QUALITY` (1–100).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        if lower == "jpeg" || lower == "jpg" {
+            return Ok(PixelFormat::JPEG);
+        }
+        if let Some(q) = lower
+            .strip_prefix("jpeg:")
+            .or_else(|| lower.strip_prefix("jpg:"))
+        {
+            let format = q
+                .parse::<u8>()
+                .map(|quality| PixelFormat::Jpeg { quality })
+                .map_err(|_| {
+                    crate::Error::invalid_config(
+                        "pixel_format",
+                        format!("{s:?}"),
+                        "the JPEG quality must be a number between 1 and 100",
+                    )
+                })?;
+            format.validate()?;
+            return Ok(format);
+        }
         PixelFormat::ALL
             .into_iter()
             .find(|f| {
@@ -94,7 +158,7 @@ impl std::str::FromStr for PixelFormat {
                 crate::Error::invalid_config(
                     "pixel_format",
                     format!("{s:?}"),
-                    "must be one of bgr, rgb, rgba, bgra, gray8, i420, nv12",
+                    "must be one of bgr, rgb, rgba, bgra, gray8, i420, nv12, jpeg, jpeg:QUALITY (1-100)",
                 )
             })
     }
@@ -115,9 +179,16 @@ pub struct FragmentId {
 
 /// One decoded frame. The pixels are the GStreamer buffer itself (no copy after the decoder
 /// and converter); the frame keeps it mapped for reading while it lives.
+///
+/// With [`PixelFormat::Jpeg`] the buffer is one JPEG image: [`data`](Frame::data) is the
+/// file, [`width`](Frame::width) and [`height`](Frame::height) are its size, and the
+/// pixel-layout accessors (planes, stride, rows) return nothing.
 pub struct Frame {
     pub(crate) map: gst::MappedBuffer<gst::buffer::Readable>,
-    pub(crate) info: gst_video::VideoInfo,
+    /// The raw layout; None for JPEG.
+    pub(crate) info: Option<gst_video::VideoInfo>,
+    pub(crate) width: u32,
+    pub(crate) height: u32,
     pub(crate) format: PixelFormat,
     pub(crate) producer_time: Option<SystemTime>,
     pub(crate) pts: Option<Duration>,
@@ -130,42 +201,43 @@ pub struct Frame {
 impl Frame {
     /// Width in pixels.
     pub fn width(&self) -> u32 {
-        self.info.width()
+        self.width
     }
     /// Height in pixels.
     pub fn height(&self) -> u32 {
-        self.info.height()
+        self.height
     }
     /// Pixel layout.
     pub fn format(&self) -> PixelFormat {
         self.format
     }
-    /// All bytes of the frame (every plane, with row padding).
+    /// All bytes of the frame (every plane, with row padding), or the whole JPEG file.
     pub fn data(&self) -> &[u8] {
         self.map.as_slice()
     }
     /// Bytes per row of the first plane (may exceed `width × bytes per pixel`: rows can be
-    /// padded).
+    /// padded); 0 for JPEG.
     pub fn stride(&self) -> usize {
         self.plane_stride(0).unwrap_or(0)
     }
-    /// Number of planes (1 for packed formats, 3 for I420, 2 for NV12).
+    /// Number of planes (1 for packed formats, 3 for I420, 2 for NV12, 0 for JPEG).
     pub fn n_planes(&self) -> usize {
-        self.info.n_planes() as usize
+        self.info.as_ref().map_or(0, |i| i.n_planes() as usize)
     }
-    /// Bytes per row of plane `plane`.
+    /// Bytes per row of plane `plane` (None for JPEG).
     pub fn plane_stride(&self, plane: usize) -> Option<usize> {
         self.info
+            .as_ref()?
             .stride()
             .get(plane)
             .and_then(|s| usize::try_from(*s).ok())
     }
-    /// The bytes of plane `plane` (rows × stride).
+    /// The bytes of plane `plane` (rows × stride; None for JPEG).
     pub fn plane(&self, plane: usize) -> Option<&[u8]> {
-        let offset = *self.info.offset().get(plane)?;
+        let info = self.info.as_ref()?;
+        let offset = *info.offset().get(plane)?;
         let stride = self.plane_stride(plane)?;
-        let rows = self
-            .info
+        let rows = info
             .format_info()
             .scale_height(u8::try_from(plane).ok()?, self.height()) as usize;
         self.data().get(offset..offset + stride * rows)
@@ -178,7 +250,8 @@ impl Frame {
         self.data().get(start..start + bpp * self.width() as usize)
     }
     /// The frame's pixels without row padding (a copy when rows are padded, else borrowed):
-    /// what `numpy.frombuffer(...).reshape(h, w, c)`-style consumers want.
+    /// what `numpy.frombuffer(...).reshape(h, w, c)`-style consumers want. Planar formats and
+    /// JPEG: [`data`](Frame::data) as is.
     pub fn to_contiguous(&self) -> std::borrow::Cow<'_, [u8]> {
         let Some(bpp) = self.format.bytes_per_pixel() else {
             return std::borrow::Cow::Borrowed(self.data());
@@ -196,14 +269,21 @@ impl Frame {
         }
         std::borrow::Cow::Owned(out)
     }
-    /// When the camera captured the frame: the fragment's program date time plus the frame's
-    /// offset inside the fragment. None when the playlist has no program date times
-    /// (`DisplayFragmentTimestamp=NEVER`).
+    /// When the camera captured the frame, on the camera's clock.
+    ///
+    /// * KVS source: the fragment's program date time plus the frame's offset inside the
+    ///   fragment; None when the playlist has no program date times
+    ///   (`DisplayFragmentTimestamp=NEVER`).
+    /// * URI source, RTSP: the sender's NTP wall-clock time of the frame, from its RTP timestamp
+    ///   and the RTCP sender reports; None until the first sender report (a few seconds after
+    ///   each connect) and for servers that send none.
+    /// * URI source, HLS URL or file: None.
     pub fn producer_time(&self) -> Option<SystemTime> {
         self.producer_time
     }
-    /// The frame's presentation time in the source's media timeline (continuous from the
-    /// source's first fragment; not wall time).
+    /// The frame's presentation time in the source's media timeline (not wall time). KVS
+    /// source: continuous from the source's first fragment. URI source: the pipeline's
+    /// timeline, which starts again at each reconnect (a file: the position in the file).
     pub fn pts(&self) -> Option<Duration> {
         self.pts
     }
@@ -226,7 +306,7 @@ impl Frame {
     pub fn sequence(&self) -> u64 {
         self.sequence
     }
-    /// The fragment the frame came from.
+    /// The KVS fragment the frame came from (None for URI sources).
     pub fn fragment(&self) -> Option<&FragmentId> {
         self.fragment.as_ref()
     }

@@ -29,8 +29,9 @@
 //!   shape KVS serves it, GetClip, a synthetic live camera per stream, ground truth and fault
 //!   injection — that the AWS SDKs, HLS players and this crate's tests talk to over real HTTP.
 //!
-//! The generic URI frame source (RTSP, HLS URLs, files) is being built on this foundation;
-//! see the README for the plan.
+//! * [`UriFrameSource`]: the same frames, options and API from an RTSP camera (with the
+//!   sender's NTP time as producer time), an HLS URL or a file, decoded by GStreamer without
+//!   KVS; optional JPEG output ([`PixelFormat::Jpeg`]) for both sources.
 //!
 //! ## Errors at a glance
 //!
@@ -68,6 +69,7 @@ pub mod emulator;
 pub use error::{Error, ErrorKind, Result};
 pub use frame::{FragmentId, Frame, PixelFormat};
 pub use source::{
-    DeliveryPolicy, FrameStream, Frames, KvsHlsFrameSource, KvsHlsFrameSourceBuilder, PlaybackMode,
-    SourceState, SourceStats,
+    DeliveryPolicy, EndOfStream, FrameStream, Frames, KvsHlsFrameSource, KvsHlsFrameSourceBuilder,
+    PlaybackMode, RtspTransport, SourceState, SourceStats, UriFrameSource, UriFrameSourceBuilder,
+    UriKind,
 };

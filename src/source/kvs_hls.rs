@@ -466,7 +466,7 @@ impl KvsHlsFrameSourceBuilder {
     }
 }
 
-fn shared_runtime() -> Result<&'static tokio::runtime::Runtime> {
+pub(super) fn shared_runtime() -> Result<&'static tokio::runtime::Runtime> {
     static RUNTIME: std::sync::OnceLock<std::result::Result<tokio::runtime::Runtime, String>> =
         std::sync::OnceLock::new();
     RUNTIME

@@ -1,9 +1,11 @@
-//! Frame sources: [`KvsHlsFrameSource`] (KVS over HLS), and what every source shares: the
+//! Frame sources: [`KvsHlsFrameSource`] (KVS over HLS), [`UriFrameSource`] (RTSP, HLS URLs,
+//! files), and what every source shares: the
 //! delivery queue and its [`DeliveryPolicy`], [`SourceState`], [`SourceStats`], the blocking
 //! [`Frames`] iterator and the async [`FrameStream`].
 
 mod kvs_hls;
 mod queue;
+mod uri;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,6 +21,7 @@ pub use kvs_hls::{
 };
 pub use queue::DeliveryPolicy;
 pub(crate) use queue::{Pushed, Queue};
+pub use uri::{EndOfStream, RtspTransport, UriFrameSource, UriFrameSourceBuilder, UriKind};
 
 use crate::error::Result;
 use crate::frame::Frame;
