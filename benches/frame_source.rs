@@ -12,8 +12,8 @@
 //!   - `kvs_hls_frame_source`: the whole reader: GetDataEndpoint, GetHLSStreamingSessionURL,
 //!     playlist, HTTP downloads from the emulator, tfdt rebasing, decode, queue, iterator;
 //!   - `key_frames_only`, `target_fps_5`: the sampling modes (fewer frames delivered).
-//! * group `cpu_per_frame` (process CPU time, user + system, per delivered frame): full
-//!   decoding, key frames only, target_fps 5.
+//! * group `cpu_per_frame` (process CPU time, user + system, per delivered frame): the bare
+//!   pipeline, and the reader with full decoding, key frames only, target_fps 5.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -234,6 +234,17 @@ fn benches(c: &mut Criterion) {
     let mut cpu = c.benchmark_group("cpu_per_frame");
     cpu.sample_size(10)
         .measurement_time(Duration::from_secs(30));
+    cpu.bench_function("bare_gstreamer", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let before = cpu_time();
+                let frames = bare_pipeline(&setup.bytes).max(1);
+                total += (cpu_time().saturating_sub(before)) / frames as u32;
+            }
+            total
+        })
+    });
     for (name, mode) in [
         ("full_decode", Mode::Full),
         ("key_frames_only", Mode::KeyFramesOnly),
