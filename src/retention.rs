@@ -18,9 +18,9 @@
 //! // What would go? Nothing is deleted on a dry run.
 //! let report = kvs_frames::retention::sweep("out/live", Duration::from_secs(24 * 3600), true)?;
 //! for path in &report.deleted {
-//!     println!("would delete {}", path.display());
+//!     tracing::info!("would delete {}", path.display());
 //! }
-//! println!("{} files, {} bytes older than {:?}", report.deleted.len(), report.deleted_bytes, report.cutoff);
+//! tracing::info!("{} files, {} bytes older than {:?}", report.deleted.len(), report.deleted_bytes, report.cutoff);
 //! # Ok(()) }
 //! ```
 

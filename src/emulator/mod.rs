@@ -26,7 +26,7 @@
 //! let emulator = Emulator::builder()
 //!     .stream(StreamSpec::new("cam-1").resolution(640, 360).fps(25).fragment_duration(Duration::from_secs(2)))
 //!     .start()?;
-//! println!("KVS endpoint: {}", emulator.endpoint());
+//! tracing::info!("KVS endpoint: {}", emulator.endpoint());
 //! // Any AWS SDK client built from this config talks to the emulator.
 //! let config = emulator.sdk_config();
 //! let client = aws_sdk_kinesisvideo::Client::new(&config);

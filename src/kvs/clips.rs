@@ -38,7 +38,7 @@
 //! let end = SystemTime::now() - Duration::from_secs(5);
 //! let request = ClipRequest::new("cam-1", end - Duration::from_secs(60), end).thumbnail(true);
 //! let clip = clips.extract_to_file(&request, "out/cam-1/last-minute.mp4").await?;
-//! println!("{} frames, {:?}, {} GetClip calls", clip.frames, clip.media_duration, clip.get_clip_calls);
+//! tracing::info!("{} frames, {:?}, {} GetClip calls", clip.frames, clip.media_duration, clip.get_clip_calls);
 //! # Ok(()) }
 //! ```
 

@@ -21,7 +21,7 @@
 //!     DiscoveryOptions::default().ttl(Duration::from_secs(60)).name_prefix("cam-"),
 //! )?;
 //! for stream in discovery.active_streams().await?.iter() {
-//!     println!("{} ({:?})", stream.name, stream.media_type);
+//!     tracing::info!("{} ({:?})", stream.name, stream.media_type);
 //! }
 //! let details = discovery.describe("cam-1").await?;
 //! assert!(details.status.is_active());

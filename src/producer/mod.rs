@@ -62,7 +62,7 @@
 //!     .build()
 //!     .await?;
 //! for action in supervisor.orphans() {
-//!     println!("orphan of an earlier run: {action:?}");
+//!     tracing::info!("orphan of an earlier run: {action:?}");
 //! }
 //! let mut events = supervisor.events();
 //! supervisor
@@ -76,7 +76,7 @@
 //!     .wait_for_state("front-door", kvs_frames::producer::ProducerState::Running, Duration::from_secs(60))
 //!     .await?;
 //! while let Ok(event) = events.recv().await {
-//!     println!("{}: {} → {} ({})", event.stream_name, event.from, event.to, event.reason);
+//!     tracing::info!("{}: {} → {} ({})", event.stream_name, event.from, event.to, event.reason);
 //!     # break;
 //! }
 //! let report = supervisor.stop_all(StopMode::Graceful).await;

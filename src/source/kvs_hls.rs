@@ -498,7 +498,7 @@ pub(super) fn shared_runtime() -> Result<&'static tokio::runtime::Runtime> {
 ///     .build()?;
 /// for item in source.frames() {
 ///     let (frame, ts) = item?; // ts: producer time (camera clock) when the playlist has it
-///     println!("{}x{} at {:?}", frame.width(), frame.height(), ts);
+///     tracing::info!("{}x{} at {:?}", frame.width(), frame.height(), ts);
 /// }
 /// # Ok::<(), kvs_frames::Error>(())
 /// ```

@@ -531,7 +531,7 @@ impl UriFrameSourceBuilder {
 ///     .build()?;
 /// for item in source.frames() {
 ///     let (frame, ts) = item?; // ts: the camera's NTP time once RTCP sender reports arrived
-///     println!("{}x{} at {:?}", frame.width(), frame.height(), ts);
+///     tracing::info!("{}x{} at {:?}", frame.width(), frame.height(), ts);
 /// }
 /// # Ok::<(), kvs_frames::Error>(())
 /// ```
