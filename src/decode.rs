@@ -501,6 +501,8 @@ pub(crate) fn add_tail(
     let frame_sink = Arc::clone(sink);
     let format = config.pixel_format;
     let TailHooks { stamp, on_eos } = hooks;
+    // The caps change only on renegotiation: parse them once per caps object, not per frame.
+    let parsed: Mutex<Option<(gst::Caps, Layout)>> = Mutex::new(None);
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |appsink| {
@@ -508,22 +510,20 @@ pub(crate) fn add_tail(
                 let Some(caps) = sample.caps() else {
                     return Ok(gst::FlowSuccess::Ok);
                 };
-                let (info, width, height) = if format.is_raw() {
-                    let Ok(info) = gst_video::VideoInfo::from_caps(caps) else {
-                        return Ok(gst::FlowSuccess::Ok);
-                    };
-                    let (w, h) = (info.width(), info.height());
-                    (Some(info), w, h)
-                } else {
-                    let size = caps.structure(0).and_then(|s| {
-                        Some((s.get::<i32>("width").ok()?, s.get::<i32>("height").ok()?))
-                    });
-                    let (w, h) = size.unwrap_or((0, 0));
-                    (
-                        None,
-                        u32::try_from(w).unwrap_or(0),
-                        u32::try_from(h).unwrap_or(0),
-                    )
+                let (info, width, height) = {
+                    let mut parsed = parsed.lock();
+                    match parsed.as_ref() {
+                        Some((c, (info, w, h))) if c.as_ptr() == caps.as_ptr() => {
+                            (info.clone(), *w, *h)
+                        }
+                        _ => {
+                            let Some((info, w, h)) = frame_layout(format, caps) else {
+                                return Ok(gst::FlowSuccess::Ok);
+                            };
+                            *parsed = Some((caps.to_owned(), (info.clone(), w, h)));
+                            (info, w, h)
+                        }
+                    }
                 };
                 let Some(buffer) = sample.buffer_owned() else {
                     return Ok(gst::FlowSuccess::Ok);
@@ -569,6 +569,30 @@ pub(crate) fn add_tail(
             .build(),
     );
     Ok(())
+}
+
+/// Video info (raw formats) and size of frames with `caps`; None when the caps are unusable.
+/// Video info (raw formats only), width, height.
+type Layout = (Option<gst_video::VideoInfo>, u32, u32);
+
+fn frame_layout(format: PixelFormat, caps: &gst::CapsRef) -> Option<Layout> {
+    if format.is_raw() {
+        let info = gst_video::VideoInfo::from_caps(caps).ok()?;
+        let (w, h) = (info.width(), info.height());
+        return Some((Some(info), w, h));
+    }
+    let s = caps.structure(0)?;
+    let w = s
+        .get::<i32>("width")
+        .ok()
+        .and_then(|w| u32::try_from(w).ok())
+        .unwrap_or(0);
+    let h = s
+        .get::<i32>("height")
+        .ok()
+        .and_then(|h| u32::try_from(h).ok())
+        .unwrap_or(0);
+    Some((None, w, h))
 }
 
 /// (PTS, key frame) of the buffers that entered a video decoder, oldest first.

@@ -24,9 +24,10 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use super::{CommonOptions, common_setters};
 use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats};
 use crate::backoff::BackoffPolicy;
-use crate::decode::{DecodeConfig, Decoder, DecoderDrop, FragmentInput, FrameSink};
+use crate::decode::{Decoder, DecoderDrop, FragmentInput, FrameSink};
 use crate::error::{Error, ErrorKind, Result};
 use crate::frame::{FragmentId, Frame, PixelFormat};
 use crate::hls::{self, MediaPlaylist, Segment, fmp4};
@@ -96,7 +97,6 @@ enum ClientSource {
 /// Builder of a [`KvsHlsFrameSource`]; every option is validated by [`build`](Self::build).
 #[derive(Clone)]
 pub struct KvsHlsFrameSourceBuilder {
-    camera_id: String,
     stream: StreamId,
     client: ClientSource,
     playback: PlaybackMode,
@@ -110,21 +110,14 @@ pub struct KvsHlsFrameSourceBuilder {
     poll_interval: Duration,
     request_timeout: Duration,
     stall_timeout: Duration,
-    pixel_format: PixelFormat,
-    resize: Option<(u32, u32)>,
-    target_fps: Option<f64>,
-    key_frames_only: bool,
     delivery: Option<DeliveryPolicy>,
-    queue_capacity: usize,
-    backoff: BackoffPolicy,
-    metrics: Option<FrameSourceMetrics>,
-    runtime: Option<tokio::runtime::Handle>,
+    common: CommonOptions,
 }
 
 impl std::fmt::Debug for KvsHlsFrameSourceBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvsHlsFrameSourceBuilder")
-            .field("camera_id", &self.camera_id)
+            .field("camera_id", &self.common.camera_id)
             .field("stream", &self.stream)
             .field("playback", &self.playback)
             .finish_non_exhaustive()
@@ -145,7 +138,6 @@ macro_rules! setter {
 impl KvsHlsFrameSourceBuilder {
     fn new(camera_id: &str, stream: StreamId) -> Self {
         KvsHlsFrameSourceBuilder {
-            camera_id: camera_id.to_owned(),
             stream,
             client: ClientSource::Env { region: None },
             playback: PlaybackMode::Live,
@@ -159,15 +151,8 @@ impl KvsHlsFrameSourceBuilder {
             poll_interval: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(30),
-            pixel_format: PixelFormat::Bgr,
-            resize: None,
-            target_fps: None,
-            key_frames_only: false,
             delivery: None,
-            queue_capacity: 30,
-            backoff: BackoffPolicy::default(),
-            metrics: None,
-            runtime: None,
+            common: CommonOptions::new(camera_id),
         }
     }
 
@@ -246,66 +231,16 @@ impl KvsHlsFrameSourceBuilder {
         /// 1 s–600 s (default 30 s).
         stall_timeout: Duration
     );
-    setter!(
-        /// Pixel format of delivered frames (default BGR).
-        pixel_format: PixelFormat
-    );
-    /// Scale frames to `width` × `height` (even numbers, 16–7680 × 16–4320).
-    #[must_use]
-    pub fn resize(mut self, width: u32, height: u32) -> Self {
-        self.resize = Some((width, height));
-        self
-    }
-    /// Deliver at most `fps` frames per second of video (0 < fps ≤ 240); the others are dropped
-    /// after decoding and before colour conversion.
-    #[must_use]
-    pub fn target_fps(mut self, fps: f64) -> Self {
-        self.target_fps = Some(fps);
-        self
-    }
-    setter!(
-        /// Decode only key frames: one frame per fragment, at a fraction of the CPU.
-        key_frames_only: bool
-    );
     /// Delivery policy (default: `DropOldest` for LIVE, `Block` for the others).
     #[must_use]
     pub fn delivery(mut self, policy: DeliveryPolicy) -> Self {
         self.delivery = Some(policy);
         self
     }
-    setter!(
-        /// Frames the queue holds, 1–10000 (default 30). `LatestOnly` always holds one.
-        queue_capacity: usize
-    );
-    setter!(
-        /// Reconnect backoff (default: 5 s, ×2, cap 60 s, jitter 0.8–1.2, 10 errors in a row).
-        backoff: BackoffPolicy
-    );
-    /// Record metrics in these collectors (see [`FrameSourceMetrics::register`]).
-    #[must_use]
-    pub fn metrics(mut self, metrics: FrameSourceMetrics) -> Self {
-        self.metrics = Some(metrics);
-        self
-    }
-    /// Run the source's task on this runtime (default: the current multi-thread runtime, else
-    /// a runtime the crate shares between all its sources).
-    #[must_use]
-    pub fn runtime(mut self, handle: tokio::runtime::Handle) -> Self {
-        self.runtime = Some(handle);
-        self
-    }
+    common_setters!();
 
     fn validate(&self) -> Result<()> {
-        if self.camera_id.is_empty()
-            || self.camera_id.len() > 128
-            || self.camera_id.chars().any(char::is_control)
-        {
-            return Err(Error::invalid_config(
-                "camera_id",
-                format!("{:?}", self.camera_id),
-                "must be 1-128 printable characters",
-            ));
-        }
+        self.common.validate()?;
         self.stream.validate()?;
         if !(Duration::from_secs(300)..=Duration::from_secs(43_200)).contains(&self.expires) {
             return Err(Error::invalid_config(
@@ -385,32 +320,6 @@ impl KvsHlsFrameSourceBuilder {
             Duration::from_secs(1),
             Duration::from_secs(600),
         )?;
-        if let Some((w, h)) = self.resize
-            && (!(16..=7680).contains(&w) || !(16..=4320).contains(&h) || w % 2 != 0 || h % 2 != 0)
-        {
-            return Err(Error::invalid_config(
-                "resize",
-                format!("{w}x{h}"),
-                "width and height must be even, 16-7680 by 16-4320",
-            ));
-        }
-        if let Some(fps) = self.target_fps
-            && !(fps.is_finite() && fps > 0.0 && fps <= 240.0)
-        {
-            return Err(Error::invalid_config(
-                "target_fps",
-                fps,
-                "must be more than 0 and at most 240",
-            ));
-        }
-        if !(1..=10_000).contains(&self.queue_capacity) {
-            return Err(Error::invalid_config(
-                "queue_capacity",
-                self.queue_capacity,
-                "must be between 1 and 10000",
-            ));
-        }
-        self.backoff.validate("backoff")?;
         Ok(())
     }
 
@@ -422,11 +331,11 @@ impl KvsHlsFrameSourceBuilder {
             PlaybackMode::Live => DeliveryPolicy::DropOldest,
             _ => DeliveryPolicy::Block,
         });
-        let core = Arc::new(Core::new(Queue::new(self.queue_capacity, policy)));
+        let core = Arc::new(Core::new(Queue::new(self.common.queue_capacity, policy)));
         let ctx = Arc::new(Ctx {
-            camera_id: self.camera_id.clone(),
+            camera_id: self.common.camera_id.clone(),
             core: Arc::clone(&core),
-            metrics: self.metrics.clone(),
+            metrics: self.common.metrics.clone(),
             stop: AtomicBool::new(false),
             stop_notify: Notify::new(),
             sequence: AtomicU64::new(0),
@@ -438,23 +347,8 @@ impl KvsHlsFrameSourceBuilder {
             m.init_camera(&ctx.camera_id);
         }
         let sink: Arc<dyn FrameSink> = Arc::new(Sink(Arc::clone(&ctx)));
-        let decoder = Arc::new(Decoder::start(
-            DecodeConfig {
-                name: self.camera_id.clone(),
-                pixel_format: self.pixel_format,
-                resize: self.resize,
-                target_fps: self.target_fps,
-                key_frames_only: self.key_frames_only,
-            },
-            sink,
-        )?);
-        let handle = match &self.runtime {
-            Some(h) => h.clone(),
-            None => match tokio::runtime::Handle::try_current() {
-                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => h,
-                _ => shared_runtime()?.handle().clone(),
-            },
-        };
+        let decoder = Arc::new(Decoder::start(self.common.decode_config(), sink)?);
+        let handle = self.common.runtime_handle()?;
         ctx.set_state(SourceState::Connecting);
         let task = handle.spawn(run(Arc::clone(&ctx), Arc::clone(&decoder), self));
         Ok(KvsHlsFrameSource {
@@ -464,27 +358,6 @@ impl KvsHlsFrameSourceBuilder {
             task: Mutex::new(Some(task)),
         })
     }
-}
-
-pub(super) fn shared_runtime() -> Result<&'static tokio::runtime::Runtime> {
-    static RUNTIME: std::sync::OnceLock<std::result::Result<tokio::runtime::Runtime, String>> =
-        std::sync::OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("kvs-frames")
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Internal,
-                format!("cannot start the shared runtime: {e}"),
-            )
-        })
 }
 
 /// Live (or archived) video of one KVS stream as decoded frames with producer timestamps.
@@ -570,12 +443,7 @@ impl KvsHlsFrameSource {
 
     /// Healthy = connected and a frame delivered within the last 30 s (or none expected yet).
     pub fn is_healthy(&self) -> bool {
-        let stats = self.stats();
-        stats.state == SourceState::Connected
-            && stats
-                .last_frame_at
-                .and_then(|t| t.elapsed().ok())
-                .is_none_or(|age| age < Duration::from_secs(30))
+        self.core.is_healthy()
     }
 
     /// Stops reading: the task ends, the pipeline is released, iterators end. Also done on drop.
@@ -816,7 +684,7 @@ impl Reader {
             }
             self.failures += 1;
             self.ctx.core.stats.lock().consecutive_errors = self.failures;
-            if self.opts.backoff.exhausted(self.failures) {
+            if self.opts.common.backoff.exhausted(self.failures) {
                 let n = self.failures;
                 fail(
                     &self.ctx,
@@ -824,7 +692,7 @@ impl Reader {
                 );
                 return;
             }
-            let delay = self.opts.backoff.delay(self.failures);
+            let delay = self.opts.common.backoff.delay(self.failures);
             tracing::warn!(camera = %self.camera(), %error, ?delay, attempt = self.failures, "reconnecting after backoff");
             self.ctx.set_state(SourceState::Reconnecting);
             {

@@ -23,8 +23,11 @@ pub use queue::DeliveryPolicy;
 pub(crate) use queue::{Pushed, Queue};
 pub use uri::{EndOfStream, RtspTransport, UriFrameSource, UriFrameSourceBuilder, UriKind};
 
-use crate::error::Result;
-use crate::frame::Frame;
+use crate::backoff::BackoffPolicy;
+use crate::decode::DecodeConfig;
+use crate::error::{Error, ErrorKind, Result};
+use crate::frame::{Frame, PixelFormat};
+use crate::metrics::FrameSourceMetrics;
 
 /// Connection state of a source. The numbers are the values of the
 /// `kvs_hls_connection_state` gauge.
@@ -136,6 +139,179 @@ impl SourceStats {
     }
 }
 
+/// The options every frame source has, validated in one place.
+#[derive(Clone)]
+pub(crate) struct CommonOptions {
+    pub camera_id: String,
+    pub pixel_format: PixelFormat,
+    pub resize: Option<(u32, u32)>,
+    pub target_fps: Option<f64>,
+    pub key_frames_only: bool,
+    pub queue_capacity: usize,
+    pub backoff: BackoffPolicy,
+    pub metrics: Option<FrameSourceMetrics>,
+    pub runtime: Option<tokio::runtime::Handle>,
+}
+
+impl CommonOptions {
+    pub fn new(camera_id: &str) -> Self {
+        CommonOptions {
+            camera_id: camera_id.to_owned(),
+            pixel_format: PixelFormat::Bgr,
+            resize: None,
+            target_fps: None,
+            key_frames_only: false,
+            queue_capacity: 30,
+            backoff: BackoffPolicy::default(),
+            metrics: None,
+            runtime: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.camera_id.is_empty()
+            || self.camera_id.len() > 128
+            || self.camera_id.chars().any(char::is_control)
+        {
+            return Err(Error::invalid_config(
+                "camera_id",
+                format!("{:?}", self.camera_id),
+                "must be 1-128 printable characters",
+            ));
+        }
+        self.pixel_format.validate()?;
+        if let Some((w, h)) = self.resize
+            && (!(16..=7680).contains(&w)
+                || !(16..=4320).contains(&h)
+                || !w.is_multiple_of(2)
+                || !h.is_multiple_of(2))
+        {
+            return Err(Error::invalid_config(
+                "resize",
+                format!("{w}x{h}"),
+                "width and height must be even, 16-7680 by 16-4320",
+            ));
+        }
+        if let Some(fps) = self.target_fps
+            && !(fps.is_finite() && fps > 0.0 && fps <= 240.0)
+        {
+            return Err(Error::invalid_config(
+                "target_fps",
+                fps,
+                "must be more than 0 and at most 240",
+            ));
+        }
+        if !(1..=10_000).contains(&self.queue_capacity) {
+            return Err(Error::invalid_config(
+                "queue_capacity",
+                self.queue_capacity,
+                "must be between 1 and 10000",
+            ));
+        }
+        self.backoff.validate("backoff")
+    }
+
+    pub fn decode_config(&self) -> DecodeConfig {
+        DecodeConfig {
+            name: self.camera_id.clone(),
+            pixel_format: self.pixel_format,
+            resize: self.resize,
+            target_fps: self.target_fps,
+            key_frames_only: self.key_frames_only,
+        }
+    }
+
+    /// The given runtime, else the current multi-thread runtime, else the crate's shared one.
+    pub fn runtime_handle(&self) -> Result<tokio::runtime::Handle> {
+        if let Some(h) = &self.runtime {
+            return Ok(h.clone());
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => Ok(h),
+            _ => Ok(shared_runtime()?.handle().clone()),
+        }
+    }
+}
+
+fn shared_runtime() -> Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: std::sync::OnceLock<std::result::Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("kvs-frames")
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("cannot start the shared runtime: {e}"),
+            )
+        })
+}
+
+/// The setters of [`CommonOptions`], for builders that keep them in a `common` field.
+macro_rules! common_setters {
+    () => {
+        /// Pixel format of delivered frames (default BGR), or [`PixelFormat::Jpeg`].
+        #[must_use]
+        pub fn pixel_format(mut self, format: PixelFormat) -> Self {
+            self.common.pixel_format = format;
+            self
+        }
+        /// Scale frames to `width` × `height` (even numbers, 16–7680 × 16–4320).
+        #[must_use]
+        pub fn resize(mut self, width: u32, height: u32) -> Self {
+            self.common.resize = Some((width, height));
+            self
+        }
+        /// Deliver at most `fps` frames per second of video (0 < fps ≤ 240); the others are
+        /// dropped after decoding and before colour conversion.
+        #[must_use]
+        pub fn target_fps(mut self, fps: f64) -> Self {
+            self.common.target_fps = Some(fps);
+            self
+        }
+        /// Decode only key frames: one frame per fragment or GOP, at a fraction of the CPU.
+        #[must_use]
+        pub fn key_frames_only(mut self, enabled: bool) -> Self {
+            self.common.key_frames_only = enabled;
+            self
+        }
+        /// Frames the queue holds, 1–10000 (default 30). `LatestOnly` always holds one.
+        #[must_use]
+        pub fn queue_capacity(mut self, capacity: usize) -> Self {
+            self.common.queue_capacity = capacity;
+            self
+        }
+        /// Reconnect backoff (default: 5 s, ×2, cap 60 s, jitter 0.8–1.2, 10 errors in a row).
+        #[must_use]
+        pub fn backoff(mut self, policy: BackoffPolicy) -> Self {
+            self.common.backoff = policy;
+            self
+        }
+        /// Record metrics in these collectors (see [`FrameSourceMetrics::register`]); one
+        /// registration serves every source.
+        #[must_use]
+        pub fn metrics(mut self, metrics: FrameSourceMetrics) -> Self {
+            self.common.metrics = Some(metrics);
+            self
+        }
+        /// Run the source's task on this runtime (default: the current multi-thread runtime,
+        /// else a runtime the crate shares between all its sources).
+        #[must_use]
+        pub fn runtime(mut self, handle: tokio::runtime::Handle) -> Self {
+            self.common.runtime = Some(handle);
+            self
+        }
+    };
+}
+pub(crate) use common_setters;
+
 /// What the sources share with their iterators and streams.
 pub(crate) struct Core {
     pub queue: Queue,
@@ -158,6 +334,17 @@ impl Core {
 
     pub fn set_state(&self, state: SourceState) {
         self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Connected, and a frame delivered within the last 30 s (or none expected yet).
+    pub fn is_healthy(&self) -> bool {
+        self.state() == SourceState::Connected
+            && self
+                .stats
+                .lock()
+                .last_frame_at
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < Duration::from_secs(30))
     }
 
     pub fn snapshot(&self) -> SourceStats {

@@ -25,6 +25,7 @@ use gstreamer::prelude::*;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 
+use super::{CommonOptions, common_setters};
 use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats};
 use crate::backoff::BackoffPolicy;
 use crate::decode::{self, DecodeConfig, DecoderDrop, FrameSink, Stamp, TailHooks};
@@ -228,30 +229,22 @@ impl Target {
 /// Builder of a [`UriFrameSource`]; every option is validated by [`build`](Self::build).
 #[derive(Clone)]
 pub struct UriFrameSourceBuilder {
-    camera_id: String,
     uri: String,
     rtsp_transport: RtspTransport,
     rtsp_latency: Duration,
     end_of_stream: Option<EndOfStream>,
     realtime: bool,
     stall_timeout: Duration,
-    pixel_format: PixelFormat,
-    resize: Option<(u32, u32)>,
-    target_fps: Option<f64>,
-    key_frames_only: bool,
     delivery: Option<DeliveryPolicy>,
-    queue_capacity: usize,
-    backoff: BackoffPolicy,
-    metrics: Option<FrameSourceMetrics>,
-    runtime: Option<tokio::runtime::Handle>,
+    common: CommonOptions,
 }
 
 impl std::fmt::Debug for UriFrameSourceBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UriFrameSourceBuilder")
-            .field("camera_id", &self.camera_id)
+            .field("camera_id", &self.common.camera_id)
             .field("uri", &redact_url(&self.uri))
-            .field("pixel_format", &self.pixel_format)
+            .field("pixel_format", &self.common.pixel_format)
             .finish_non_exhaustive()
     }
 }
@@ -270,22 +263,14 @@ macro_rules! setter {
 impl UriFrameSourceBuilder {
     fn new(camera_id: &str, uri: &str) -> Self {
         UriFrameSourceBuilder {
-            camera_id: camera_id.to_owned(),
             uri: uri.to_owned(),
             rtsp_transport: RtspTransport::Tcp,
             rtsp_latency: Duration::from_millis(200),
             end_of_stream: None,
             realtime: false,
             stall_timeout: Duration::from_secs(10),
-            pixel_format: PixelFormat::Bgr,
-            resize: None,
-            target_fps: None,
-            key_frames_only: false,
             delivery: None,
-            queue_capacity: 30,
-            backoff: BackoffPolicy::default(),
-            metrics: None,
-            runtime: None,
+            common: CommonOptions::new(camera_id),
         }
     }
 
@@ -318,27 +303,6 @@ impl UriFrameSourceBuilder {
         /// its first frame.
         stall_timeout: Duration
     );
-    setter!(
-        /// Pixel format of delivered frames (default BGR), or [`PixelFormat::Jpeg`].
-        pixel_format: PixelFormat
-    );
-    /// Scale frames to `width` × `height` (even numbers, 16–7680 × 16–4320).
-    #[must_use]
-    pub fn resize(mut self, width: u32, height: u32) -> Self {
-        self.resize = Some((width, height));
-        self
-    }
-    /// Deliver at most `fps` frames per second of video (0 < fps ≤ 240); the others are dropped
-    /// after decoding and before colour conversion.
-    #[must_use]
-    pub fn target_fps(mut self, fps: f64) -> Self {
-        self.target_fps = Some(fps);
-        self
-    }
-    setter!(
-        /// Decode only key frames (one frame per GOP, at a fraction of the CPU).
-        key_frames_only: bool
-    );
     /// Delivery policy (default: `DropOldest` when the source reconnects at end-of-stream,
     /// i.e. RTSP; `Block` for files and HTTP, so that nothing is dropped).
     #[must_use]
@@ -346,40 +310,10 @@ impl UriFrameSourceBuilder {
         self.delivery = Some(policy);
         self
     }
-    setter!(
-        /// Frames the queue holds, 1–10000 (default 30). `LatestOnly` always holds one.
-        queue_capacity: usize
-    );
-    setter!(
-        /// Reconnect backoff (default: 5 s, ×2, cap 60 s, jitter 0.8–1.2, 10 errors in a row).
-        backoff: BackoffPolicy
-    );
-    /// Record metrics in these collectors, shared with KVS sources (see
-    /// [`FrameSourceMetrics::register`]).
-    #[must_use]
-    pub fn metrics(mut self, metrics: FrameSourceMetrics) -> Self {
-        self.metrics = Some(metrics);
-        self
-    }
-    /// Run the source's task on this runtime (default: the current multi-thread runtime, else
-    /// a runtime the crate shares between all its sources).
-    #[must_use]
-    pub fn runtime(mut self, handle: tokio::runtime::Handle) -> Self {
-        self.runtime = Some(handle);
-        self
-    }
+    common_setters!();
 
     fn validate(&self) -> Result<Target> {
-        if self.camera_id.is_empty()
-            || self.camera_id.len() > 128
-            || self.camera_id.chars().any(char::is_control)
-        {
-            return Err(Error::invalid_config(
-                "camera_id",
-                format!("{:?}", self.camera_id),
-                "must be 1-128 printable characters",
-            ));
-        }
+        self.common.validate()?;
         let target = Target::parse(&self.uri)?;
         if self.rtsp_latency > Duration::from_secs(10) {
             return Err(Error::invalid_config(
@@ -395,33 +329,6 @@ impl UriFrameSourceBuilder {
                 "must be between 1s and 600s",
             ));
         }
-        self.pixel_format.validate()?;
-        if let Some((w, h)) = self.resize
-            && (!(16..=7680).contains(&w) || !(16..=4320).contains(&h) || w % 2 != 0 || h % 2 != 0)
-        {
-            return Err(Error::invalid_config(
-                "resize",
-                format!("{w}x{h}"),
-                "width and height must be even, 16-7680 by 16-4320",
-            ));
-        }
-        if let Some(fps) = self.target_fps
-            && !(fps.is_finite() && fps > 0.0 && fps <= 240.0)
-        {
-            return Err(Error::invalid_config(
-                "target_fps",
-                fps,
-                "must be more than 0 and at most 240",
-            ));
-        }
-        if !(1..=10_000).contains(&self.queue_capacity) {
-            return Err(Error::invalid_config(
-                "queue_capacity",
-                self.queue_capacity,
-                "must be between 1 and 10000",
-            ));
-        }
-        self.backoff.validate("backoff")?;
         Ok(target)
     }
 
@@ -437,7 +344,7 @@ impl UriFrameSourceBuilder {
             )
         })?;
         let mut needed = vec!["uridecodebin", "videoconvert", "videoscale", "appsink"];
-        if !self.pixel_format.is_raw() {
+        if !self.common.pixel_format.is_raw() {
             needed.push("jpegenc");
         }
         for factory in needed {
@@ -466,13 +373,13 @@ impl UriFrameSourceBuilder {
             EndOfStream::Reconnect => DeliveryPolicy::DropOldest,
             EndOfStream::Finish | EndOfStream::Loop => DeliveryPolicy::Block,
         });
-        let core = Arc::new(Core::new(Queue::new(self.queue_capacity, policy)));
+        let core = Arc::new(Core::new(Queue::new(self.common.queue_capacity, policy)));
         let ctx = Arc::new(Ctx {
-            camera_id: self.camera_id.clone(),
+            camera_id: self.common.camera_id.clone(),
             display: target.display.clone(),
             kind: target.kind,
             core: Arc::clone(&core),
-            metrics: self.metrics.clone(),
+            metrics: self.common.metrics.clone(),
             stop: AtomicBool::new(false),
             stop_notify: Notify::new(),
             sequence: AtomicU64::new(0),
@@ -484,29 +391,17 @@ impl UriFrameSourceBuilder {
         if let Some(m) = &ctx.metrics {
             m.init_camera(&ctx.camera_id);
         }
-        let handle = match &self.runtime {
-            Some(h) => h.clone(),
-            None => match tokio::runtime::Handle::try_current() {
-                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => h,
-                _ => super::kvs_hls::shared_runtime()?.handle().clone(),
-            },
-        };
+        let handle = self.common.runtime_handle()?;
         ctx.set_state(SourceState::Connecting);
         let opts = Options {
             target,
             end_of_stream,
-            decode: DecodeConfig {
-                name: self.camera_id.clone(),
-                pixel_format: self.pixel_format,
-                resize: self.resize,
-                target_fps: self.target_fps,
-                key_frames_only: self.key_frames_only,
-            },
+            decode: self.common.decode_config(),
             rtsp_transport: self.rtsp_transport,
             rtsp_latency: self.rtsp_latency,
             realtime: self.realtime,
             stall_timeout: self.stall_timeout,
-            backoff: self.backoff,
+            backoff: self.common.backoff,
         };
         tracing::debug!(camera = %ctx.camera_id, uri = %ctx.display, kind = ctx.kind.as_str(), "URI source starting");
         let task = handle.spawn(run(Arc::clone(&ctx), opts));
@@ -622,12 +517,7 @@ impl UriFrameSource {
 
     /// Healthy = connected and a frame delivered within the last 30 s (or none expected yet).
     pub fn is_healthy(&self) -> bool {
-        let stats = self.stats();
-        stats.state == SourceState::Connected
-            && stats
-                .last_frame_at
-                .and_then(|t| t.elapsed().ok())
-                .is_none_or(|age| age < Duration::from_secs(30))
+        self.core.is_healthy()
     }
 
     /// Stops reading: the task ends, the pipeline is released, iterators end. Also done on drop.
