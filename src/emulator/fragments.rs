@@ -25,10 +25,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::control::{resolve_stream, respond};
-use super::hls::FragmentSelector;
-use super::http::{
-    KvsError, epoch_seconds, from_epoch_seconds, json_response, parse_json, to_millis,
-};
+use super::hls::{FragmentSelector, parse_selector, parse_time, selector_time};
+use super::http::{KvsError, epoch_seconds, json_response, parse_json, to_millis};
+use super::session::Selector;
 use super::store::{State, StoredFragment, StreamState, StreamStatus};
 
 /// `ListFragmentsMaxResults` in the service model.
@@ -49,28 +48,6 @@ struct ListFragmentsInput {
     fragment_selector: Option<FragmentSelector>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Selector {
-    Producer,
-    Server,
-}
-
-impl Selector {
-    fn code(self) -> char {
-        match self {
-            Selector::Producer => 'P',
-            Selector::Server => 'S',
-        }
-    }
-
-    fn time(self, fragment: &StoredFragment) -> SystemTime {
-        to_millis(match self {
-            Selector::Producer => fragment.producer_start,
-            Selector::Server => fragment.server_start,
-        })
-    }
-}
-
 /// What a page request asks for: the query, and where the previous page ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Query {
@@ -85,7 +62,10 @@ impl Query {
     fn encode(&self) -> String {
         let plain = format!(
             "{}:{}:{}:{}",
-            self.selector.code(),
+            match self.selector {
+                Selector::Producer => 'P',
+                Selector::Server => 'S',
+            },
             self.start_ms,
             self.end_ms,
             self.after.map_or_else(String::new, |a| a.to_string())
@@ -131,7 +111,7 @@ impl Query {
     }
 
     fn matches(&self, fragment: &StoredFragment) -> bool {
-        let t = millis(self.selector.time(fragment));
+        let t = millis(selector_time(fragment, self.selector));
         t >= self.start_ms && t <= self.end_ms && self.after.is_none_or(|a| fragment.index > a)
     }
 }
@@ -142,35 +122,25 @@ fn millis(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn parse_time(field: &str, value: Option<f64>) -> Result<u64, KvsError> {
-    let value = value.ok_or_else(|| {
+/// A required timestamp of the range, in milliseconds.
+fn required_time(field: &str, value: Option<f64>) -> Result<u64, KvsError> {
+    parse_time(field, value)?.map(millis).ok_or_else(|| {
         KvsError::invalid_argument(format!("TimestampRange.{field} must be specified"))
-    })?;
-    from_epoch_seconds(value).map(millis).ok_or_else(|| {
-        KvsError::invalid_argument(format!("{field} {value} is not a valid timestamp"))
     })
 }
 
 fn query_from_selector(selector: FragmentSelector) -> Result<Query, KvsError> {
-    let selector_type = match selector.fragment_selector_type.as_deref() {
-        Some("PRODUCER_TIMESTAMP") => Selector::Producer,
-        Some("SERVER_TIMESTAMP") => Selector::Server,
-        Some(other) => {
-            return Err(KvsError::invalid_argument(format!(
-                "FragmentSelectorType '{other}' is not valid: it must be PRODUCER_TIMESTAMP or SERVER_TIMESTAMP"
-            )));
-        }
-        None => {
-            return Err(KvsError::invalid_argument(
-                "FragmentSelector.FragmentSelectorType must be specified",
-            ));
-        }
+    let Some(selector_type) = selector.fragment_selector_type.as_deref() else {
+        return Err(KvsError::invalid_argument(
+            "FragmentSelector.FragmentSelectorType must be specified",
+        ));
     };
+    let selector_type = parse_selector(Some(selector_type))?;
     let range = selector.timestamp_range.ok_or_else(|| {
         KvsError::invalid_argument("FragmentSelector.TimestampRange must be specified")
     })?;
-    let start_ms = parse_time("StartTimestamp", range.start_timestamp)?;
-    let end_ms = parse_time("EndTimestamp", range.end_timestamp)?;
+    let start_ms = required_time("StartTimestamp", range.start_timestamp)?;
+    let end_ms = required_time("EndTimestamp", range.end_timestamp)?;
     if end_ms < start_ms {
         return Err(KvsError::invalid_argument(
             "EndTimestamp must not be earlier than StartTimestamp",

@@ -65,7 +65,8 @@ struct GetHlsInput {
     max_media_playlist_fragment_results: Option<i64>,
 }
 
-fn parse_selector(value: Option<&str>) -> Result<Selector, KvsError> {
+/// `FragmentSelectorType` (SERVER_TIMESTAMP when absent, KVS's default).
+pub(super) fn parse_selector(value: Option<&str>) -> Result<Selector, KvsError> {
     match value.unwrap_or("SERVER_TIMESTAMP") {
         "PRODUCER_TIMESTAMP" => Ok(Selector::Producer),
         "SERVER_TIMESTAMP" => Ok(Selector::Server),
@@ -75,7 +76,8 @@ fn parse_selector(value: Option<&str>) -> Result<Selector, KvsError> {
     }
 }
 
-fn parse_time(field: &str, value: Option<f64>) -> Result<Option<SystemTime>, KvsError> {
+/// An optional epoch-seconds timestamp field.
+pub(super) fn parse_time(field: &str, value: Option<f64>) -> Result<Option<SystemTime>, KvsError> {
     match value {
         None => Ok(None),
         Some(v) => from_epoch_seconds(v).map(Some).ok_or_else(|| {
@@ -85,7 +87,7 @@ fn parse_time(field: &str, value: Option<f64>) -> Result<Option<SystemTime>, Kvs
 }
 
 /// The fragment's start time for `selector`, at KVS's millisecond precision.
-fn selector_time(fragment: &StoredFragment, selector: Selector) -> SystemTime {
+pub(super) fn selector_time(fragment: &StoredFragment, selector: Selector) -> SystemTime {
     to_millis(match selector {
         Selector::Producer => fragment.producer_start,
         Selector::Server => fragment.server_start,
