@@ -183,16 +183,39 @@ impl BackoffPolicy {
 
     /// The delay after the `failures`-th consecutive failure (1-based), jitter applied.
     pub fn delay(&self, failures: u32) -> Duration {
-        let exponent = failures.saturating_sub(1).min(64);
-        let base = self.initial.as_secs_f64() * self.multiplier.powi(exponent as i32);
-        let capped = base.min(self.max.as_secs_f64());
-        Duration::from_secs_f64((capped * self.jitter.factor()).max(0.0))
+        exponential(
+            self.initial,
+            self.multiplier,
+            self.max,
+            failures,
+            self.jitter.factor(),
+        )
     }
 
     /// Whether `failures` consecutive failures exhaust the policy.
     pub fn exhausted(&self, failures: u32) -> bool {
         self.max_consecutive_errors
             .is_some_and(|max| failures >= max)
+    }
+}
+
+/// `min(initial × multiplier^(failures − 1), max) × factor`: the delay after the `failures`-th
+/// consecutive failure (1-based), for every backoff of the crate (reconnects, KVS call retries,
+/// producer restarts). Never negative, never NaN.
+pub(crate) fn exponential(
+    initial: Duration,
+    multiplier: f64,
+    max: Duration,
+    failures: u32,
+    factor: f64,
+) -> Duration {
+    let exponent = i32::try_from(failures.saturating_sub(1).min(64)).unwrap_or(64);
+    let base = (initial.as_secs_f64() * multiplier.powi(exponent)).min(max.as_secs_f64());
+    let secs = base * factor;
+    if secs.is_finite() && secs > 0.0 {
+        Duration::from_secs_f64(secs)
+    } else {
+        Duration::ZERO
     }
 }
 

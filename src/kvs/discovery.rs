@@ -572,8 +572,8 @@ pub(crate) async fn describe_stream(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Retries. A small private jittered exponential backoff; to be unified with the crate's shared
-// backoff module.
+// Retries: a bounded number of attempts with the crate's exponential delay
+// (`backoff::exponential`), the random factor and the sleep injectable for tests.
 
 /// Jittered exponential backoff for KVS calls.
 #[derive(Clone, Debug, PartialEq)]
@@ -619,13 +619,15 @@ impl Backoff {
     /// The delay before retry number `retry` (0 for the first), with `unit` a random number in
     /// `[0, 1)`: `min(initial · 2^retry, max) · (0.8 + 0.4 · unit)`.
     pub(crate) fn delay(&self, retry: u32, unit: f64) -> Duration {
-        let exp = self
-            .multiplier
-            .powi(i32::try_from(retry.min(64)).unwrap_or(64));
-        let base = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
         let (low, high) = self.jitter;
         let factor = low + (high - low) * unit.clamp(0.0, 1.0);
-        Duration::from_secs_f64((base * factor).max(0.0))
+        crate::backoff::exponential(
+            self.initial,
+            self.multiplier,
+            self.max,
+            retry.saturating_add(1),
+            factor,
+        )
     }
 }
 

@@ -131,17 +131,17 @@ impl RestartPolicy {
     /// `[0, 1)`.
     #[must_use]
     pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
-        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
-        let max = self.max_delay.as_secs_f64();
-        let base = (self.initial_delay.as_secs_f64() * self.multiplier.powi(exponent)).min(max);
         let (low, high) = self.jitter;
         let factor = low + (high - low) * unit.clamp(0.0, 1.0);
-        let secs = (base * factor).min(max);
-        if secs.is_finite() && secs > 0.0 {
-            Duration::from_secs_f64(secs)
-        } else {
-            Duration::ZERO
-        }
+        // A restart never waits longer than `max_delay`, jitter included.
+        crate::backoff::exponential(
+            self.initial_delay,
+            self.multiplier,
+            self.max_delay,
+            attempt,
+            factor,
+        )
+        .min(self.max_delay)
     }
 
     /// Checks the policy.
