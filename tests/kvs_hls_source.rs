@@ -43,23 +43,7 @@ fn number(frame: &Frame) -> u32 {
 
 /// Takes `n` frames, failing after `timeout` per frame.
 fn take(source: &KvsHlsFrameSource, n: usize, timeout: Duration) -> Vec<Frame> {
-    let mut frames = source.frames();
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        match frames.next_timeout(timeout) {
-            Some(Ok((frame, ts))) => {
-                assert_eq!(ts, frame.timestamp());
-                out.push(frame);
-            }
-            Some(Err(e)) => panic!("error after {} frames: {e}", out.len()),
-            None => panic!(
-                "no frame within {timeout:?} after {} frames; stats {:?}",
-                out.len(),
-                source.stats()
-            ),
-        }
-    }
-    out
+    common::frames::take_frames(source.frames(), n, timeout, || source.stats())
 }
 
 /// Frame numbers are consecutive and producer times are those of the emulator's camera.
@@ -338,17 +322,7 @@ fn history(name: &str, seconds: u64) -> Emulator {
 }
 
 fn drain(source: &KvsHlsFrameSource) -> Vec<Frame> {
-    let mut frames = source.frames();
-    let mut out = Vec::new();
-    loop {
-        match frames.next_timeout(Duration::from_secs(15)) {
-            Some(Ok((frame, _))) => out.push(frame),
-            Some(Err(e)) => panic!("error after {} frames: {e}", out.len()),
-            None => break,
-        }
-    }
-    assert_ne!(source.state(), SourceState::Error);
-    out
+    common::frames::drain_frames(source.frames(), Duration::from_secs(15), || source.stats())
 }
 
 fn expected(

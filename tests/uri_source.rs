@@ -3,6 +3,8 @@
 //! the test with GStreamer (the HLS one served over HTTP on 127.0.0.1), and the KVS emulator
 //! for JPEG output from a KVS source. No mocks.
 
+#[path = "common/frames.rs"]
+mod frames;
 #[path = "common/rtsp.rs"]
 mod rtsp;
 
@@ -24,45 +26,12 @@ use kvs_frames::{
 
 /// Takes `n` frames, failing after `timeout` per frame.
 fn take(source: &UriFrameSource, n: usize, timeout: Duration) -> Vec<Frame> {
-    let mut frames = source.frames();
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        match frames.next_timeout(timeout) {
-            Some(Ok((frame, ts))) => {
-                assert_eq!(ts, frame.timestamp());
-                out.push(frame);
-            }
-            Some(Err(e)) => panic!("error after {} frames: {e}", out.len()),
-            None => panic!(
-                "no frame within {timeout:?} after {} frames; stats {:?}",
-                out.len(),
-                source.stats()
-            ),
-        }
-    }
-    out
+    frames::take_frames(source.frames(), n, timeout, || source.stats())
 }
 
 /// Every frame until the iterator ends (failing on an error or after 20 s without an item).
 fn drain(source: &UriFrameSource) -> Vec<Frame> {
-    let mut frames = source.frames();
-    let mut out = Vec::new();
-    loop {
-        match frames.next_timeout(Duration::from_secs(20)) {
-            Some(Ok((frame, _))) => out.push(frame),
-            Some(Err(e)) => panic!("error after {} frames: {e}", out.len()),
-            None => {
-                assert_ne!(
-                    source.state(),
-                    SourceState::Connected,
-                    "timed out after {} frames: {:?}",
-                    out.len(),
-                    source.stats()
-                );
-                return out;
-            }
-        }
-    }
+    frames::drain_frames(source.frames(), Duration::from_secs(20), || source.stats())
 }
 
 /// The first error the iterator yields (frames before it are skipped), within `timeout`.

@@ -662,8 +662,9 @@ impl Reader {
                     if let Err(e) = self.decoder.finish().await {
                         tracing::debug!(camera = %self.camera(), error = %e, "decoder finish");
                     }
-                    self.ctx.core.queue.finish();
+                    // The state first: a reader that sees the end sees why.
                     self.ctx.set_state(SourceState::Disconnected);
+                    self.ctx.core.queue.finish();
                     return;
                 }
                 Err(e) if e.kind() == ErrorKind::Stopped => return,
