@@ -586,6 +586,8 @@ struct Position {
     cursor: Duration,
     epoch: Option<SystemTime>,
     timescale: Option<u32>,
+    /// The init segment the timescale was read from.
+    init: Option<Bytes>,
     fed_any: bool,
 }
 
@@ -1028,18 +1030,20 @@ impl Reader {
             Some(url) => Some(self.init(url).await?),
             None => None,
         };
-        if self.position.timescale.is_none() {
-            let init = init.as_ref().ok_or_else(|| {
-                Error::new(
+        match &init {
+            // A new codec configuration may bring a new timescale: parse each init once.
+            Some(init) if self.position.init.as_ref() != Some(init) => {
+                self.position.timescale = Some(fmp4::init_timescale(init)?);
+                self.position.init = Some(init.clone());
+            }
+            Some(_) => {}
+            None if self.position.timescale.is_none() => {
+                return Err(Error::new(
                     ErrorKind::UnsupportedMedia,
                     "the playlist has no EXT-X-MAP (fMP4 init segment)",
-                )
-            })?;
-            self.position.timescale = Some(fmp4::init_timescale(init)?);
-        }
-        if let Some(init) = &init {
-            // A new codec configuration may bring a new timescale.
-            self.position.timescale = Some(fmp4::init_timescale(init)?);
+                ));
+            }
+            None => {}
         }
         let started = Instant::now();
         let data = self.get(&segment.url).await?;
