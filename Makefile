@@ -5,22 +5,28 @@
 #   make lint      deps + rustfmt --check, clippy -D warnings, rustdoc -D warnings
 #   make demo      deps + the frame-reader demo against the embedded emulator for about 20 s
 #   make emulator  run the standalone KVS emulator on 127.0.0.1:4566 (Ctrl+C stops it)
+#   make fresh-check  the README's two commands on a brand-new Debian 12 root (debootstrap + chroot; root)
 
 SHELL := /bin/bash
 CARGO ?= cargo
 EMULATOR_ARGS ?= --port 4566
 
-# Build and runtime packages: GStreamer headers for the -sys crates, the plugins the decode path and
-# the emulator's camera use (x264enc is in -ugly, avdec_h264 in -libav, textoverlay needs a font),
-# gst-launch-1.0 for the tests that run real producer pipelines, gst-rtsp-server for their RTSP camera.
-DEB_PACKAGES := pkg-config \
-	libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev \
-	gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
-	gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools fonts-dejavu-core
+# Debian packages, everything a fresh Debian 12 needs beyond a Rust toolchain, a C compiler and make:
+# - to build: pkg-config and the GStreamer headers of the -sys crates (gstreamer-rtsp-server's for
+#   the tests' RTSP camera);
+# - at run time: the plugins of every GStreamer element the crate, its examples, tests and benches
+#   create (the table in src/elements.rs names each element's package; tests/fresh_machine.rs
+#   checks that every package there is listed here), gst-launch-1.0 for the tests that run real
+#   producer pipelines, and a font for the emulator's textoverlay.
+BUILD_PACKAGES := pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev
+RUNTIME_PACKAGES := libgstreamer1.0-0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-x \
+	gstreamer1.0-tools fonts-dejavu-core
+DEB_PACKAGES := $(BUILD_PACKAGES) $(RUNTIME_PACKAGES)
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps test lint demo bench perf-memory emulator fmt clean
+.PHONY: deps test lint demo bench perf-memory emulator fresh-check fmt clean
 
 deps:
 	@missing=""; \
@@ -61,6 +67,10 @@ perf-memory: deps
 
 emulator: deps
 	$(CARGO) run --features emulator --example kvs_emulator -- $(EMULATOR_ARGS)
+
+# Needs root; caches the Debian root under /var/cache/kvs-frames-fresh (FRESH_REBUILD=1 renews it).
+fresh-check:
+	bash .ci/fresh-check
 
 fmt:
 	$(CARGO) fmt --all

@@ -16,6 +16,9 @@
 //! from a camera: `… -- --uri rtsp://user:pass@10.0.0.5/live --duration 30`; from a file at its
 //! own pace: `… -- --uri clip.mp4 --realtime`.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -92,6 +95,7 @@ struct Args {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_ansi(support::colour(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

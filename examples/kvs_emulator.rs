@@ -22,6 +22,9 @@
 //! gst-launch-1.0 playbin uri="<the session URL it prints>"
 //! ```
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -91,6 +94,7 @@ fn parse_stream(text: &str, fragment: Duration, history: Duration) -> Result<Str
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
+        .with_ansi(support::colour(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,kvs_frames=info".into()),

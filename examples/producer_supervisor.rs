@@ -27,6 +27,9 @@
 #[path = "../tests/common/rtsp.rs"]
 mod rtsp;
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -262,6 +265,7 @@ async fn shutdown_signal(run_for: Option<Duration>) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_ansi(support::colour(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "kvs_frames=info".into()),

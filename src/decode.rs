@@ -108,12 +108,7 @@ impl Decoder {
     /// Starts the decoder thread; the pipeline is built before this returns, so a missing
     /// plugin is reported here.
     pub fn start(config: DecodeConfig, sink: Arc<dyn FrameSink>) -> Result<Decoder> {
-        gst::init().map_err(|e| {
-            Error::new(
-                ErrorKind::Pipeline,
-                format!("cannot initialise GStreamer: {e}"),
-            )
-        })?;
+        crate::elements::init()?;
         let shared = Arc::new(Shared {
             timeline: Mutex::new(Timeline {
                 epoch: None,
@@ -210,13 +205,31 @@ struct Built {
     appsrc: gst_app::AppSrc,
 }
 
-fn element(factory: &str) -> Result<gst::Element> {
-    gst::ElementFactory::make(factory).build().map_err(|_| {
-        Error::new(
-            ErrorKind::Pipeline,
-            format!("GStreamer element {factory:?} is missing: install its plugin package"),
-        )
-    })
+use crate::elements::make as element;
+
+/// What the KVS head plugs for fMP4 H.264/H.265 (through `decodebin`): checked at `build()`.
+pub(crate) const KVS_HEAD_ELEMENTS: &[&str] = &[
+    "appsrc",
+    "decodebin",
+    "typefind",
+    "qtdemux",
+    "h264parse",
+    "avdec_h264",
+    "h265parse",
+    "avdec_h265",
+];
+
+/// What the shared tail needs for raw output (`tail_elements` adds JPEG's).
+const RAW_TAIL_ELEMENTS: &[&str] = &["videoconvert", "videoscale", "appsink"];
+const JPEG_TAIL_ELEMENTS: &[&str] = &["capsfilter", "jpegenc"];
+
+/// The elements of the shared tail for `format`.
+pub(crate) fn tail_elements(format: PixelFormat) -> Vec<&'static str> {
+    let mut all = RAW_TAIL_ELEMENTS.to_vec();
+    if !format.is_raw() {
+        all.extend_from_slice(JPEG_TAIL_ELEMENTS);
+    }
+    all
 }
 
 /// Drops the buffer of a probe: it is released here and the probe reports it handled.
@@ -397,24 +410,11 @@ pub(crate) fn add_tail(
             if let Some((w, h)) = config.resize {
                 size = size.width(w as i32).height(h as i32);
             }
-            let filter = gst::ElementFactory::make("capsfilter")
-                .property("caps", size.build())
-                .build()
-                .map_err(|_| {
-                    Error::new(
-                        ErrorKind::Pipeline,
-                        "GStreamer element \"capsfilter\" is missing: install its plugin package",
-                    )
-                })?;
-            let jpegenc = gst::ElementFactory::make("jpegenc")
-                .property("quality", i32::from(quality))
-                .build()
-                .map_err(|_| {
-                    Error::new(
-                        ErrorKind::Pipeline,
-                        "GStreamer element \"jpegenc\" is missing: install gstreamer1.0-plugins-good",
-                    )
-                })?;
+            let filter =
+                crate::elements::make_with("capsfilter", |b| b.property("caps", size.build()))?;
+            let jpegenc = crate::elements::make_with("jpegenc", |b| {
+                b.property("quality", i32::from(quality))
+            })?;
             chain.push(filter);
             chain.push(jpegenc);
             gst::Caps::builder("image/jpeg").build()

@@ -447,8 +447,9 @@ impl Error {
     /// |---|---|
     /// | `ServiceError` | [`from_kvs`](Error::from_kvs)`(code, HTTP status, message)` |
     /// | `TimeoutError` | [`Timeout`](ErrorKind::Timeout) |
-    /// | `DispatchFailure` | [`Timeout`](ErrorKind::Timeout) if it timed out, [`Network`](ErrorKind::Network) for I/O; [`NotAuthorized`](ErrorKind::NotAuthorized) when credentials could not be loaded; [`InvalidConfig`](ErrorKind::InvalidConfig) for an invalid request; otherwise `Network` |
-    /// | `ConstructionFailure` | [`NotAuthorized`](ErrorKind::NotAuthorized) when about credentials, else [`InvalidConfig`](ErrorKind::InvalidConfig) |
+    /// | `DispatchFailure` | [`Timeout`](ErrorKind::Timeout) if it timed out, [`Network`](ErrorKind::Network) for I/O; [`InvalidConfig`](ErrorKind::InvalidConfig) for an invalid request; otherwise `Network` |
+    /// | `ConstructionFailure` | [`InvalidConfig`](ErrorKind::InvalidConfig) |
+    /// | either, caused by a `CredentialsError` | by its type: `ProviderTimedOut` → [`Timeout`](ErrorKind::Timeout), `ProviderError` (and `Unhandled`) → [`ServiceUnavailable`](ErrorKind::ServiceUnavailable), both transient; `CredentialsNotLoaded` → [`NotAuthorized`](ErrorKind::NotAuthorized), `InvalidConfiguration` → [`InvalidConfig`](ErrorKind::InvalidConfig), both fatal |
     /// | `ResponseError` | [`Protocol`](ErrorKind::Protocol) |
     ///
     /// The HTTP status is read from the raw response when `R` is the SDK's
@@ -478,16 +479,12 @@ impl Error {
             SdkError::TimeoutError(_) => Self::build(ErrorKind::Timeout, chain_text(&err)),
             SdkError::DispatchFailure(dispatch) => {
                 let text = chain_text(&err);
-                let kind = if dispatch.is_timeout() {
+                let kind = if let Some(kind) = credentials_kind(&err) {
+                    kind
+                } else if dispatch.is_timeout() {
                     ErrorKind::Timeout
                 } else if dispatch.is_io() {
                     ErrorKind::Network
-                } else if mentions_credentials(&text) {
-                    if text.to_ascii_lowercase().contains("timed out") {
-                        ErrorKind::Timeout
-                    } else {
-                        ErrorKind::NotAuthorized
-                    }
                 } else if dispatch.is_user() {
                     ErrorKind::InvalidConfig
                 } else {
@@ -497,11 +494,7 @@ impl Error {
             }
             SdkError::ConstructionFailure(_) => {
                 let text = chain_text(&err);
-                let kind = if mentions_credentials(&text) {
-                    ErrorKind::NotAuthorized
-                } else {
-                    ErrorKind::InvalidConfig
-                };
+                let kind = credentials_kind(&err).unwrap_or(ErrorKind::InvalidConfig);
                 Self::build(kind, text)
             }
             SdkError::ResponseError(_) => Self::build(ErrorKind::Protocol, chain_text(&err)),
@@ -806,8 +799,28 @@ fn mentions_expired_session(message: &str) -> bool {
     about_session && (message.contains("expire") || message.contains("revoked"))
 }
 
-fn mentions_credentials(text: &str) -> bool {
-    text.to_ascii_lowercase().contains("credential")
+/// The kind of a credentials-provider failure anywhere in `err`'s source chain, by its type
+/// (`CredentialsError`), never by its text: a provider that failed or timed out (STS, IMDS or
+/// the ECS endpoint answering 503, say) is transient, credentials that are not there or a
+/// provider configured wrongly are fatal.
+fn credentials_kind(err: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(credentials) = e.downcast_ref::<CredentialsError>() {
+            return Some(match credentials {
+                CredentialsError::ProviderTimedOut(_) => ErrorKind::Timeout,
+                CredentialsError::ProviderError(_) => ErrorKind::ServiceUnavailable,
+                CredentialsError::CredentialsNotLoaded(_) => ErrorKind::NotAuthorized,
+                CredentialsError::InvalidConfiguration(_) => ErrorKind::InvalidConfig,
+                // `Unhandled` and variants added later: a provider failure of unknown cause,
+                // retried like one that failed.
+                _ => ErrorKind::ServiceUnavailable,
+            });
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// The longest error body text kept in a message.
@@ -1525,19 +1538,46 @@ mod tests {
             ErrorKind::Network,
         );
         assert!(err.message().contains("connection refused"), "{err}");
+        // Credentials: by the provider error's type, never by text.
+        use aws_credential_types::provider::error::CredentialsError;
+        let provider =
+            |e: CredentialsError| E::dispatch_failure(ConnectorError::other(Box::new(e), None));
+        let err = check(
+            provider(CredentialsError::provider_error("IMDS answered 503")),
+            ErrorKind::ServiceUnavailable,
+        );
+        assert!(err.is_transient());
+        let err = check(
+            provider(CredentialsError::provider_timed_out(
+                std::time::Duration::from_secs(5),
+            )),
+            ErrorKind::Timeout,
+        );
+        assert!(err.is_transient());
+        check(
+            provider(CredentialsError::unhandled("boom")),
+            ErrorKind::ServiceUnavailable,
+        );
+        let err = check(
+            provider(CredentialsError::not_loaded("no credentials in the chain")),
+            ErrorKind::NotAuthorized,
+        );
+        assert!(!err.is_transient());
+        check(
+            provider(CredentialsError::invalid_configuration("bad profile")),
+            ErrorKind::InvalidConfig,
+        );
+        check(
+            E::construction_failure(CredentialsError::not_loaded_no_source()),
+            ErrorKind::NotAuthorized,
+        );
+        // A text that only mentions credentials is not a credentials error.
         check(
             E::dispatch_failure(ConnectorError::other(
                 "an error occurred while loading credentials".into(),
                 None,
             )),
-            ErrorKind::NotAuthorized,
-        );
-        check(
-            E::dispatch_failure(ConnectorError::other(
-                "credentials provider timed out after 5 seconds".into(),
-                None,
-            )),
-            ErrorKind::Timeout,
+            ErrorKind::Network,
         );
         check(
             E::dispatch_failure(ConnectorError::user("invalid URI".into())),
@@ -1545,7 +1585,7 @@ mod tests {
         );
         check(
             E::construction_failure("No credentials provider was configured"),
-            ErrorKind::NotAuthorized,
+            ErrorKind::InvalidConfig,
         );
         check(
             E::construction_failure("A region must be set when sending requests"),

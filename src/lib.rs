@@ -20,6 +20,8 @@
 //!   retries on throttling), and clips of any length as one MP4 (GetClip split at its 200
 //!   fragment / 100 MB limit and joined without re-encoding, written atomically, with an optional
 //!   JPEG thumbnail); [`retention`] deletes old clip files.
+//! * [`elements`]: every GStreamer element the crate creates and the Debian package that
+//!   provides it; a missing one fails at `build()` with a message naming both.
 //! * [`redact`]: removal of session tokens and credentials from any text, used by every error
 //!   and log line of the crate.
 //! * [`producer`]: supervision of the RTSP→KVS producer processes (`kvs_gstreamer_sample`,
@@ -53,6 +55,7 @@
 
 pub mod backoff;
 mod decode;
+pub mod elements;
 pub mod error;
 pub mod frame;
 mod hls;

@@ -26,7 +26,7 @@
 //!    `Authorization` value runs to the end of the line (header values contain spaces).
 //! 2. **URL passwords.** `scheme://user:password@host` becomes `scheme://user:***@host` for any
 //!    scheme (`rtsp`, `rtsps`, `http`, `https`, …). The password is everything between the first
-//!    `:` and the last `@` of the authority (which ends at `/`, `?`, `#`, whitespace, a quote,
+//!    `:` and the last `@` of the authority (which ends at `/`, `?`, `#`, whitespace, `"`,
 //!    `<`, `>` or `\`), so a password must be percent-encoded if it contains `/`, `?` or `#`,
 //!    exactly as a URL parser requires.
 //!
@@ -258,7 +258,9 @@ fn redact_fields(text: &str) -> Option<String> {
 }
 
 fn ends_authority(b: u8) -> bool {
-    b.is_ascii_whitespace() || matches!(b, b'/' | b'?' | b'#' | b'"' | b'\'' | b'<' | b'>' | b'\\')
+    // Not `'`: RFC 3986 allows it unencoded in a password (a sub-delim); a URL in single quotes
+    // still redacts right, since the password ends at the last `@` of the authority.
+    b.is_ascii_whitespace() || matches!(b, b'/' | b'?' | b'#' | b'"' | b'<' | b'>' | b'\\')
 }
 
 /// Rule 2. Returns `None` when nothing changed.
@@ -556,5 +558,69 @@ mod tests {
             r(r#"{"SessionToken":"abc"#),
             r#"{"SessionToken":"<redacted>"#
         );
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Text around a secret: anything, ending (before) and starting (after) with a
+        /// character that is not part of a name or value.
+        fn around() -> impl Strategy<Value = (String, String)> {
+            (any::<String>(), any::<String>()).prop_map(|(a, b)| (format!("{a} "), format!(" {b}")))
+        }
+
+        /// A token made of the characters KVS tokens and percent-encoding use, with a marker
+        /// that cannot occur by chance.
+        fn token() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop::sample::select(b"ABCDEFabcdef0123456789%~+/=-_.".to_vec()),
+                4..40,
+            )
+            .prop_map(|bytes| format!("QQTOKEN{}", String::from_utf8(bytes).unwrap()))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_text_is_safe_and_idempotent(text in any::<String>()) {
+                let once = redact_text(&text).into_owned();
+                prop_assert_eq!(redact_text(&once).into_owned(), once.clone());
+                let url = redact_url(&text);
+                prop_assert_eq!(redact_url(&url), url);
+            }
+
+            #[test]
+            fn session_tokens_never_survive(
+                (before, after) in around(),
+                token in token(),
+                key in prop::sample::select(vec![
+                    "SessionToken=", "sessiontoken=", "SessionToken%3D", "\"SessionToken\": \"",
+                    "X-Amz-Security-Token=", "X-Amz-Signature=", "aws_secret_access_key = ",
+                    "AWS_SESSION_TOKEN=", "?SessionToken=", "&SessionToken=",
+                ]),
+            ) {
+                let text = format!("{before}{key}{token}{after}");
+                let out = redact_text(&text);
+                prop_assert!(!out.contains("QQTOKEN"), "{}", out);
+            }
+
+            #[test]
+            fn url_passwords_never_survive(
+                (before, after) in around(),
+                scheme in prop::sample::select(vec!["rtsp", "rtsps", "http", "https"]),
+                user in "[a-z]{1,8}",
+                password in proptest::collection::vec(
+                    prop::sample::select(b"ABCabc012!$&'()*+,;=._~-:@%".to_vec()), 1..24),
+                path in "(/[a-z0-9]{0,8}){0,3}",
+            ) {
+                let password = format!("QQPW{}", String::from_utf8(password).unwrap());
+                let url = format!("{scheme}://{user}:{password}@10.0.0.5:554{path}");
+                prop_assert!(!redact_url(&url).contains("QQPW"), "{}", redact_url(&url));
+                let text = format!("{before}{url}{after}");
+                prop_assert!(!redact_text(&text).contains("QQPW"), "{}", redact_text(&text));
+            }
+        }
     }
 }

@@ -532,13 +532,9 @@ impl Drop for Pipeline {
     }
 }
 
-/// Makes element `factory` or fails with a message naming it.
+/// Makes element `factory` or fails with a message naming it and its Debian package.
 fn make(factory: &str) -> Result<gst::Element> {
-    gst::ElementFactory::make(factory).build().map_err(|e| {
-        pipeline_error(format!(
-            "camera: cannot create GStreamer element {factory}: {e}"
-        ))
-    })
+    crate::elements::make(factory).map_err(|e| pipeline_error(format!("camera: {e}")))
 }
 
 impl Pipeline {

@@ -92,82 +92,261 @@ pub(crate) fn init_timescale(init: &[u8]) -> Result<u32> {
     Ok(timescale)
 }
 
-/// Sets the decode time of a media fragment's first `moof` to `new_time` (ticks) and shifts the
-/// `tfdt` of every further `moof` by the same amount. Returns the original first decode time.
-pub(crate) fn rebase(fragment: &mut [u8], new_time: u64) -> Result<u64> {
-    // Collect the positions of every tfdt (absolute offset of its full-box body, version).
-    let mut tfdts: Vec<(usize, u8)> = Vec::new();
-    let mut moof_positions = Vec::new();
+/// Where a `tfdt` is: the absolute offset of its full-box body, and its version.
+#[derive(Clone, Copy)]
+struct Tfdt {
+    body: usize,
+    version: u8,
+}
+
+/// The `tfdt` boxes of every `moof/traf` in `fragment`, in order.
+fn tfdts(fragment: &[u8]) -> Result<Vec<Tfdt>> {
+    let mut found = Vec::new();
     for b in boxes(fragment) {
         let (kind, header, range) = b?;
-        if &kind == b"moof" {
-            moof_positions.push((range.start + header, range.end));
+        if &kind != b"moof" {
+            continue;
         }
-    }
-    for (start, end) in moof_positions {
-        for b in boxes(&fragment[start..end]) {
-            let (kind, header, range) = b?;
+        let moof_body = range.start + header;
+        for t in boxes(&fragment[moof_body..range.end]) {
+            let (kind, header, traf) = t?;
             if &kind != b"traf" {
                 continue;
             }
-            let traf_start = start + range.start + header;
-            let traf_end = start + range.end;
-            for c in boxes(&fragment[traf_start..traf_end]) {
+            let traf_body = moof_body + traf.start + header;
+            for c in boxes(&fragment[traf_body..moof_body + traf.end]) {
                 let (kind, header, range) = c?;
                 if &kind == b"tfdt" {
-                    let body = traf_start + range.start + header;
+                    let body = traf_body + range.start + header;
                     let version = *fragment
                         .get(body)
                         .ok_or_else(|| protocol("truncated tfdt"))?;
-                    tfdts.push((body, version));
+                    found.push(Tfdt { body, version });
                 }
             }
         }
     }
-    let read = |data: &[u8], (body, version): (usize, u8)| -> Result<u64> {
-        match version {
-            0 => data
-                .get(body + 4..body + 8)
-                .map(|b| u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])))
-                .ok_or_else(|| protocol("truncated tfdt")),
-            1 => data
-                .get(body + 4..body + 12)
-                .map(|b| {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(b);
-                    u64::from_be_bytes(a)
-                })
-                .ok_or_else(|| protocol("truncated tfdt")),
-            v => Err(protocol(format!("unknown tfdt version {v}"))),
-        }
+    Ok(found)
+}
+
+fn read_tfdt(data: &[u8], tfdt: Tfdt) -> Result<u64> {
+    let at = |n: usize| {
+        tfdt.body
+            .checked_add(4)
+            .and_then(|from| data.get(from..from.checked_add(n)?))
+            .ok_or_else(|| protocol("truncated tfdt"))
     };
-    let first = *tfdts
+    match tfdt.version {
+        0 => {
+            let b = at(4)?;
+            Ok(u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])))
+        }
+        1 => {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(at(8)?);
+            Ok(u64::from_be_bytes(a))
+        }
+        v => Err(protocol(format!("unknown tfdt version {v}"))),
+    }
+}
+
+/// Sets the decode time of a media fragment's first `moof` to `new_time` (ticks) and shifts the
+/// `tfdt` of every further `moof` by the same amount. Returns the original first decode time.
+///
+/// A version-0 `tfdt` holds 32 bits (13.25 h at 90 kHz): when a new value does not fit, the
+/// fragment's `tfdt` boxes are rewritten as version 1 (the boxes around them grow by 4 bytes
+/// each and the sample data offsets follow), so a source runs for days on one timeline.
+pub(crate) fn rebase(fragment: &mut Vec<u8>, new_time: u64) -> Result<u64> {
+    let mut found = tfdts(fragment)?;
+    let first = *found
         .first()
         .ok_or_else(|| protocol("the media fragment has no moof/traf/tfdt"))?;
-    let original = read(fragment, first)?;
-    for &(body, version) in &tfdts {
-        let old = read(fragment, (body, version))?;
-        let value = new_time
-            .checked_add(old.saturating_sub(original))
-            .ok_or_else(|| protocol("decode time overflow"))?;
-        match version {
+    let original = read_tfdt(fragment, first)?;
+    let mut values = Vec::with_capacity(found.len());
+    for &tfdt in &found {
+        let old = read_tfdt(fragment, tfdt)?;
+        values.push(
+            new_time
+                .checked_add(old.saturating_sub(original))
+                .ok_or_else(|| protocol("decode time overflow"))?,
+        );
+    }
+    let fits = |(t, v): (&Tfdt, &u64)| t.version == 1 || u32::try_from(*v).is_ok();
+    if !found.iter().zip(&values).all(fits) {
+        *fragment = upgrade_tfdts(fragment)?;
+        found = tfdts(fragment)?;
+        if found.len() != values.len() || found.iter().any(|t| t.version != 1) {
+            return Err(protocol(
+                "tfdt boxes changed while upgrading them to version 1",
+            ));
+        }
+    }
+    for (tfdt, value) in found.iter().zip(values) {
+        let at = tfdt.body + 4;
+        match tfdt.version {
             0 => {
-                let v = u32::try_from(value).map_err(|_| {
-                    protocol(format!(
-                        "decode time {value} does not fit a version-0 tfdt (restart the timeline)"
-                    ))
-                })?;
-                fragment[body + 4..body + 8].copy_from_slice(&v.to_be_bytes());
+                let v = u32::try_from(value).map_err(|_| protocol("decode time overflow"))?;
+                fragment[at..at + 4].copy_from_slice(&v.to_be_bytes());
             }
-            _ => fragment[body + 4..body + 12].copy_from_slice(&value.to_be_bytes()),
+            _ => fragment[at..at + 8].copy_from_slice(&value.to_be_bytes()),
         }
     }
     Ok(original)
 }
 
+/// Writes a box header for a body of `body_len` bytes in the form of the original header (8 or
+/// 16 bytes, or 0 = "to the end" kept as is).
+fn put_header(
+    out: &mut Vec<u8>,
+    original: &[u8],
+    header: usize,
+    kind: &[u8; 4],
+    body_len: usize,
+) -> Result<()> {
+    let too_big = || protocol("MP4 box too large");
+    let to_end = original.get(..4) == Some(&[0, 0, 0, 0][..]);
+    if header == 16 {
+        let size =
+            u64::try_from(body_len.checked_add(16).ok_or_else(too_big)?).map_err(|_| too_big())?;
+        out.extend_from_slice(&1u32.to_be_bytes());
+        out.extend_from_slice(kind);
+        out.extend_from_slice(&size.to_be_bytes());
+    } else {
+        let size = if to_end {
+            0
+        } else {
+            u32::try_from(body_len.checked_add(8).ok_or_else(too_big)?).map_err(|_| too_big())?
+        };
+        out.extend_from_slice(&size.to_be_bytes());
+        out.extend_from_slice(kind);
+    }
+    Ok(())
+}
+
+/// `fragment` with every version-0 `tfdt` in its `moof`s rewritten as version 1 (same value):
+/// `tfdt`, `traf` and `moof` grow by 4 bytes per upgraded box, `trun` data offsets relative to
+/// the `moof` and explicit `tfhd` base data offsets move by the growth, so every sample offset
+/// still points at the same bytes of `mdat`.
+fn upgrade_tfdts(fragment: &[u8]) -> Result<Vec<u8>> {
+    let overflow = || protocol("MP4 offset overflow while upgrading tfdt");
+    let mut out = Vec::with_capacity(fragment.len().saturating_add(64));
+    // How far everything after the current moof has moved so far.
+    let mut shift: u64 = 0;
+    for b in boxes(fragment) {
+        let (kind, header, range) = b?;
+        let whole = &fragment[range.clone()];
+        if &kind != b"moof" {
+            out.extend_from_slice(whole);
+            continue;
+        }
+        let body = &whole[header..];
+        // Count the upgrades first: the growth of this moof is needed by its truns.
+        let mut upgrades = 0usize;
+        for t in boxes(body) {
+            let (kind, th, traf) = t?;
+            if &kind == b"traf" {
+                for c in boxes(&body[traf.start + th..traf.end]) {
+                    let (kind, ch, tfdt) = c?;
+                    let tfdt_body = &body[traf.start + th..traf.end][tfdt.start + ch..tfdt.end];
+                    if &kind == b"tfdt" && tfdt_body.first() == Some(&0) {
+                        upgrades += 1;
+                    }
+                }
+            }
+        }
+        let growth = upgrades.checked_mul(4).ok_or_else(overflow)?;
+        shift = shift.checked_add(growth as u64).ok_or_else(overflow)?;
+        let mut new_body = Vec::with_capacity(body.len() + growth);
+        let mut traf_index = 0usize;
+        for t in boxes(body) {
+            let (kind, th, traf) = t?;
+            let traf_whole = &body[traf.clone()];
+            if &kind != b"traf" {
+                new_body.extend_from_slice(traf_whole);
+                continue;
+            }
+            traf_index += 1;
+            let traf_body = &traf_whole[th..];
+            let mut children = Vec::with_capacity(traf_body.len() + 4);
+            // tfhd flags: 0x000001 base-data-offset-present, 0x020000 default-base-is-moof.
+            let mut relative_to_moof = true;
+            for c in boxes(traf_body) {
+                let (ckind, ch, child) = c?;
+                let cwhole = &traf_body[child.clone()];
+                let cbody = &cwhole[ch..];
+                match &ckind {
+                    b"tfdt" if cbody.first() == Some(&0) => {
+                        let value = cbody
+                            .get(4..8)
+                            .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
+                            .ok_or_else(|| protocol("truncated tfdt"))?;
+                        put_header(&mut children, cwhole, ch, b"tfdt", 12)?;
+                        children.push(1);
+                        children.extend_from_slice(&cbody[1..4]);
+                        children.extend_from_slice(&u64::from(value).to_be_bytes());
+                    }
+                    b"tfhd" => {
+                        let flags = full_box_flags(cbody)?;
+                        let mut copy = cwhole.to_vec();
+                        if flags & 0x01 != 0 {
+                            let at = ch + 8;
+                            let bytes = copy
+                                .get_mut(at..at + 8)
+                                .ok_or_else(|| protocol("truncated tfhd"))?;
+                            let mut a = [0u8; 8];
+                            a.copy_from_slice(bytes);
+                            let moved = u64::from_be_bytes(a)
+                                .checked_add(shift)
+                                .ok_or_else(overflow)?;
+                            bytes.copy_from_slice(&moved.to_be_bytes());
+                            relative_to_moof = false;
+                        } else if flags & 0x02_0000 == 0 && traf_index > 1 {
+                            // Relative to the previous traf's data, which moved as much as this.
+                            relative_to_moof = false;
+                        }
+                        children.extend_from_slice(&copy);
+                    }
+                    b"trun" if relative_to_moof => {
+                        let flags = full_box_flags(cbody)?;
+                        let mut copy = cwhole.to_vec();
+                        if flags & 0x01 != 0 {
+                            let at = ch + 8;
+                            let bytes = copy
+                                .get_mut(at..at + 4)
+                                .ok_or_else(|| protocol("truncated trun"))?;
+                            let offset =
+                                i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                            let moved = i32::try_from(growth)
+                                .ok()
+                                .and_then(|g| offset.checked_add(g))
+                                .ok_or_else(overflow)?;
+                            bytes.copy_from_slice(&moved.to_be_bytes());
+                        }
+                        children.extend_from_slice(&copy);
+                    }
+                    _ => children.extend_from_slice(cwhole),
+                }
+            }
+            put_header(&mut new_body, traf_whole, th, b"traf", children.len())?;
+            new_body.extend_from_slice(&children);
+        }
+        put_header(&mut out, whole, header, b"moof", new_body.len())?;
+        out.extend_from_slice(&new_body);
+    }
+    Ok(out)
+}
+
+/// The 24-bit flags of a full box body.
+fn full_box_flags(body: &[u8]) -> Result<u32> {
+    body.get(..4)
+        .map(|b| u32::from_be_bytes([0, b[1], b[2], b[3]]))
+        .ok_or_else(|| protocol("truncated full box"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn boxed(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
         let mut out = ((body.len() + 8) as u32).to_be_bytes().to_vec();
@@ -176,19 +355,54 @@ mod tests {
         out
     }
 
-    fn fragment(tfdt_version: u8, time: u64) -> Vec<u8> {
+    /// moof{mfhd, traf{tfhd(default-base-is-moof), tfdt, trun(data offset)}} mdat{samples}: the
+    /// trun's data offset points at the first byte of the mdat body, like KVS fragments.
+    fn fragment_with(tfdt_version: u8, time: u64, samples: &[u8]) -> Vec<u8> {
         let mut tfdt = vec![tfdt_version, 0, 0, 0];
         if tfdt_version == 0 {
             tfdt.extend_from_slice(&(time as u32).to_be_bytes());
         } else {
             tfdt.extend_from_slice(&time.to_be_bytes());
         }
-        let traf = boxed(
-            b"traf",
-            &[boxed(b"tfhd", &[0; 8]), boxed(b"tfdt", &tfdt)].concat(),
-        );
-        let moof = boxed(b"moof", &[boxed(b"mfhd", &[0; 8]), traf].concat());
-        [moof, boxed(b"mdat", &[1, 2, 3])].concat()
+        let tfhd = boxed(b"tfhd", &[0, 2, 0, 0, 0, 0, 0, 1]);
+        let build = |offset: i32| {
+            let mut trun = vec![0, 0, 0, 1, 0, 0, 0, 1];
+            trun.extend_from_slice(&offset.to_be_bytes());
+            let traf = boxed(
+                b"traf",
+                &[tfhd.clone(), boxed(b"tfdt", &tfdt), boxed(b"trun", &trun)].concat(),
+            );
+            boxed(b"moof", &[boxed(b"mfhd", &[0; 8]), traf].concat())
+        };
+        let moof_len = build(0).len();
+        let moof = build(moof_len as i32 + 8);
+        [moof, boxed(b"mdat", samples)].concat()
+    }
+
+    fn fragment(tfdt_version: u8, time: u64) -> Vec<u8> {
+        fragment_with(tfdt_version, time, &[1, 2, 3])
+    }
+
+    /// The sample bytes the first trun of every moof points at (moof start + data offset).
+    fn sample_starts(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for b in boxes(data) {
+            let (kind, header, range) = b.unwrap();
+            if &kind != b"moof" {
+                continue;
+            }
+            let trun = child(&data[range.clone()][header..], &[b"traf", b"trun"])
+                .unwrap()
+                .unwrap();
+            let offset = i32::from_be_bytes([trun[8], trun[9], trun[10], trun[11]]);
+            out.push(data[range.start + offset as usize]);
+        }
+        out
+    }
+
+    fn first_tfdt(data: &[u8]) -> (u8, u64) {
+        let t = tfdts(data).unwrap()[0];
+        (t.version, read_tfdt(data, t).unwrap())
     }
 
     #[test]
@@ -199,8 +413,42 @@ mod tests {
         let mut f = fragment(0, 5000);
         assert_eq!(rebase(&mut f, 7).unwrap(), 5000);
         assert_eq!(rebase(&mut f, 8).unwrap(), 7);
-        let err = rebase(&mut f, 1 << 33).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Protocol);
+        assert_eq!(first_tfdt(&f), (0, 8), "a value that fits stays version 0");
+    }
+
+    #[test]
+    fn version_0_past_32_bits_becomes_version_1() {
+        // 24 h at 90 kHz is 7.8e9 ticks: past u32::MAX (13.25 h).
+        let day = 24 * 3600 * 90_000u64;
+        let original = [
+            fragment_with(0, 1000, &[7, 8, 9]),
+            fragment_with(0, 4000, &[5, 6]),
+        ]
+        .concat();
+        assert_eq!(sample_starts(&original), [7, 5]);
+        let mut f = original.clone();
+        assert_eq!(rebase(&mut f, day).unwrap(), 1000);
+        assert_eq!(
+            f.len(),
+            original.len() + 8,
+            "two tfdt boxes grew by 4 bytes"
+        );
+        assert_eq!(first_tfdt(&f), (1, day));
+        let all = tfdts(&f).unwrap();
+        assert_eq!(
+            read_tfdt(&f, all[1]).unwrap(),
+            day + 3000,
+            "the spacing is kept"
+        );
+        assert_eq!(
+            sample_starts(&f),
+            [7, 5],
+            "data offsets still point at the samples"
+        );
+        // The mdat bodies are untouched, and the upgraded fragment rebases back down.
+        assert!(f.ends_with(&boxed(b"mdat", &[5, 6])));
+        assert_eq!(rebase(&mut f, 1000).unwrap(), day);
+        assert_eq!(first_tfdt(&f), (1, 1000));
     }
 
     #[test]
@@ -208,14 +456,17 @@ mod tests {
         let mut f = [fragment(1, 1000), fragment(1, 1500)].concat();
         rebase(&mut f, 10).unwrap();
         let second = f.len() / 2;
-        assert_eq!(rebase(&mut f[second..], 0).unwrap(), 510);
+        assert_eq!(rebase(&mut f[second..].to_vec(), 0).unwrap(), 510);
     }
 
     #[test]
     fn garbage_is_a_protocol_error() {
-        assert!(rebase(&mut [0, 0, 0, 99, b'm', b'o', b'o', b'f'], 0).is_err());
+        assert!(rebase(&mut vec![0, 0, 0, 99, b'm', b'o', b'o', b'f'], 0).is_err());
         assert!(rebase(&mut boxed(b"mdat", &[1]), 0).is_err());
         assert!(init_timescale(&boxed(b"moov", &[])).is_err());
+        let mut two = [fragment(1, 0), fragment(1, 10)].concat();
+        let err = rebase(&mut two, u64::MAX - 5).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Protocol);
     }
 
     #[test]
@@ -231,5 +482,52 @@ mod tests {
             init_timescale(&[boxed(b"ftyp", b"iso5"), init].concat()).unwrap(),
             90_000
         );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes: an error or a result, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(mut data in proptest::collection::vec(any::<u8>(), 0..512), t in any::<u64>()) {
+            let _ = init_timescale(&data);
+            let _ = rebase(&mut data, t);
+        }
+
+        /// A valid fragment with a few bytes changed anywhere: never a panic.
+        #[test]
+        fn mutated_fragments_never_panic(
+            version in 0u8..2,
+            time in any::<u32>(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            t in any::<u64>(),
+        ) {
+            let mut f = [fragment(version, u64::from(time)), fragment(version, u64::from(time) + 9)].concat();
+            for (at, byte) in edits {
+                let i = at.index(f.len());
+                f[i] = byte;
+            }
+            let _ = rebase(&mut f, t);
+        }
+
+        /// Rebasing to any time and back restores the fragment; the samples stay where the
+        /// offsets say, whether or not the boxes had to grow.
+        #[test]
+        fn rebase_round_trips(version in 0u8..2, time in any::<u32>(), gap in 0u32..1_000_000, to in 0u64..(1 << 50)) {
+            let original = [fragment_with(version, u64::from(time), &[1, 2]),
+                            fragment_with(version, u64::from(time) + u64::from(gap), &[3])].concat();
+            let mut f = original.clone();
+            prop_assert_eq!(rebase(&mut f, to).unwrap(), u64::from(time));
+            prop_assert_eq!(sample_starts(&f), vec![1, 3]);
+            let all = tfdts(&f).unwrap();
+            prop_assert_eq!(read_tfdt(&f, all[1]).unwrap(), to + u64::from(gap));
+            prop_assert_eq!(rebase(&mut f, u64::from(time)).unwrap(), to);
+            if f.len() == original.len() {
+                prop_assert_eq!(f, original);
+            } else {
+                prop_assert!(to > u64::from(u32::MAX) - u64::from(gap));
+                prop_assert_eq!(sample_starts(&f), vec![1, 3]);
+            }
+        }
     }
 }

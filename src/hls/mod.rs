@@ -6,6 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, ErrorKind, Result};
 
+/// The longest `#EXTINF` / `#EXT-X-TARGETDURATION` accepted (KVS fragments last 1-20 s).
+const MAX_SEGMENT_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// One media segment (a KVS fragment) of a media playlist, with absolute URLs.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Segment {
@@ -58,11 +61,37 @@ pub(crate) fn media_playlist_url(url: &str, text: &[u8]) -> Result<String> {
             join(&base, &variant.uri)
         }
         Ok(m3u8_rs::Playlist::MediaPlaylist(_)) => Ok(url.to_owned()),
-        Err(e) => Err(Error::new(
-            ErrorKind::Protocol,
-            format!("cannot parse the master playlist: {e}"),
-        )),
+        Err(e) => Err(unparsable("master", text, &e)),
     }
+}
+
+/// The error for a playlist the parser refused. It never shows the body: the parser's own
+/// message prints the unparsed rest (session-token URLs included) as bytes, which redaction
+/// cannot recognise. It says where parsing stopped, and how the body starts when that is not
+/// a playlist at all (an HTML error page, say), with any URL query removed.
+fn unparsable(which: &str, text: &[u8], err: &nom::Err<nom::error::Error<&[u8]>>) -> Error {
+    let at = match err {
+        nom::Err::Error(e) | nom::Err::Failure(e) => {
+            format!(" at byte {}", text.len().saturating_sub(e.input.len()))
+        }
+        nom::Err::Incomplete(_) => " (incomplete)".to_owned(),
+    };
+    let start = if text.starts_with(b"#EXTM3U") {
+        String::new()
+    } else {
+        let head: String = String::from_utf8_lossy(&text[..text.len().min(24)])
+            .chars()
+            .take_while(|c| *c != '?' && !c.is_control())
+            .collect();
+        format!("; it does not start with #EXTM3U but {head:?}")
+    };
+    Error::new(
+        ErrorKind::Protocol,
+        format!(
+            "cannot parse the {which} playlist ({} bytes){at}{start}",
+            text.len()
+        ),
+    )
 }
 
 /// Parses a media playlist, resolving every URI against `url`.
@@ -76,12 +105,7 @@ pub(crate) fn parse_media_playlist(url: &str, text: &[u8]) -> Result<MediaPlayli
                 "expected a media playlist, got a master playlist",
             ));
         }
-        Err(e) => {
-            return Err(Error::new(
-                ErrorKind::Protocol,
-                format!("cannot parse the media playlist: {e}"),
-            ));
-        }
+        Err(e) => return Err(unparsable("media", text, &e)),
     };
     let mut map_url = None;
     let mut segments = Vec::with_capacity(playlist.segments.len());
@@ -89,22 +113,42 @@ pub(crate) fn parse_media_playlist(url: &str, text: &[u8]) -> Result<MediaPlayli
         if let Some(map) = &s.map {
             map_url = Some(join(&base, &map.uri)?);
         }
-        let duration = if s.duration.is_finite() && s.duration >= 0.0 {
-            Duration::from_secs_f64(f64::from(s.duration))
-        } else {
-            return Err(Error::new(
-                ErrorKind::Protocol,
-                format!("segment {i} has an invalid duration {}", s.duration),
-            ));
-        };
+        // KVS fragments last 1-20 s; anything past a day is not a duration.
+        let duration = Duration::try_from_secs_f64(f64::from(s.duration))
+            .ok()
+            .filter(|d| *d <= MAX_SEGMENT_DURATION)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Protocol,
+                    format!("segment {i} has an invalid duration {}", s.duration),
+                )
+            })?;
+        let sequence = u64::try_from(i)
+            .ok()
+            .and_then(|i| playlist.media_sequence.checked_add(i))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Protocol,
+                    format!("media sequence {} + {i} overflows", playlist.media_sequence),
+                )
+            })?;
         segments.push(Segment {
-            sequence: playlist.media_sequence + i as u64,
+            sequence,
             url: join(&base, &s.uri)?,
             duration,
             program_date_time: s.program_date_time.map(SystemTime::from),
             discontinuity: s.discontinuity,
             map_url: map_url.clone(),
         });
+    }
+    if Duration::from_secs(playlist.target_duration) > MAX_SEGMENT_DURATION {
+        return Err(Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "the playlist has an invalid target duration {}",
+                playlist.target_duration
+            ),
+        ));
     }
     Ok(MediaPlaylist {
         target_duration: Duration::from_secs(playlist.target_duration),
@@ -169,5 +213,108 @@ getMP4MediaFragment.mp4?FragmentNumber=5&SessionToken=CiA%2Bx~&TrackNumber=1\n";
         assert_eq!(err.kind(), ErrorKind::Protocol);
         let err = parse_media_playlist(url, b"<html>").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Protocol);
+    }
+
+    #[test]
+    fn parse_errors_never_show_the_body() {
+        // A playlist cut in the middle of a tag: the parser's own error would print the rest,
+        // token URLs included, as bytes.
+        let token = "CiA%2Bx~";
+        let url = "http://127.0.0.1:1/hls/v1/getHLSMediaPlaylist.m3u8?SessionToken=CiA%2Bx~";
+        let body = MEDIA.replace("#EXTINF:1.01,", "#EXTINF:abc,");
+        for text in [
+            body.as_bytes(),
+            b"<html>getMP4MediaFragment.mp4?SessionToken=CiA%2Bx~",
+            b"",
+        ] {
+            let Err(err) = parse_media_playlist(url, text) else {
+                continue;
+            };
+            let shown = format!("{err} {err:?}");
+            assert!(
+                !shown.contains(token) && !shown.contains("SessionToken"),
+                "{shown}"
+            );
+        }
+        let err = parse_media_playlist(url, b"<html>oops?SessionToken=CiA").unwrap_err();
+        assert!(err.to_string().contains("\"<html>oops\""), "{err}");
+        let err = media_playlist_url(url, b"garbage?SessionToken=x").unwrap_err();
+        assert!(!err.to_string().contains("SessionToken"), "{err}");
+    }
+
+    #[test]
+    fn absurd_values_are_errors_not_panics() {
+        let url = "http://127.0.0.1:1/m.m3u8";
+        // Past Duration::MAX (from_secs_f64 panics there), past f32 (infinite), past a day.
+        for extinf in ["100000000000000000000000", "9".repeat(60).as_str(), "90000"] {
+            let huge = MEDIA.replace("#EXTINF:1.01,", &format!("#EXTINF:{extinf},"));
+            let err = parse_media_playlist(url, huge.as_bytes()).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Protocol);
+            assert!(err.to_string().contains("invalid duration"), "{err}");
+        }
+        let wrap = MEDIA.replace(
+            "#EXT-X-MEDIA-SEQUENCE:4",
+            "#EXT-X-MEDIA-SEQUENCE:18446744073709551615",
+        );
+        let err = parse_media_playlist(url, wrap.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
+        let target = MEDIA.replace(
+            "#EXT-X-TARGETDURATION:2",
+            "#EXT-X-TARGETDURATION:18446744073709551615",
+        );
+        assert!(parse_media_playlist(url, target.as_bytes()).is_err());
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes: an error or a playlist, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let url = "http://127.0.0.1:1/m.m3u8";
+            let _ = parse_media_playlist(url, &data);
+            let _ = media_playlist_url(url, &data);
+        }
+
+        /// A KVS playlist with lines dropped, repeated or changed, and digits replaced by any
+        /// number: never a panic, and errors never show the session token.
+        #[test]
+        fn mutated_playlists_never_panic_or_leak(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..4, any::<u64>(), any::<f32>()), 1..8),
+        ) {
+            let url = "http://127.0.0.1:1/hls/v1/getHLSMediaPlaylist.m3u8?SessionToken=CiA%2Bx~";
+            let mut lines: Vec<String> = MEDIA.lines().map(str::to_owned).collect();
+            for (at, op, n, f) in edits {
+                if lines.is_empty() {
+                    break;
+                }
+                let i = at.index(lines.len());
+                match op {
+                    0 => { lines.remove(i); }
+                    1 => { let l = lines[i].clone(); lines.insert(i, l); }
+                    2 => {
+                        let l = &lines[i];
+                        let cut = l.find(|c: char| c.is_ascii_digit()).unwrap_or(l.len());
+                        lines[i] = format!("{}{n}", &l[..cut]);
+                    }
+                    _ => {
+                        let l = &lines[i];
+                        let cut = l.find(':').map_or(l.len(), |c| c + 1);
+                        lines[i] = format!("{}{f},", &l[..cut]);
+                    }
+                }
+            }
+            let text = lines.join("\n");
+            let errors = [
+                parse_media_playlist(url, text.as_bytes()).err(),
+                media_playlist_url(url, text.as_bytes()).err(),
+            ];
+            for err in errors.into_iter().flatten() {
+                let shown = format!("{err} {err:?}");
+                prop_assert!(!shown.contains("CiA"), "{}", shown);
+            }
+        }
     }
 }

@@ -42,6 +42,7 @@
 //! # Ok(()) }
 //! ```
 
+use crate::elements::{make, make_with};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -473,15 +474,11 @@ impl fmt::Debug for ClipExtractor {
 
 impl ClipExtractor {
     /// An extractor over `client`; fails with [`ErrorKind::InvalidConfig`] for invalid options
-    /// and [`ErrorKind::Pipeline`] when GStreamer cannot be initialised.
+    /// and [`ErrorKind::Pipeline`] when GStreamer cannot be initialised or lacks an element
+    /// that joining or thumbnails need (named with its Debian package).
     pub fn new(client: KvsClient, options: ClipOptions) -> Result<Self> {
         let backoff = options.validate()?;
-        gst::init().map_err(|e| {
-            Error::new(
-                ErrorKind::Pipeline,
-                format!("cannot initialise GStreamer: {e}"),
-            )
-        })?;
+        crate::elements::require(CLIP_ELEMENTS)?;
         Ok(ClipExtractor {
             client,
             options,
@@ -1097,6 +1094,22 @@ struct Muxer {
     keyframe: Option<Keyframe>,
 }
 
+/// What joining parts and thumbnails create (checked by [`ClipExtractor::new`]).
+const CLIP_ELEMENTS: &[&str] = &[
+    "appsrc",
+    "appsink",
+    "filesrc",
+    "filesink",
+    "qtdemux",
+    "mp4mux",
+    "h264parse",
+    "avdec_h264",
+    "h265parse",
+    "avdec_h265",
+    "videoconvert",
+    "jpegenc",
+];
+
 impl Muxer {
     fn new(caps: &gst::Caps, out: &Path, faststart: &Path) -> Result<Muxer> {
         let pipeline = gst::Pipeline::with_name("kvs-clip-mux");
@@ -1107,14 +1120,14 @@ impl Muxer {
             .block(true)
             .max_bytes(2 * 1024 * 1024)
             .build();
-        let mux = gst::ElementFactory::make("mp4mux")
-            .property("faststart", true)
-            .property("faststart-file", faststart.to_string_lossy().as_ref())
-            .build()?;
-        let sink = gst::ElementFactory::make("filesink")
-            .property("location", out.to_string_lossy().as_ref())
-            .property("sync", false)
-            .build()?;
+        let mux = make_with("mp4mux", |b| {
+            b.property("faststart", true)
+                .property("faststart-file", faststart.to_string_lossy().into_owned())
+        })?;
+        let sink = make_with("filesink", |b| {
+            b.property("location", out.to_string_lossy().into_owned())
+                .property("sync", false)
+        })?;
         pipeline.add_many([src.upcast_ref(), &mux, &sink])?;
         // Explicitly the video request pad (a plain link may pick `audio_%u`).
         let video = mux
@@ -1213,10 +1226,10 @@ fn append_part(
     faststart: &Path,
 ) -> Result<(Muxer, PartReport)> {
     let pipeline = gst::Pipeline::with_name("kvs-clip-demux");
-    let src = gst::ElementFactory::make("filesrc")
-        .property("location", part.to_string_lossy().as_ref())
-        .build()?;
-    let demux = gst::ElementFactory::make("qtdemux").build()?;
+    let src = make_with("filesrc", |b| {
+        b.property("location", part.to_string_lossy().into_owned())
+    })?;
+    let demux = make("qtdemux")?;
     let sink = gst_app::AppSink::builder()
         .sync(false)
         .max_buffers(64)
@@ -1387,10 +1400,10 @@ fn encode_jpeg(keyframe: &Keyframe) -> Result<Vec<u8>> {
         .caps(&keyframe.caps)
         .format(gst::Format::Time)
         .build();
-    let parse = gst::ElementFactory::make(parser).build()?;
-    let decode = gst::ElementFactory::make(decoder).build()?;
-    let convert = gst::ElementFactory::make("videoconvert").build()?;
-    let jpeg = gst::ElementFactory::make("jpegenc").build()?;
+    let parse = make(parser)?;
+    let decode = make(decoder)?;
+    let convert = make("videoconvert")?;
+    let jpeg = make("jpegenc")?;
     let sink = gst_app::AppSink::builder().sync(false).build();
     pipeline.add_many([
         src.upcast_ref(),

@@ -327,6 +327,8 @@ impl KvsHlsFrameSourceBuilder {
     /// reported here) and starts reading in the background.
     pub fn build(self) -> Result<KvsHlsFrameSource> {
         self.validate()?;
+        self.common
+            .require_elements(crate::decode::KVS_HEAD_ELEMENTS)?;
         let policy = self.delivery.unwrap_or(match self.playback {
             PlaybackMode::Live => DeliveryPolicy::DropOldest,
             _ => DeliveryPolicy::Block,

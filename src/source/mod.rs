@@ -211,6 +211,14 @@ impl CommonOptions {
         self.backoff.validate("backoff")
     }
 
+    /// Checks that GStreamer has `head`'s elements and the shared tail's for the pixel format
+    /// (a missing one is named with its Debian package).
+    pub fn require_elements(&self, head: &[&str]) -> Result<()> {
+        let mut all = head.to_vec();
+        all.extend(crate::decode::tail_elements(self.pixel_format));
+        crate::elements::require(&all)
+    }
+
     pub fn decode_config(&self) -> DecodeConfig {
         DecodeConfig {
             name: self.camera_id.clone(),

@@ -337,24 +337,34 @@ impl UriFrameSourceBuilder {
     /// reading in the background.
     pub fn build(self) -> Result<UriFrameSource> {
         let target = self.validate()?;
-        gst::init().map_err(|e| {
-            Error::new(
-                ErrorKind::Pipeline,
-                format!("cannot initialise GStreamer: {e}"),
-            )
-        })?;
-        let mut needed = vec!["uridecodebin", "videoconvert", "videoscale", "appsink"];
-        if !self.common.pixel_format.is_raw() {
-            needed.push("jpegenc");
-        }
-        for factory in needed {
-            if gst::ElementFactory::find(factory).is_none() {
-                return Err(Error::new(
-                    ErrorKind::Pipeline,
-                    format!("GStreamer element {factory:?} is missing: install its plugin package"),
-                ));
-            }
-        }
+        // What uridecodebin plugs for each kind (H.264 and H.265 decoders, demuxers).
+        let head: &[&str] = match target.kind {
+            UriKind::Rtsp => &[
+                "uridecodebin",
+                "rtspsrc",
+                "rtpjitterbuffer",
+                "rtph264depay",
+                "h264parse",
+                "avdec_h264",
+            ],
+            UriKind::Http => &[
+                "uridecodebin",
+                "souphttpsrc",
+                "hlsdemux",
+                "typefind",
+                "h264parse",
+                "avdec_h264",
+            ],
+            UriKind::File => &[
+                "uridecodebin",
+                "filesrc",
+                "typefind",
+                "qtdemux",
+                "h264parse",
+                "avdec_h264",
+            ],
+        };
+        self.common.require_elements(head)?;
         // The element uridecodebin will pick for the scheme (rtspsrc, souphttpsrc, filesrc, …).
         if let Err(e) = gst::Element::make_from_uri(gst::URIType::Src, &target.uri, None) {
             return Err(Error::new(
@@ -750,15 +760,9 @@ fn build_pipeline(
 ) -> Result<gst::Pipeline> {
     let number = ctx.pipelines_built.load(Ordering::Relaxed) + 1;
     let pipeline = gst::Pipeline::with_name(&format!("kvs-frames-uri-{}-{number}", ctx.camera_id));
-    let source = gst::ElementFactory::make("uridecodebin")
-        .property("uri", opts.target.uri.as_str())
-        .build()
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::Pipeline,
-                "GStreamer element \"uridecodebin\" is missing: install gstreamer1.0-plugins-base",
-            )
-        })?;
+    let source = crate::elements::make_with("uridecodebin", |b| {
+        b.property("uri", opts.target.uri.as_str())
+    })?;
     pipeline.add(&source).map_err(Error::from)?;
 
     // Configure the source element uridecodebin creates for the URI.
