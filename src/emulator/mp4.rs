@@ -1052,4 +1052,107 @@ mod tests {
         assert_eq!(kinds(&file), [*b"ftyp", *b"moov", *b"mdat"]);
         check_tree(&file);
     }
+
+    /// `segment` with its version-1 tfdt rewritten as version 0 (4 bytes shorter; moof, traf
+    /// and the trun data offset shrink with it), as a producer that writes 32-bit decode times.
+    fn as_tfdt_version_0(segment: &[u8]) -> Vec<u8> {
+        let tfdt = TFDT_VALUE_AT - 12;
+        assert_eq!(&segment[tfdt + 4..tfdt + 8], b"tfdt");
+        let value = u64::from_be_bytes(
+            segment[TFDT_VALUE_AT..TFDT_VALUE_AT + 8]
+                .try_into()
+                .unwrap(),
+        );
+        let mut out = segment[..tfdt].to_vec();
+        out.extend_from_slice(&16u32.to_be_bytes());
+        out.extend_from_slice(b"tfdt");
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        out.extend_from_slice(&u32::try_from(value).unwrap().to_be_bytes());
+        out.extend_from_slice(&segment[TFDT_VALUE_AT + 8..]);
+        let shrink = |at: usize, out: &mut Vec<u8>| {
+            let v = u32::from_be_bytes(out[at..at + 4].try_into().unwrap()) - 4;
+            out[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        };
+        shrink(0, &mut out); // moof
+        shrink(24, &mut out); // traf (after moof header 8 + mfhd 16)
+        // trun: right after the tfdt; its data offset follows version/flags and sample count.
+        let trun = tfdt + 16;
+        assert_eq!(&out[trun + 4..trun + 8], b"trun");
+        shrink(trun + 16, &mut out);
+        out
+    }
+
+    /// A producer writing version-0 tfdt boxes: the reader's rebasing upgrades them once the
+    /// source's timeline passes 2^32 ticks (13.25 h at 90 kHz), and the real demuxer and
+    /// decoder give every frame its time a day into the timeline.
+    #[test]
+    fn version_0_fragments_decode_a_day_into_the_timeline() {
+        let enc = zerolatency();
+        let chunks = fragmented(enc);
+        let mut v0: Vec<Vec<u8>> = vec![chunks[0].clone()];
+        let mut decode_time = 0u64;
+        for (i, fragment) in enc.samples.chunk_by(|_, b| !b.is_sync).enumerate() {
+            v0.push(as_tfdt_version_0(&media_segment(
+                i as u32 + 1,
+                decode_time,
+                fragment,
+            )));
+            decode_time += fragment.iter().map(|s| u64::from(s.duration)).sum::<u64>();
+        }
+        // As produced (small values), version 0 decodes as it is.
+        let plain = sorted_pts(&decode(&v0));
+        assert_eq!(plain.len(), FRAMES);
+        assert_steps_of_one_frame(&plain);
+
+        // A day later on the reader's timeline.
+        let day = 24 * 3600 * u64::from(TIMESCALE);
+        let mut rebased = vec![v0[0].clone()];
+        let mut start = day;
+        for produced in &v0[1..] {
+            let mut segment = produced.clone();
+            crate::hls::fmp4::rebase(&mut segment, start).unwrap();
+            assert_eq!(
+                segment.len(),
+                produced.len() + 4,
+                "tfdt upgraded to version 1"
+            );
+            start += segment_duration(&segment);
+            rebased.push(segment);
+        }
+        let pts = sorted_pts(&decode(&rebased));
+        assert_eq!(pts.len(), FRAMES, "every frame decoded");
+        assert_steps_of_one_frame(&pts);
+        let first = pts[0];
+        let expected = 24 * 3600 * 1_000_000_000u64;
+        assert!(
+            first.abs_diff(expected) <= 1_000,
+            "first PTS {first} ns, expected {expected}"
+        );
+    }
+
+    /// The duration of a media segment's samples (ticks), from its trun.
+    fn segment_duration(segment: &[u8]) -> u64 {
+        let moof = &boxes(segment)[0];
+        let traf = &boxes(moof.1).into_iter().find(|b| &b.0 == b"traf").unwrap();
+        let trun = boxes(traf.1)
+            .into_iter()
+            .find(|b| &b.0 == b"trun")
+            .unwrap()
+            .1;
+        let flags = u32::from_be_bytes([0, trun[1], trun[2], trun[3]]);
+        let count = u32::from_be_bytes(trun[4..8].try_into().unwrap()) as usize;
+        let mut at = 8 + if flags & 1 != 0 { 4 } else { 0 } + if flags & 4 != 0 { 4 } else { 0 };
+        assert!(flags & 0x100 != 0, "per-sample durations");
+        let per = [0x100, 0x200, 0x400, 0x800]
+            .iter()
+            .filter(|&&f| flags & f != 0)
+            .count()
+            * 4;
+        let mut total = 0u64;
+        for _ in 0..count {
+            total += u64::from(u32::from_be_bytes(trun[at..at + 4].try_into().unwrap()));
+            at += per;
+        }
+        total
+    }
 }
