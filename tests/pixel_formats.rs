@@ -1,0 +1,246 @@
+//! Every pixel format gets the right colours in the right order, at a width whose rows are
+//! padded (322 pixels: 966 bytes of RGB in a 968-byte stride), through the real decode path.
+//!
+//! The picture: the top half is red | green | blue in thirds, the bottom half mid grey. A format
+//! that swapped R and B, mixed up U and V, or read rows without their stride would see the
+//! wrong colour somewhere below.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use kvs_frames::{Frame, PixelFormat, UriFrameSource};
+
+const W: usize = 322;
+const H: usize = 180;
+const FRAMES: u64 = 10;
+
+/// The colour of picture pixel (x, y), as RGB.
+fn colour(x: usize, y: usize) -> [u8; 3] {
+    if y >= H / 2 {
+        [128, 128, 128]
+    } else if x < W / 3 {
+        [255, 0, 0]
+    } else if x < 2 * W / 3 {
+        [0, 255, 0]
+    } else {
+        [0, 0, 255]
+    }
+}
+
+/// Encodes the picture as a near-lossless H.264 MP4 (pushed as RGB with GStreamer's own padded
+/// stride, so the test also writes what it later reads).
+fn make_file(path: &Path) {
+    gst::init().unwrap();
+    let pipeline = gst::parse::launch(&format!(
+        "appsrc name=src format=time ! videoconvert ! video/x-raw,format=I420 \
+         ! x264enc pass=quant quantizer=5 speed-preset=ultrafast bframes=0 key-int-max=5 \
+         ! h264parse ! mp4mux ! filesink location={}",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let src = pipeline
+        .by_name("src")
+        .unwrap()
+        .downcast::<gst_app::AppSrc>()
+        .unwrap();
+    let info =
+        gstreamer_video::VideoInfo::builder(gstreamer_video::VideoFormat::Rgb, W as u32, H as u32)
+            .fps(gst::Fraction::new(25, 1))
+            .build()
+            .unwrap();
+    let stride = info.stride()[0] as usize;
+    assert!(
+        stride > W * 3,
+        "the test needs padded rows, stride {stride}"
+    );
+    src.set_caps(Some(&info.to_caps().unwrap()));
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let mut picture = vec![0u8; stride * H];
+    for y in 0..H {
+        for x in 0..W {
+            picture[y * stride + x * 3..y * stride + x * 3 + 3].copy_from_slice(&colour(x, y));
+        }
+    }
+    for i in 0..FRAMES {
+        let mut buffer = gst::Buffer::from_slice(picture.clone());
+        {
+            let b = buffer.get_mut().unwrap();
+            b.set_pts(gst::ClockTime::from_mseconds(40 * i));
+            b.set_duration(gst::ClockTime::from_mseconds(40));
+        }
+        src.push_buffer(buffer).unwrap();
+    }
+    src.end_of_stream().unwrap();
+    let msg = pipeline
+        .bus()
+        .unwrap()
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(30),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
+        .expect("encoding finishes within 30 s");
+    pipeline.set_state(gst::State::Null).unwrap();
+    if let gst::MessageView::Error(e) = msg.view() {
+        panic!("encoding failed: {} ({:?})", e.error(), e.debug());
+    }
+}
+
+/// The test file, made once per process (removed by the OS's temp cleaning; a few kB).
+fn file() -> PathBuf {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("kvs-frames-pixels-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bars.mp4");
+        make_file(&path);
+        path
+    })
+    .clone()
+}
+
+fn decode(format: PixelFormat) -> Vec<Frame> {
+    let path = file();
+    let source = UriFrameSource::builder("pixels", path.to_str().unwrap())
+        .pixel_format(format)
+        .build()
+        .unwrap();
+    let frames =
+        common::frames::drain_frames(source.frames(), Duration::from_secs(20), || source.stats());
+    assert_eq!(frames.len(), FRAMES as usize, "{format}");
+    frames
+}
+
+/// The points checked: the middle of each bar, the last column of the first and last rows of
+/// the bars, and the last column of the last row (grey).
+fn points() -> Vec<(usize, usize)> {
+    vec![
+        (W / 6, H / 4),
+        (W / 2, H / 4),
+        (5 * W / 6, H / 4),
+        (W - 1, 0),
+        (W - 1, H / 2 - 3),
+        (W / 2, 3 * H / 4),
+        (W - 1, H - 1),
+        (0, H - 1),
+    ]
+}
+
+fn close(got: &[u8], want: &[u8], what: &str) {
+    for (g, w) in got.iter().zip(want) {
+        assert!(g.abs_diff(*w) <= 12, "{what}: got {got:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn packed_rgb_formats_have_their_channel_order_and_stride() {
+    for format in [
+        PixelFormat::Rgb,
+        PixelFormat::Bgr,
+        PixelFormat::Rgba,
+        PixelFormat::Bgra,
+    ] {
+        let frames = decode(format);
+        let f = &frames[FRAMES as usize / 2];
+        assert_eq!(
+            (f.width(), f.height(), f.format()),
+            (W as u32, H as u32, format)
+        );
+        let bpp = format.bytes_per_pixel().unwrap();
+        if bpp == 3 {
+            assert!(
+                f.stride() > W * 3,
+                "{format}: rows are padded (stride {})",
+                f.stride()
+            );
+        }
+        let contiguous = f.to_contiguous();
+        assert_eq!(contiguous.len(), W * H * bpp);
+        for (x, y) in points() {
+            let [r, g, b] = colour(x, y);
+            let want: Vec<u8> = match format {
+                PixelFormat::Rgb => vec![r, g, b],
+                PixelFormat::Bgr => vec![b, g, r],
+                PixelFormat::Rgba => vec![r, g, b, 255],
+                _ => vec![b, g, r, 255],
+            };
+            let row = f.row(y as u32).unwrap();
+            let what = format!("{format} at ({x}, {y})");
+            close(&row[x * bpp..x * bpp + bpp], &want, &what);
+            let at = (y * W + x) * bpp;
+            close(
+                &contiguous[at..at + bpp],
+                &want,
+                &format!("{what}, contiguous"),
+            );
+        }
+    }
+}
+
+#[test]
+fn gray_and_yuv_formats_have_their_planes_in_order() {
+    // Gray8: luma, green brightest, then red, then blue; grey in the middle.
+    let frames = decode(PixelFormat::Gray8);
+    let f = &frames[FRAMES as usize / 2];
+    let luma = |x: usize, y: usize| f.row(y as u32).unwrap()[x];
+    let (red, green, blue, grey) = (
+        luma(W / 6, H / 4),
+        luma(W / 2, H / 4),
+        luma(5 * W / 6, H / 4),
+        luma(W - 1, H - 1),
+    );
+    assert!(green > red && red > blue, "luma r={red} g={green} b={blue}");
+    assert!((100..=160).contains(&grey), "grey luma {grey}");
+    assert!(
+        luma(W - 1, H / 2 - 3).abs_diff(blue) <= 12,
+        "the last column of the bars"
+    );
+
+    // I420: Y, U, V planes; NV12: Y, then UV interleaved. Red has V (Cr) high and U (Cb) low,
+    // blue the other way round.
+    for format in [PixelFormat::I420, PixelFormat::Nv12] {
+        let frames = decode(format);
+        let f = &frames[FRAMES as usize / 2];
+        let chroma = |x: usize, y: usize| -> (u8, u8) {
+            let (cx, cy) = (x / 2, y / 2);
+            match format {
+                PixelFormat::I420 => {
+                    let (u, v) = (f.plane(1).unwrap(), f.plane(2).unwrap());
+                    let (su, sv) = (f.plane_stride(1).unwrap(), f.plane_stride(2).unwrap());
+                    (u[cy * su + cx], v[cy * sv + cx])
+                }
+                _ => {
+                    let uv = f.plane(1).unwrap();
+                    let s = f.plane_stride(1).unwrap();
+                    (uv[cy * s + 2 * cx], uv[cy * s + 2 * cx + 1])
+                }
+            }
+        };
+        let (red_u, red_v) = chroma(W / 6, H / 4);
+        let (blue_u, blue_v) = chroma(5 * W / 6, H / 4);
+        let (grey_u, grey_v) = chroma(W - 1, H - 1);
+        assert!(
+            red_v > 200 && red_u < 128,
+            "{format}: red U={red_u} V={red_v}"
+        );
+        assert!(
+            blue_u > 200 && blue_v < 160,
+            "{format}: blue U={blue_u} V={blue_v}"
+        );
+        assert!(
+            grey_u.abs_diff(128) <= 8 && grey_v.abs_diff(128) <= 8,
+            "{format}: grey U={grey_u} V={grey_v}"
+        );
+        let y_plane = f.plane(0).unwrap();
+        let ys = f.plane_stride(0).unwrap();
+        assert!(ys >= W);
+        let grey_y = y_plane[(H - 1) * ys + W - 1];
+        assert!((100..=160).contains(&grey_y), "{format}: grey Y {grey_y}");
+    }
+}
