@@ -33,6 +33,7 @@ pub struct RtspServerBuilder {
     fps: u32,
     key_int: u32,
     credentials: Option<(String, String)>,
+    udp_only: bool,
 }
 
 impl Default for RtspServerBuilder {
@@ -45,12 +46,20 @@ impl Default for RtspServerBuilder {
             fps: 15,
             key_int: 15,
             credentials: None,
+            udp_only: false,
         }
     }
 }
 
 impl RtspServerBuilder {
     /// The port; 0 (default) picks a free one.
+    /// The mount offers RTP over UDP only (a client asking for TCP interleaving is refused),
+    /// as many cameras configured for multicast or UDP do.
+    pub fn udp_only(mut self) -> Self {
+        self.udp_only = true;
+        self
+    }
+
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
         self
@@ -140,6 +149,9 @@ fn serve(options: RtspServerBuilder, tx: mpsc::Sender<Result<(u16, glib::MainLoo
     ));
     // One encoder for every client.
     factory.set_shared(true);
+    if options.udp_only {
+        factory.set_protocols(rtsp_server::gst_rtsp::RTSPLowerTrans::UDP);
+    }
     if let Some((user, password)) = &options.credentials {
         let auth = rtsp_server::RTSPAuth::new();
         let token = rtsp_server::RTSPToken::builder()
