@@ -89,11 +89,14 @@
 
 mod child;
 mod health;
+mod identity;
+mod ledger;
 mod metrics;
 mod naming;
 mod orphans;
 mod procfs;
 mod restart;
+mod secrets;
 mod spec;
 mod status;
 mod supervisor;
@@ -107,10 +110,10 @@ pub use restart::{RestartPolicy, StartLimit};
 pub use spec::{
     CustomCommand, DEFAULT_ERROR_PATTERNS, DEFAULT_HEARTBEAT_LINE,
     DEFAULT_KVS_SAMPLE_READINESS_LINE, GstLaunchKvssink, KVS_BINARY_PATH_ENV, KvsGstreamerSample,
-    ProducerCommand, ProducerSpec, RtspUrl,
+    MAX_PERIOD, MAX_START_STOP, ProducerCommand, ProducerSpec, RtspUrl,
 };
 pub use status::{
     BulkFailure, BulkReport, ExitKind, LastExit, OutputLine, ProducerEvent, ProducerHealth,
     ProducerState, ProducerStatus, RestartReason, StopMode,
 };
-pub use supervisor::{Supervisor, SupervisorBuilder};
+pub use supervisor::{MAX_EVENT_CAPACITY, MAX_KILL_TIMEOUT, Supervisor, SupervisorBuilder};
