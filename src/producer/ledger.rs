@@ -206,16 +206,12 @@ impl Ledger {
     }
 }
 
-/// An exclusive lock on the orphan handling of supervisor `id` (`flock` on a file in `dir`),
-/// tried for at most `wait`. `None` when it cannot be had: orphans are then handled without it.
-pub(crate) fn lock(dir: &Path, id: &str, wait: Duration) -> Option<File> {
-    let path = dir.join(format!("orphans-{}.lock", safe(id)));
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .ok()?;
+/// An exclusive lock on the orphan decisions of every supervisor using `dir` (`flock` on the
+/// directory), tried for at most `wait`. `None` when it cannot be had: orphans are then
+/// handled without it. It is held only while the ledgers are read and adopted processes move
+/// to their new keeper, never while processes are being stopped.
+pub(crate) fn lock(dir: &Path, wait: Duration) -> Option<File> {
+    let file = File::open(dir).ok()?;
     let deadline = std::time::Instant::now() + wait;
     loop {
         // SAFETY: flock on a file descriptor we own.
@@ -223,10 +219,38 @@ pub(crate) fn lock(dir: &Path, id: &str, wait: Duration) -> Option<File> {
             return Some(file);
         }
         if std::time::Instant::now() >= deadline {
-            tracing::warn!(path = %path.display(), "orphan lock busy: handling orphans without it");
+            tracing::warn!(dir = %dir.display(), "orphan lock busy: handling orphans without it");
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes the ledgers in `dir` (of any supervisor id) that record no process still running:
+/// their instance is dead (`is_dead`) and every entry is gone (`is_gone`).
+pub(crate) fn collect_garbage(
+    dir: &Path,
+    is_dead: impl Fn(&str) -> bool,
+    is_gone: impl Fn(&LedgerEntry) -> bool,
+) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !(name.starts_with("instance-") && name.ends_with(".json")) {
+            continue;
+        }
+        let Ok(text) = std::fs::read(&path) else {
+            continue;
+        };
+        let Ok(doc) = serde_json::from_slice::<LedgerDoc>(&text) else {
+            continue;
+        };
+        if is_dead(&doc.instance) && doc.children.iter().all(&is_gone) {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
@@ -257,7 +281,7 @@ mod tests {
         assert!(ledger.path().exists());
         let others = read_others(&dir, "svc", Path::new("/nonexistent"));
         assert_eq!(others.len(), 1);
-        assert_eq!(others[0].1.children, [entry]);
+        assert_eq!(others[0].1.children, std::slice::from_ref(&entry));
         assert_eq!(others[0].1.instance, "1.2.3.boot.4");
         assert!(read_others(&dir, "other-id", Path::new("/x")).is_empty());
         assert!(read_others(&dir, "svc", ledger.path()).is_empty());
@@ -265,7 +289,18 @@ mod tests {
         assert_eq!(ledger.entries().len(), 1);
         ledger.remove(42, 7);
         assert!(!ledger.path().exists());
-        assert!(lock(&dir, "svc", Duration::from_millis(10)).is_some());
+        let held = lock(&dir, Duration::from_millis(10));
+        assert!(held.is_some());
+        // Bounded: a second locker gives up.
+        assert!(lock(&dir, Duration::from_millis(50)).is_none());
+        drop(held);
+        ledger.add(entry);
+        collect_garbage(&dir, |_| false, |_| true);
+        assert!(ledger.path().exists(), "a live instance keeps its ledger");
+        collect_garbage(&dir, |_| true, |_| false);
+        assert!(ledger.path().exists(), "a running process keeps the ledger");
+        collect_garbage(&dir, |_| true, |_| true);
+        assert!(!ledger.path().exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

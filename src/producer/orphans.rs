@@ -218,8 +218,28 @@ struct Scan {
     _lock: Option<std::fs::File>,
 }
 
-fn scan(id: &str, dir: &Path, own_ledger: &Path) -> Scan {
-    let lock = ledger::lock(dir, id, Duration::from_secs(10));
+fn scan(id: &str, dir: &Path, own_ledger: &Path, own: &Instance) -> Scan {
+    let lock = ledger::lock(dir, Duration::from_secs(10));
+    // Ledgers of dead instances (of any id) whose processes are all gone.
+    let gone = |e: &LedgerEntry| {
+        Identity {
+            pid: e.pid,
+            start_ticks: e.start_ticks,
+            boot_id: identity::boot_id().clone(),
+        }
+        .check()
+            == Check::Gone
+    };
+    ledger::collect_garbage(
+        dir,
+        |instance| match Instance::parse(instance) {
+            Some(i) => {
+                owner(&i, own) == Owner::Dead || owner(&i, own) == Owner::Foreign("another boot")
+            }
+            None => false,
+        },
+        |e| gone(e),
+    );
     let own_pid = i32::try_from(std::process::id()).unwrap_or(0);
     let stats = procfs::all_stats();
     let mut found = Vec::new();
@@ -276,8 +296,9 @@ pub(crate) async fn handle_orphans(
     let scan = {
         let id = opts.id.clone();
         let dir = opts.state_dir.clone();
-        let own = opts.ledger.path().to_path_buf();
-        let task = tokio::task::spawn_blocking(move || scan(&id, &dir, &own));
+        let own_path = opts.ledger.path().to_path_buf();
+        let own = opts.own.clone();
+        let task = tokio::task::spawn_blocking(move || scan(&id, &dir, &own_path, &own));
         match tokio::time::timeout(SCAN_TIMEOUT, task).await {
             Ok(Ok(scan)) => scan,
             Ok(Err(e)) => {
@@ -301,10 +322,12 @@ pub(crate) async fn handle_orphans(
         .iter()
         .map(|(_, doc)| Instance::parse(&doc.instance).map(|i| owner(&i, own)))
         .collect();
+    // Only ledgers of this boot and PID namespace can record a process here.
     let recorded = |pid: i32, start: u64| {
         scan.ledgers
             .iter()
             .enumerate()
+            .filter(|(i, _)| matches!(owners[*i], Some(Owner::Alive | Owner::Dead)))
             .flat_map(|(i, (_, doc))| doc.children.iter().map(move |e| (i, e)))
             .filter(|(_, e)| e.pid == pid && e.start_ticks == start)
             .collect::<Vec<_>>()
@@ -373,12 +396,7 @@ pub(crate) async fn handle_orphans(
                     Instance::parse(&scan.ledgers[alive].1.instance).map_or(0, |i| i.pid)
                 ));
             }
-            match &owners[file] {
-                Some(Owner::Dead) => Ok((leader, file)),
-                Some(Owner::Foreign(what)) => Err(format!("its ledger is of {what}: not ours")),
-                Some(Owner::Alive) => Err("its supervisor is still running".to_owned()),
-                None => Err("its ledger names no valid instance".to_owned()),
-            }
+            Ok((leader, file))
         })();
         let (leader, file) = match decision {
             Ok(ok) => ok,
@@ -454,58 +472,34 @@ pub(crate) async fn handle_orphans(
         }
         report.push(action);
     }
+    // Under the lock: adopted processes move to our ledger and out of the dead instance's,
+    // so that a supervisor deciding after us sees them kept by a live one.
+    for a in adoptable.values() {
+        opts.ledger.add(a.entry.clone());
+    }
+    let dead_ledgers: Vec<(PathBuf, LedgerDoc)> = scan
+        .ledgers
+        .iter()
+        .zip(&owners)
+        .filter(|(_, owner)| **owner == Some(Owner::Dead))
+        .map(|((path, doc), _)| (path.clone(), doc.clone()))
+        .collect();
+    let adopted: Vec<(i32, u64)> = adoptable
+        .values()
+        .map(|a| (a.entry.pid, a.entry.start_ticks))
+        .collect();
+    let lock = scan._lock;
+    prune_ledgers(dead_ledgers.clone(), adopted.clone(), lock).await;
+    // Then, without the lock, stop what is to be stopped, and forget it.
     let outcomes = stop_plans(&plans, opts.stop_timeout, opts.kill_timeout).await;
     for (action, outcome) in report.iter_mut().zip(outcomes) {
         if let Some(outcome) = outcome {
             action.outcome = outcome;
         }
     }
-    // Ledgers: adopted processes move to ours; dead instances keep only what still runs and
-    // was not adopted; ledgers of another boot are stale.
-    for a in adoptable.values() {
-        opts.ledger.add(a.entry.clone());
+    if plans.iter().any(|p| matches!(p, Plan::Stop { .. })) {
+        prune_ledgers(dead_ledgers, adopted, None).await;
     }
-    let updates: Vec<(PathBuf, Option<LedgerDoc>)> = scan
-        .ledgers
-        .iter()
-        .zip(&owners)
-        .filter_map(|((path, doc), owner)| match owner {
-            Some(Owner::Foreign("another boot")) => Some((path.clone(), None)),
-            Some(Owner::Dead) => {
-                let mut doc = doc.clone();
-                let before = doc.children.len();
-                doc.children.retain(|e| {
-                    !adoptable
-                        .values()
-                        .any(|a| a.entry.pid == e.pid && a.entry.start_ticks == e.start_ticks)
-                        && Identity {
-                            pid: e.pid,
-                            start_ticks: e.start_ticks,
-                            boot_id: identity::boot_id().clone(),
-                        }
-                        .check()
-                            == Check::Alive
-                });
-                (doc.children.len() != before || doc.children.is_empty())
-                    .then(|| (path.clone(), Some(doc)))
-            }
-            _ => None,
-        })
-        .collect();
-    let lock = scan._lock;
-    let _ = tokio::task::spawn_blocking(move || {
-        for (path, doc) in updates {
-            let result = match doc {
-                Some(doc) => ledger::write(&path, &doc),
-                None => std::fs::remove_file(&path),
-            };
-            if let Err(e) = result {
-                tracing::warn!(path = %path.display(), "cannot update a supervisor ledger: {e}");
-            }
-        }
-        drop(lock);
-    })
-    .await;
     for action in &report {
         tracing::info!(
             pid = action.pid,
@@ -516,6 +510,38 @@ pub(crate) async fn handle_orphans(
         );
     }
     (report, adoptable)
+}
+
+/// Rewrites the ledgers of dead instances without the `adopted` processes and those no longer
+/// running (a ledger left empty is removed), on a blocking thread; then releases `lock`.
+async fn prune_ledgers(
+    ledgers: Vec<(PathBuf, LedgerDoc)>,
+    adopted: Vec<(i32, u64)>,
+    lock: Option<std::fs::File>,
+) {
+    let _ = tokio::task::spawn_blocking(move || {
+        for (path, mut doc) in ledgers {
+            let before = doc.children.len();
+            doc.children.retain(|e| {
+                !adopted.contains(&(e.pid, e.start_ticks))
+                    && Identity {
+                        pid: e.pid,
+                        start_ticks: e.start_ticks,
+                        boot_id: identity::boot_id().clone(),
+                    }
+                    .check()
+                        == Check::Alive
+            });
+            if doc.children.len() == before && before > 0 {
+                continue;
+            }
+            if let Err(e) = ledger::write(&path, &doc) {
+                tracing::warn!(path = %path.display(), "cannot update a supervisor ledger: {e}");
+            }
+        }
+        drop(lock);
+    })
+    .await;
 }
 
 /// Sends `signal` to the planned targets, each identity re-checked just before.
