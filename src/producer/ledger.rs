@@ -111,7 +111,10 @@ pub(crate) fn write(path: &Path, doc: &LedgerDoc) -> io::Result<()> {
             _ => Ok(()),
         };
     }
-    let tmp = path.with_extension("json.tmp");
+    // A name of our own: two supervisors may rewrite the same dead instance's ledger.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("json.{}-{n}.tmp", std::process::id()));
     let text = serde_json::to_vec_pretty(doc).map_err(io::Error::other)?;
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)

@@ -37,8 +37,9 @@ pub enum OrphanPolicy {
     /// stream name is started. An adopted process is watched through `/proc` only: no output,
     /// no readiness or heartbeat lines (the stall watchdog does not apply), exit status
     /// unknown; when it ends it is restarted as a child of this supervisor. Orphans not
-    /// claimed are killed by [`Supervisor::stop_all`](super::Supervisor::stop_all) and when the
-    /// supervisor is dropped.
+    /// claimed are stopped by [`Supervisor::stop_all`](super::Supervisor::stop_all) (SIGINT,
+    /// then SIGKILL) and killed when the supervisor is dropped; one that ends by itself is
+    /// forgotten.
     Adopt,
     /// Leave them alone (only report them).
     Ignore,
