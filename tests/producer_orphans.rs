@@ -20,6 +20,8 @@ use producer_support::*;
 const T: Duration = Duration::from_secs(20);
 const HELPER_ID: &str = "KVS_FRAMES_TEST_ORPHAN_HELPER_ID";
 const HELPER_DIR: &str = "KVS_FRAMES_TEST_ORPHAN_HELPER_DIR";
+/// The helper's state directory, when not the default.
+const HELPER_STATE: &str = "KVS_FRAMES_TEST_ORPHAN_HELPER_STATE";
 
 /// Run only as a helper process (see `spawn_dying_supervisor`): starts a supervisor and one
 /// producer, prints `READY <pid>`, and waits to be killed.
@@ -31,7 +33,11 @@ fn orphan_helper() {
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let sup = Supervisor::builder().id(id).build().await.unwrap();
+        let mut builder = Supervisor::builder().id(id);
+        if let Some(state) = std::env::var_os(HELPER_STATE) {
+            builder = builder.state_dir(state);
+        }
+        let sup = builder.build().await.unwrap();
         let sdk = SdkDir { root: dir.into() };
 
         // Once this process dies, nobody reads the producer's pipes: it must survive writing
@@ -76,6 +82,15 @@ fn spawn_dying_supervisor(id: &str, dir: &SdkDir) -> (Helper, u32) {
 /// Runs `orphan_helper` in a new process, behind `wrapper` (e.g. `unshare …`), and returns it
 /// with its producer's pid as it printed it.
 fn spawn_helper(id: &str, dir: &SdkDir, wrapper: &[&str]) -> (Helper, u32) {
+    spawn_helper_in(id, dir, wrapper, None)
+}
+
+fn spawn_helper_in(
+    id: &str,
+    dir: &SdkDir,
+    wrapper: &[&str],
+    state_dir: Option<&std::path::Path>,
+) -> (Helper, u32) {
     let exe = std::env::current_exe().unwrap();
     let mut command = match wrapper.split_first() {
         Some((program, args)) => {
@@ -95,6 +110,7 @@ fn spawn_helper(id: &str, dir: &SdkDir, wrapper: &[&str]) -> (Helper, u32) {
         ])
         .env(HELPER_ID, id)
         .env(HELPER_DIR, &dir.root)
+        .envs(state_dir.map(|d| (HELPER_STATE, d)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -636,10 +652,13 @@ async fn unclaimed_adoptable_orphans_are_stopped_at_stop_all_or_drop() {
 async fn producers_of_another_pid_namespace_are_not_ours() {
     let dir = SdkDir::new("orphan-pidns");
     let id = format!("test-orphan-pidns-{}", std::process::id());
-    let (helper, _inner_pid) = spawn_helper(
+    // A state directory of this test's own: the namespace's ledger goes with it.
+    let state = dir.root.join("state");
+    let (helper, _inner_pid) = spawn_helper_in(
         &id,
         &dir,
         &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+        Some(&state),
     );
     let host_pid = {
         let deadline = std::time::Instant::now() + T;
@@ -656,6 +675,7 @@ async fn producers_of_another_pid_namespace_are_not_ours() {
     };
     let sup = Supervisor::builder()
         .id(&id)
+        .state_dir(&state)
         .orphan_stop_timeout(Duration::from_secs(1))
         .build()
         .await
