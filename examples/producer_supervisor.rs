@@ -274,8 +274,18 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let config: Config =
-        toml::from_str(&text).with_context(|| format!("parsing {}", args.config.display()))?;
+    // The error's own text quotes the offending line, which may hold a camera password: show
+    // where it is instead.
+    let config: Config = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map_or(0, |s| {
+            text[..s.start.min(text.len())].lines().count().max(1)
+        });
+        anyhow::anyhow!(
+            "parsing {} (line {line}): {}",
+            args.config.display(),
+            e.message()
+        )
+    })?;
 
     // Optional local camera. Dropped last: the producers are stopped before it goes away.
     let _camera = match args.test_rtsp_server {

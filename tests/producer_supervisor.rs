@@ -609,3 +609,348 @@ async fn dropping_the_supervisor_kills_and_reaps_every_child() {
     })
     .await;
 }
+
+const TRACEE_ENV: &str = "KVS_FRAMES_TEST_TRACEE";
+
+/// Run only as a helper process (see `Tracer::attach`): attaches to the pid in
+/// `KVS_FRAMES_TEST_TRACEE` with `PTRACE_SEIZE`, stops it with `PTRACE_INTERRUPT`, prints
+/// `TRACING`, and never waits for it: once killed, the tracee stays a zombie that only this
+/// tracer may collect, so its real parent (the supervisor) cannot reap it.
+#[test]
+#[ignore = "helper process of the unkillable test"]
+fn tracer_helper() {
+    let Ok(pid) = std::env::var(TRACEE_ENV) else {
+        return;
+    };
+    let pid: libc::pid_t = pid.parse().unwrap();
+    let null = std::ptr::null_mut::<libc::c_void>();
+    // SAFETY: ptrace(2) on a pid, with no memory passed.
+    unsafe {
+        assert_eq!(
+            libc::ptrace(libc::PTRACE_SEIZE, pid, null, null),
+            0,
+            "PTRACE_SEIZE {pid}: {} (the test needs CAP_SYS_PTRACE or ptrace_scope 0)",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, pid, null, null), 0);
+    }
+    println!("TRACING {pid}");
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+/// A helper process tracing one pid; killed (which releases the tracee) on drop.
+struct Tracer(Option<std::process::Child>);
+
+impl Tracer {
+    fn attach(pid: u32) -> Tracer {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "tracer_helper",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(TRACEE_ENV, pid.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("TRACING ") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("the tracer attached");
+        Tracer(Some(child))
+    }
+
+    fn release(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// A child that cannot be reaped after SIGKILL (it is traced by another process, which never
+/// collects it — as a process stuck in the kernel is never collected): `stop()` returns in
+/// bounded time with the producer Unkillable, and the supervisor reaps it once it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_not_reaped_after_sigkill_is_reported_unkillable_in_bounded_time() {
+    let dir = SdkDir::new("unkillable");
+    let sup = Supervisor::builder()
+        .id(format!("test-unkillable-{}", std::process::id()))
+        .kill_timeout(Duration::from_secs(1))
+        .stats_interval(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let mut events = sup.events();
+    let spec = fake_spec("stuck", &dir).stop_timeout(Duration::from_millis(500));
+    let pid = sup.start(spec).await.unwrap().pid.unwrap();
+    sup.wait_for_state("stuck", ProducerState::Running, T)
+        .await
+        .unwrap();
+    let mut tracer = Tracer::attach(pid);
+
+    let asked = std::time::Instant::now();
+    let status = sup.stop("stuck", StopMode::Graceful).await.unwrap();
+    let took = asked.elapsed();
+    eprintln!("stop of the unreapable child took {took:?}");
+    // stop_timeout 0.5 s + 2 × kill_timeout 1 s + 2 s for the readers, with a margin.
+    assert!(took < Duration::from_secs(10), "stop took {took:?}");
+    assert!(took >= Duration::from_millis(1400), "stop took {took:?}");
+    assert_eq!(status.state, ProducerState::Unkillable, "{status:?}");
+    assert!(
+        status.state_reason.contains(&format!("pid {pid} ")),
+        "{}",
+        status.state_reason
+    );
+    assert!(
+        status.state_reason.contains("traced by pid"),
+        "{}",
+        status.state_reason
+    );
+    assert_eq!(status.unkillable_pids, [pid]);
+    let ev = next_event(&mut events, T, |e| e.to == ProducerState::Unkillable).await;
+    assert_eq!(ev.from, ProducerState::Stopping);
+    assert_eq!(ev.pid, Some(pid));
+    let health = sup.health("stuck").unwrap();
+    assert!(
+        health.issues.iter().any(|i| i.starts_with("unkillable: ")),
+        "{health:?}"
+    );
+    assert!(
+        health.recommendations.iter().any(|r| r.contains("tracer")),
+        "{health:?}"
+    );
+    // The supervisor moved on: the producer can be started again at once.
+    let again = sup.restart("stuck").await.unwrap();
+    assert_ne!(again.pid, Some(pid));
+    assert!(again.state.is_active());
+
+    // Once the tracer lets go, the zombie is reaped and leaves the list.
+    assert!(!reaped(pid), "still a zombie while traced");
+    tracer.release();
+    sup.wait_until("stuck", T, |s| s.unkillable_pids.is_empty())
+        .await
+        .unwrap();
+    wait_for("the zombie to be reaped", T, || reaped(pid)).await;
+
+    // The same when the process ends by itself (here SIGKILL from outside, as the OOM killer
+    // would) while traced: reported unkillable, then restarted as usual.
+    sup.wait_for_state("stuck", ProducerState::Running, T)
+        .await
+        .unwrap();
+    let pid2 = sup.status("stuck").unwrap().pid.unwrap();
+    let _tracer = Tracer::attach(pid2);
+    // SAFETY: kill(2) on the producer we just started.
+    unsafe {
+        libc::kill(i32::try_from(pid2).unwrap(), libc::SIGKILL);
+    }
+    let ev = next_event(&mut events, T, |e| {
+        e.to == ProducerState::Unkillable && e.pid == Some(pid2)
+    })
+    .await;
+    assert!(ev.reason.contains("could not be reaped"), "{}", ev.reason);
+    let s = sup
+        .wait_until("stuck", T, |s| {
+            s.state == ProducerState::Running && s.pid.is_some_and(|p| p != pid2)
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.unkillable_pids, [pid2]);
+    let report = sup.stop_all(StopMode::Force).await;
+    assert!(report.is_success(), "{:?}", report.error_messages());
+}
+
+/// A producer whose stdout is block-buffered (the real sample's, when piped) writes in
+/// 4096-byte bursts; its first line puts the URL password right before byte 4096, so a cut
+/// before redaction (the old order) showed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_buffered_output_in_4k_bursts_with_a_password_across_the_cut() {
+    let dir = SdkDir::new("burst");
+    let sup = supervisor("burst").await;
+    let spec = fake_spec("bursty", &dir)
+        .env("FAKE_BURST", "1")
+        .env("FAKE_STRADDLE", "1")
+        .env("FAKE_ACK_INTERVAL", "0.01")
+        .stall_timeout(Some(Duration::from_secs(10)));
+    sup.start(spec).await.unwrap();
+    let s = sup
+        .wait_for_state("bursty", ProducerState::Running, T)
+        .await
+        .unwrap();
+    assert_eq!(s.state_reason, "printed its readiness line");
+    let s = sup
+        .wait_until("bursty", T, |s| s.last_heartbeat.is_some())
+        .await
+        .unwrap();
+    assert_eq!(s.restarts, 0);
+    let output = sup.output("bursty").unwrap();
+    let long = output
+        .iter()
+        .find(|l| l.text.starts_with("xxxx"))
+        .expect("the long line");
+    let userinfo = "rtsp://admin:hunter2".len();
+    assert_eq!(long.text.len(), 4096);
+    assert_eq!(
+        long.text,
+        format!("{}rtsp://admin:***@127", "x".repeat(4096 - userinfo))
+    );
+    for line in &output {
+        assert!(!line.text.contains("hunt"), "{line:?}");
+    }
+    assert!(
+        output
+            .iter()
+            .any(|l| l.text.contains("Reporting fragment ack"))
+    );
+    sup.stop_all(StopMode::Graceful).await;
+}
+
+/// `Duration::MAX` ("wait forever") in any option is a typed error naming the option and its
+/// value, never a panic; the largest allowed values run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_max_options_are_errors_never_panics() {
+    let max = Duration::MAX;
+    let builders = [
+        (
+            Supervisor::builder().orphan_stop_timeout(max),
+            "orphan_stop_timeout",
+        ),
+        (Supervisor::builder().kill_timeout(max), "kill_timeout"),
+        (Supervisor::builder().stats_interval(max), "stats_interval"),
+        (
+            Supervisor::builder().event_capacity(usize::MAX),
+            "event_capacity",
+        ),
+    ];
+    for (builder, option) in builders {
+        let err = builder.build().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+        assert_eq!(err.invalid_option(), Some(option), "{err}");
+    }
+    let dir = SdkDir::new("durations");
+    let sup = supervisor("durations").await;
+    let policy = || fast_policy();
+    let specs = [
+        (fake_spec("cam-1", &dir).start_secs(max), "start_secs"),
+        (
+            fake_spec("cam-1", &dir).stall_timeout(Some(max)),
+            "stall_timeout",
+        ),
+        (fake_spec("cam-1", &dir).stop_timeout(max), "stop_timeout"),
+        (
+            fake_spec("cam-1", &dir).restart_policy(policy().stable_after(max)),
+            "restart.stable_after",
+        ),
+        (
+            fake_spec("cam-1", &dir).restart_policy(policy().max_delay(max)),
+            "restart.max_delay",
+        ),
+        (
+            fake_spec("cam-1", &dir).restart_policy(policy().initial_delay(max).max_delay(max)),
+            "restart.max_delay",
+        ),
+        (
+            fake_spec("cam-1", &dir).restart_policy(policy().start_limit(Some(StartLimit {
+                burst: 1,
+                interval: max,
+            }))),
+            "restart.start_limit",
+        ),
+    ];
+    for (spec, option) in specs {
+        let err = sup.start(spec).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+        assert_eq!(err.invalid_option(), Some(option), "{err}");
+        assert!(err.to_string().contains("18446744073709551615"), "{err}");
+        assert!(sup.status("cam-1").is_none());
+    }
+    // The largest allowed values: started, Running on its readiness line, stopped at once.
+    let spec = fake_spec("cam-1", &dir)
+        .start_secs(kvs_frames::producer::MAX_START_STOP)
+        .stop_timeout(kvs_frames::producer::MAX_START_STOP)
+        .stall_timeout(Some(kvs_frames::producer::MAX_PERIOD))
+        .restart_policy(
+            policy()
+                .stable_after(kvs_frames::producer::MAX_PERIOD)
+                .max_delay(kvs_frames::producer::MAX_PERIOD),
+        );
+    sup.start(spec).await.unwrap();
+    let s = sup
+        .wait_until("cam-1", max, |s| s.state == ProducerState::Running)
+        .await
+        .unwrap();
+    assert_eq!(s.state_reason, "printed its readiness line");
+    let s = sup.stop("cam-1", StopMode::Graceful).await.unwrap();
+    assert_eq!(s.state, ProducerState::Stopped);
+    let big = Supervisor::builder()
+        .id(format!("test-durations-max-{}", std::process::id()))
+        .orphan_stop_timeout(kvs_frames::producer::MAX_START_STOP)
+        .kill_timeout(kvs_frames::producer::MAX_KILL_TIMEOUT)
+        .stats_interval(Duration::from_secs(3600))
+        .event_capacity(kvs_frames::producer::MAX_EVENT_CAPACITY)
+        .build()
+        .await;
+    assert!(big.is_ok(), "{big:?}");
+}
+
+/// The binary is deleted while the producer runs: the next start fails to spawn, is retried
+/// with backoff and ends Fatal with an error naming the path; nothing panics or hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_deleted_between_restarts_ends_fatal_with_the_spawn_error() {
+    let dir = SdkDir::new("deleted");
+    let copy = dir.root.join("kvs_gstreamer_sample");
+    std::fs::copy(fake_script(), &copy).unwrap();
+    let sup = supervisor("deleted").await;
+    let mut events = sup.events();
+    let spec = ProducerSpec::new(
+        "cam-1",
+        SECRET_URL,
+        KvsGstreamerSample::new()
+            .binary(&copy)
+            .working_dir(dir.build_dir()),
+    )
+    .env("FAKE_CONTROL", dir.control("cam-1").to_string_lossy())
+    .start_secs(Duration::from_secs(5))
+    .stall_timeout(Some(Duration::from_secs(5)))
+    .restart_policy(fast_policy().start_limit(Some(StartLimit {
+        burst: 3,
+        interval: Duration::from_secs(60),
+    })));
+    sup.start(spec).await.unwrap();
+    sup.wait_for_state("cam-1", ProducerState::Running, T)
+        .await
+        .unwrap();
+    std::fs::remove_file(&copy).unwrap();
+    dir.command("cam-1", "exit1");
+    let ev = next_event(&mut events, T, |e| e.to == ProducerState::Fatal).await;
+    assert_eq!(ev.restart_reason, Some(RestartReason::SpawnFailure));
+    let s = sup.status("cam-1").unwrap();
+    assert_eq!(restarts(&s, RestartReason::SpawnFailure), 2);
+    let last_error = s.last_error.unwrap();
+    assert!(
+        last_error.contains(&copy.display().to_string()),
+        "{last_error}"
+    );
+    assert!(!last_error.contains(PASSWORD));
+}

@@ -146,7 +146,23 @@ pub(crate) fn assess(
             "starting for {} s",
             status.uptime.unwrap_or_default().as_secs()
         )),
+        ProducerState::Unkillable => issues.push(format!("unkillable: {}", status.state_reason)),
         ProducerState::Running => {}
+    }
+    if !status.unkillable_pids.is_empty() {
+        if status.state != ProducerState::Unkillable {
+            issues.push(format!(
+                "pids {:?} did not end after SIGKILL (still watched)",
+                status.unkillable_pids
+            ));
+        }
+        recs.push(
+            "A process that survives SIGKILL is stuck in the kernel (D state: a hung NFS \
+             mount, a device, a FUSE file system) or held by a debugger or tracer (TracerPid \
+             in /proc/PID/status). Free the resource or detach the tracer: the supervisor \
+             reaps it as soon as it ends."
+                .to_owned(),
+        );
     }
     // Heartbeat freshness.
     if status.state == ProducerState::Running

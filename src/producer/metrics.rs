@@ -30,7 +30,8 @@ impl ProducerMetrics {
         let state = IntGaugeVec::new(
             Opts::new(
                 "kvs_producer_state",
-                "Producer state: 0 stopped, 1 starting, 2 running, 3 backoff, 4 stopping, 5 fatal",
+                "Producer state: 0 stopped, 1 starting, 2 running, 3 backoff, 4 stopping, 5 fatal, \
+                 6 unkillable",
             ),
             &["stream"],
         )

@@ -61,6 +61,15 @@ pub(crate) fn is_alive(pid: i32, start_ticks: Option<u64>) -> bool {
     }
 }
 
+/// The pid of the process that traces `pid` (`TracerPid` in `/proc/<pid>/status`), if any.
+pub(crate) fn tracer_pid(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&t| t > 0)
+}
+
 /// Every numeric entry of `/proc`.
 pub(crate) fn all_pids() -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {

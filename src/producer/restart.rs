@@ -11,7 +11,10 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 
-/// At most `burst` failed starts within `interval`; one more and the producer is Fatal.
+use super::spec::MAX_PERIOD;
+
+/// At most `burst` failed starts within `interval` (at most
+/// [`MAX_PERIOD`](super::MAX_PERIOD), 24 h); one more and the producer is Fatal.
 ///
 /// A *failed start* is a process that ends (exits, is killed, or cannot be spawned) before it
 /// reached Running. A producer that was Running and then exits or stalls is always restarted
@@ -82,7 +85,7 @@ impl Default for RestartPolicy {
 }
 
 impl RestartPolicy {
-    /// The delay before the first restart. Default 1 s.
+    /// The delay before the first restart. Default 1 s. At most `max_delay`.
     #[must_use]
     pub fn initial_delay(mut self, d: Duration) -> Self {
         self.initial_delay = d;
@@ -96,7 +99,7 @@ impl RestartPolicy {
         self
     }
 
-    /// The cap on the delay. Default 60 s.
+    /// The cap on the delay. Default 60 s. At most [`MAX_PERIOD`](super::MAX_PERIOD) (24 h).
     #[must_use]
     pub fn max_delay(mut self, d: Duration) -> Self {
         self.max_delay = d;
@@ -112,7 +115,7 @@ impl RestartPolicy {
     }
 
     /// How long a producer must run for the delays to start again from the initial delay.
-    /// Default 60 s.
+    /// Default 60 s. At most [`MAX_PERIOD`](super::MAX_PERIOD) (24 h).
     #[must_use]
     pub fn stable_after(mut self, d: Duration) -> Self {
         self.stable_after = d;
@@ -133,13 +136,15 @@ impl RestartPolicy {
     pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
         let (low, high) = self.jitter;
         let factor = low + (high - low) * unit.clamp(0.0, 1.0);
-        // A restart never waits longer than `max_delay`, jitter included.
+        // A restart never waits longer than `max_delay`, jitter included. The cap and factor
+        // are bounded so that even an unvalidated policy (`Duration::MAX`) cannot overflow.
+        let cap = self.max_delay.min(Duration::from_secs(u64::from(u32::MAX)));
         crate::backoff::exponential(
-            self.initial_delay,
+            self.initial_delay.min(cap),
             self.multiplier,
-            self.max_delay,
+            cap,
             attempt,
-            factor,
+            factor.clamp(0.0, 10.0),
         )
         .min(self.max_delay)
     }
@@ -164,10 +169,17 @@ impl RestartPolicy {
                 "must be at least the initial delay",
             ));
         }
-        if self.max_delay > Duration::from_secs(24 * 3600) {
+        if self.max_delay > MAX_PERIOD {
             return Err(Error::invalid_config(
                 "restart.max_delay",
                 format!("{:?}", self.max_delay),
+                "must be at most 24 h",
+            ));
+        }
+        if self.stable_after > MAX_PERIOD {
+            return Err(Error::invalid_config(
+                "restart.stable_after",
+                format!("{:?}", self.stable_after),
                 "must be at most 24 h",
             ));
         }
@@ -180,12 +192,13 @@ impl RestartPolicy {
             ));
         }
         if let Some(limit) = self.start_limit
-            && (limit.burst == 0 || limit.interval.is_zero())
+            && (limit.burst == 0 || limit.interval.is_zero() || limit.interval > MAX_PERIOD)
         {
             return Err(Error::invalid_config(
                 "restart.start_limit",
                 format!("{} in {:?}", limit.burst, limit.interval),
-                "burst and interval must be positive (or None for no limit)",
+                "burst and interval must be positive, the interval at most 24 h (or None for \
+                 no limit)",
             ));
         }
         Ok(())
@@ -391,8 +404,42 @@ mod tests {
                 "restart.start_limit",
             ),
         ];
-        for (p, option) in bad {
+        let max = [
+            (
+                RestartPolicy::default()
+                    .initial_delay(Duration::MAX)
+                    .max_delay(Duration::MAX),
+                "restart.max_delay",
+            ),
+            (
+                RestartPolicy::default().initial_delay(Duration::MAX),
+                "restart.max_delay",
+            ),
+            (
+                RestartPolicy::default().stable_after(Duration::MAX),
+                "restart.stable_after",
+            ),
+            (
+                RestartPolicy::default().start_limit(Some(StartLimit {
+                    burst: 1,
+                    interval: Duration::MAX,
+                })),
+                "restart.start_limit",
+            ),
+        ];
+        for (p, option) in bad.into_iter().chain(max) {
             assert_eq!(p.validate().unwrap_err().invalid_option(), Some(option));
+            // Even unvalidated, a policy never panics computing a delay.
+            for attempt in [1, 2, 64, u32::MAX] {
+                for unit in [0.0, 0.5, 1.0, f64::NAN] {
+                    let _ = p.delay(attempt, unit);
+                }
+            }
         }
+        let huge = RestartPolicy::default()
+            .initial_delay(Duration::MAX)
+            .max_delay(Duration::MAX)
+            .jitter(1e300, 1e300);
+        let _ = huge.delay(u32::MAX, 1.0);
     }
 }

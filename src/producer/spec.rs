@@ -6,10 +6,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::redact::{redact_text, redact_url};
 
 use super::naming::validate_stream_name;
 use super::restart::RestartPolicy;
+use super::secrets::{self, Secrets, is_secret_name, redact, redact_args};
+
+/// The longest [`ProducerSpec::start_secs`] and [`ProducerSpec::stop_timeout`]: 1 hour.
+pub const MAX_START_STOP: Duration = Duration::from_secs(3600);
+
+/// The longest [`ProducerSpec::stall_timeout`] and restart period
+/// ([`RestartPolicy`](super::RestartPolicy) delays, `stable_after`, start-limit interval): 24 hours.
+pub const MAX_PERIOD: Duration = Duration::from_secs(24 * 3600);
 
 /// The environment variable that names the `kvs_gstreamer_sample` binary (a file) or the
 /// directory that holds it, used when [`KvsGstreamerSample::binary`] is not set.
@@ -46,14 +53,41 @@ impl RtspUrl {
         &self.0
     }
 
-    /// The URL with its password replaced by `***`; a string that is not a URL with a host
+    /// The URL with its password replaced by `***` and secret query parameters
+    /// (`password=`, `token=`, …) by `<redacted>`; a string that is not a URL with a host
     /// (where the redaction rules cannot locate a password) is hidden entirely.
     #[must_use]
     pub fn redacted(&self) -> String {
         match url::Url::parse(&self.0) {
-            Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => redact_url(&self.0),
+            Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => {
+                self.secrets().redact(&self.0).into_owned()
+            }
             _ => "<not a URL: hidden>".to_owned(),
         }
+    }
+
+    /// The password of the URL (as written and percent-decoded) and its secret query values.
+    fn secret_values(&self) -> Vec<String> {
+        let Ok(u) = url::Url::parse(&self.0) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if let Some(pw) = u.password() {
+            out.push(pw.to_owned());
+            if let Ok(decoded) = percent_decode(pw) {
+                out.push(decoded);
+            }
+        }
+        for (k, v) in u.query_pairs() {
+            if is_secret_name(&k) {
+                out.push(v.into_owned());
+            }
+        }
+        out
+    }
+
+    fn secrets(&self) -> Secrets {
+        Secrets::new(self.secret_values())
     }
 
     /// Checks that the URL parses and, when `rtsp_only`, that its scheme is `rtsp`, `rtsps`,
@@ -174,7 +208,10 @@ impl KvsGstreamerSample {
 /// stops with SIGINT and a long default [`ProducerSpec::stop_timeout`] (30 s). kvssink reads
 /// the AWS credentials from the environment it inherits; it must be in `GST_PLUGIN_PATH`
 /// (set it with [`ProducerSpec::env`]).
-#[derive(Clone, Debug)]
+///
+/// `Debug` shows the values of secret properties (`user-pw`, `secret-key`, …) as
+/// `<redacted>`.
+#[derive(Clone)]
 pub struct GstLaunchKvssink {
     gst_launch: PathBuf,
     aws_region: Option<String>,
@@ -183,6 +220,40 @@ pub struct GstLaunchKvssink {
     kvssink_properties: Vec<(String, String)>,
     readiness_line: Option<String>,
     heartbeat_line: Option<String>,
+}
+
+/// `name=value` pairs with secret values hidden, for `Debug`.
+fn redacted_properties(props: &[(String, String)]) -> Vec<String> {
+    props
+        .iter()
+        .map(|(name, value)| {
+            if is_secret_name(name) {
+                format!("{name}=<redacted>")
+            } else {
+                redact(&format!("{name}={value}")).into_owned()
+            }
+        })
+        .collect()
+}
+
+impl fmt::Debug for GstLaunchKvssink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GstLaunchKvssink")
+            .field("gst_launch", &self.gst_launch)
+            .field("aws_region", &self.aws_region)
+            .field("storage_size_mb", &self.storage_size_mb)
+            .field(
+                "rtspsrc_properties",
+                &redacted_properties(&self.rtspsrc_properties),
+            )
+            .field(
+                "kvssink_properties",
+                &redacted_properties(&self.kvssink_properties),
+            )
+            .field("readiness_line", &self.readiness_line)
+            .field("heartbeat_line", &self.heartbeat_line)
+            .finish()
+    }
 }
 
 impl Default for GstLaunchKvssink {
@@ -227,7 +298,11 @@ impl GstLaunchKvssink {
         self
     }
 
-    /// Another `rtspsrc` property, for example `("protocols", "tcp")` or `("latency", "200")`.
+    /// Another `rtspsrc` property, for example `("protocols", "tcp")`, `("latency", "200")`, or
+    /// `("user-id", "admin")` and `("user-pw", "…")` to keep the password out of the URL. The
+    /// value of a secret property is redacted everywhere the supervisor reports the command,
+    /// but it is on the command line all the same (see `docs/producer.md`, "What
+    /// /proc/PID/cmdline shows").
     #[must_use]
     pub fn rtspsrc_property(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.rtspsrc_properties.push((name.into(), value.into()));
@@ -266,13 +341,29 @@ impl GstLaunchKvssink {
 /// In each argument, `{stream}` becomes the stream name and `{url}` the RTSP URL; `{{` and
 /// `}}` are literal braces; any other `{…}` is a configuration error (a typo such as
 /// `{steam}` is caught at start).
-#[derive(Clone, Debug)]
+///
+/// Arguments that carry secrets (`--password=…`, `--token …`, `user-pw=…`) are redacted
+/// wherever the supervisor reports the command, `Debug` included; they are on the command
+/// line all the same: prefer passing secrets through [`ProducerSpec::env`].
+#[derive(Clone)]
 pub struct CustomCommand {
     program: PathBuf,
     args: Vec<String>,
     working_dir: Option<PathBuf>,
     readiness_line: Option<String>,
     heartbeat_line: Option<String>,
+}
+
+impl fmt::Debug for CustomCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CustomCommand")
+            .field("program", &self.program)
+            .field("args", &redact_args(&self.args))
+            .field("working_dir", &self.working_dir)
+            .field("readiness_line", &self.readiness_line)
+            .field("heartbeat_line", &self.heartbeat_line)
+            .finish()
+    }
 }
 
 impl CustomCommand {
@@ -382,17 +473,41 @@ pub(crate) struct Rendered {
     pub heartbeat_line: Option<String>,
     /// Warnings worth a health issue (e.g. no log configuration for the sample).
     pub warnings: Vec<String>,
+    /// The secret values of this producer (URL password, secret properties, arguments and
+    /// environment values), redacted from everything reported about it.
+    pub secrets: Secrets,
 }
 
 impl Rendered {
     /// The command line with secrets redacted, for logs and status.
     pub fn display(&self) -> String {
         let mut s = self.program.display().to_string();
-        for arg in &self.args {
+        for arg in redact_args(&self.args) {
             s.push(' ');
-            s.push_str(arg);
+            s.push_str(&arg);
         }
-        redact_text(&s).into_owned()
+        self.secrets.redact(&s).into_owned()
+    }
+
+    /// Gathers the secrets of the rendered command, its environment and the supervisor's
+    /// own environment (inherited by the child).
+    fn with_secrets(mut self, url: &RtspUrl) -> Self {
+        let mut values = url.secret_values();
+        values.extend(secrets::secret_arg_values(&self.args));
+        values.extend(
+            self.env
+                .iter()
+                .filter(|(k, _)| is_secret_name(k))
+                .map(|(_, v)| v.clone()),
+        );
+        values.extend(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .filter(|(k, _)| is_secret_name(k))
+                .map(|(_, v)| v),
+        );
+        self.secrets = Secrets::new(values);
+        self
     }
 }
 
@@ -508,7 +623,8 @@ impl ProducerSpec {
     }
 
     /// How long the process must stay alive to count as started (Running) when it has not
-    /// printed its readiness line. Default 10 s. Must be at least 100 ms.
+    /// printed its readiness line. Default 10 s. Must be between 100 ms and
+    /// [`MAX_START_STOP`] (1 h), else `start` fails with an error naming the value.
     #[must_use]
     pub fn start_secs(mut self, d: Duration) -> Self {
         self.start_secs = d;
@@ -517,7 +633,7 @@ impl ProducerSpec {
 
     /// How long a Running producer may go without printing its heartbeat line before it is
     /// restarted; `None` disables the watchdog. Ignored when the command has no heartbeat
-    /// line. Default 30 s. Must be at least 100 ms.
+    /// line. Default 30 s. Must be between 100 ms and [`MAX_PERIOD`] (24 h).
     #[must_use]
     pub fn stall_timeout(mut self, d: Option<Duration>) -> Self {
         self.stall_timeout = d;
@@ -525,7 +641,7 @@ impl ProducerSpec {
     }
 
     /// How long a graceful stop waits after SIGINT before it sends SIGKILL. Default per command
-    /// kind (see [`ProducerSpec::new`]).
+    /// kind (see [`ProducerSpec::new`]). At most [`MAX_START_STOP`] (1 h).
     #[must_use]
     pub fn stop_timeout(mut self, d: Duration) -> Self {
         self.stop_timeout = d;
@@ -589,20 +705,27 @@ impl ProducerSpec {
     ) -> Result<Rendered> {
         validate_stream_name(&self.stream_name)?;
         let min = Duration::from_millis(100);
-        if self.start_secs < min {
+        if !(min..=MAX_START_STOP).contains(&self.start_secs) {
             return Err(Error::invalid_config(
                 "start_secs",
                 format!("{:?}", self.start_secs),
-                "must be at least 100 ms",
+                "must be between 100 ms and 1 h",
             ));
         }
         if let Some(stall) = self.stall_timeout
-            && stall < min
+            && !(min..=MAX_PERIOD).contains(&stall)
         {
             return Err(Error::invalid_config(
                 "stall_timeout",
                 format!("{stall:?}"),
-                "must be at least 100 ms (or None to disable the watchdog)",
+                "must be between 100 ms and 24 h (or None to disable the watchdog)",
+            ));
+        }
+        if self.stop_timeout > MAX_START_STOP {
+            return Err(Error::invalid_config(
+                "stop_timeout",
+                format!("{:?}", self.stop_timeout),
+                "must be at most 1 h",
             ));
         }
         if !(1..=100_000).contains(&self.output_lines) {
@@ -665,7 +788,9 @@ impl ProducerSpec {
                         .clone()
                         .unwrap_or_else(|| Some(DEFAULT_HEARTBEAT_LINE.to_owned())),
                     warnings,
-                })
+                    secrets: Secrets::default(),
+                }
+                .with_secrets(&self.rtsp_url))
             }
             ProducerCommand::GstLaunchKvssink(c) => {
                 self.rtsp_url.validate(true)?;
@@ -710,7 +835,9 @@ impl ProducerSpec {
                     readiness_line: c.readiness_line.clone(),
                     heartbeat_line: c.heartbeat_line.clone(),
                     warnings: Vec::new(),
-                })
+                    secrets: Secrets::default(),
+                }
+                .with_secrets(&self.rtsp_url))
             }
             ProducerCommand::Custom(c) => {
                 self.rtsp_url.validate(false)?;
@@ -731,10 +858,31 @@ impl ProducerSpec {
                     readiness_line: c.readiness_line.clone(),
                     heartbeat_line: c.heartbeat_line.clone(),
                     warnings: Vec::new(),
-                })
+                    secrets: Secrets::default(),
+                }
+                .with_secrets(&self.rtsp_url))
             }
         }
     }
+}
+
+/// `%XX` sequences decoded (for the URL password in its decoded form).
+fn percent_decode(text: &str) -> std::result::Result<String, ()> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or(())?;
+            let hex = std::str::from_utf8(hex).map_err(|_| ())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ())
 }
 
 /// Replaces `{stream}` and `{url}`; `{{`/`}}` are literal braces.
@@ -757,10 +905,10 @@ pub(crate) fn render_template(template: &str, stream: &str, url: &str) -> Result
             out.push_str(url);
             rest = after;
         } else {
-            let shown: String = tail.chars().take(20).collect();
+            let shown: String = redact(tail).chars().take(20).collect();
             return Err(Error::invalid_config(
                 "args",
-                format!("{template:?}"),
+                format!("{:?}", redact_args(&[template.to_owned()])[0]),
                 &format!(
                     "unknown placeholder or lone brace at {shown:?}: use {{stream}}, {{url}}, {{{{ or }}}}"
                 ),
@@ -784,9 +932,14 @@ fn check_property(option: &str, name: &str, value: &str) -> Result<()> {
         ));
     }
     if value.is_empty() || value.contains('\0') {
+        let shown = if is_secret_name(name) {
+            format!("{name}=<redacted>")
+        } else {
+            redact(&format!("{name}={value:?}")).into_owned()
+        };
         return Err(Error::invalid_config(
             option,
-            format!("{name}={value:?}"),
+            shown,
             "a property value must be non-empty without NUL",
         ));
     }

@@ -16,6 +16,9 @@ use crate::error::Error;
 ///                                   │ too many failed starts in the window
 ///                                   ▼
 ///                                 Fatal   (stays until start/restart)
+///
+///  Stopping / Running ── SIGKILL sent, process not gone within kill_timeout ──► Unkillable
+///  (stays after a stop; after an unrequested end the supervisor moves on to Backoff)
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ProducerState {
@@ -27,24 +30,33 @@ pub enum ProducerState {
     Running,
     /// Ended without being asked to; waiting for the restart delay.
     Backoff,
-    /// Being stopped: SIGINT sent, waiting up to `stop_timeout` before SIGKILL.
+    /// Being stopped: SIGINT sent, waiting up to `stop_timeout` before SIGKILL (then up to the
+    /// kill timeout for the process to end).
     Stopping,
     /// Gave up after too many failed starts; the last error stays in the status.
     Fatal,
+    /// The process did not end (or could not be reaped) within the kill timeout after
+    /// SIGKILL: stuck in the kernel (D state) or held by a tracer. The supervisor stopped
+    /// waiting for it (its pid is in [`ProducerStatus::unkillable_pids`] until it is reaped)
+    /// and moved on: after a stop the producer stays here; after an unrequested end or a
+    /// stall it is restarted as usual.
+    Unkillable,
 }
 
 impl ProducerState {
     /// Every state, in gauge order.
-    pub const ALL: [ProducerState; 6] = [
+    pub const ALL: [ProducerState; 7] = [
         ProducerState::Stopped,
         ProducerState::Starting,
         ProducerState::Running,
         ProducerState::Backoff,
         ProducerState::Stopping,
         ProducerState::Fatal,
+        ProducerState::Unkillable,
     ];
 
-    /// `"stopped"`, `"starting"`, `"running"`, `"backoff"`, `"stopping"` or `"fatal"`.
+    /// `"stopped"`, `"starting"`, `"running"`, `"backoff"`, `"stopping"`, `"fatal"` or
+    /// `"unkillable"`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -54,11 +66,12 @@ impl ProducerState {
             ProducerState::Backoff => "backoff",
             ProducerState::Stopping => "stopping",
             ProducerState::Fatal => "fatal",
+            ProducerState::Unkillable => "unkillable",
         }
     }
 
     /// The value of the `kvs_producer_state` gauge: 0 stopped, 1 starting, 2 running,
-    /// 3 backoff, 4 stopping, 5 fatal.
+    /// 3 backoff, 4 stopping, 5 fatal, 6 unkillable.
     #[must_use]
     pub fn gauge_value(self) -> i64 {
         match self {
@@ -68,13 +81,17 @@ impl ProducerState {
             ProducerState::Backoff => 3,
             ProducerState::Stopping => 4,
             ProducerState::Fatal => 5,
+            ProducerState::Unkillable => 6,
         }
     }
 
     /// Starting, Running, Backoff or Stopping: the supervisor is working on it.
     #[must_use]
     pub fn is_active(self) -> bool {
-        !matches!(self, ProducerState::Stopped | ProducerState::Fatal)
+        !matches!(
+            self,
+            ProducerState::Stopped | ProducerState::Fatal | ProducerState::Unkillable
+        )
     }
 }
 
@@ -236,6 +253,10 @@ pub struct ProducerStatus {
     pub rss_bytes: Option<u64>,
     /// Problems found when the command was prepared (for example no log configuration).
     pub warnings: Vec<String>,
+    /// Processes of this producer that got SIGKILL but did not end, or could not be reaped,
+    /// within the kill timeout ([`ProducerState::Unkillable`]); each leaves the list once it
+    /// is reaped.
+    pub unkillable_pids: Vec<u32>,
 }
 
 /// A state change of one producer.

@@ -1,7 +1,7 @@
 //! The [`Supervisor`]: one tokio task per producer, a `/proc` sampler, events and metrics.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -14,15 +14,20 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::redact::redact_text;
 
-use super::child::{self, LaunchSignals, LineRules, Marker, OutputBuffer, Proc, signal_group};
+use super::child::{
+    self, AdoptedProc, LaunchSignals, LineRules, Marker, OutputBuffer, Proc, ProcHandle,
+};
 use super::health::assess;
+use super::identity::{self, Check, Reach};
+use super::ledger::{self, Ledger, LedgerEntry};
 use super::metrics::ProducerMetrics;
-use super::orphans::{self, Adoptable, OrphanAction, OrphanPolicy};
+use super::orphans::{
+    self, Adoptable, Instance, OrphanAction, OrphanOptions, OrphanPolicy, deadline_after,
+};
 use super::procfs;
 use super::restart::{Decision, RestartTracker};
-use super::spec::{ProducerSpec, Rendered};
+use super::spec::{MAX_START_STOP, ProducerSpec, Rendered};
 use super::status::{
     BulkFailure, BulkReport, ExitKind, LastExit, OutputLine, ProducerEvent, ProducerHealth,
     ProducerState, ProducerStatus, RestartReason, StopMode,
@@ -31,16 +36,24 @@ use super::status::{
 /// How long the output readers may take to drain the last lines after a process ended.
 const READER_GRACE: Duration = Duration::from_secs(2);
 
+/// The longest [`SupervisorBuilder::kill_timeout`]: 10 minutes.
+pub const MAX_KILL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The most events a receiver may fall behind ([`SupervisorBuilder::event_capacity`]).
+pub const MAX_EVENT_CAPACITY: usize = 1 << 20;
+
 /// Options of a [`Supervisor`]; build it with [`SupervisorBuilder::build`].
 #[derive(Clone, Debug)]
 pub struct SupervisorBuilder {
     id: String,
     orphan_policy: OrphanPolicy,
     orphan_stop_timeout: Duration,
+    kill_timeout: Duration,
     stats_interval: Duration,
     event_capacity: usize,
     registry: Option<Registry>,
     jitter_seed: Option<u64>,
+    state_dir: Option<PathBuf>,
 }
 
 impl Default for SupervisorBuilder {
@@ -49,10 +62,12 @@ impl Default for SupervisorBuilder {
             id: "kvs-frames".to_owned(),
             orphan_policy: OrphanPolicy::Kill,
             orphan_stop_timeout: Duration::from_secs(10),
+            kill_timeout: Duration::from_secs(5),
             stats_interval: Duration::from_secs(2),
             event_capacity: 1024,
             registry: None,
             jitter_seed: None,
+            state_dir: None,
         }
     }
 }
@@ -76,15 +91,27 @@ impl SupervisorBuilder {
         self
     }
 
-    /// How long killed orphans get between SIGINT and SIGKILL. Default 10 s.
+    /// How long killed orphans (and unclaimed adoptable ones, at
+    /// [`Supervisor::stop_all`]) get between SIGINT and SIGKILL. Default 10 s; at most
+    /// [`MAX_START_STOP`](super::MAX_START_STOP) (1 h).
     #[must_use]
     pub fn orphan_stop_timeout(mut self, d: Duration) -> Self {
         self.orphan_stop_timeout = d;
         self
     }
 
+    /// How long a process may take to end and be reaped after SIGKILL before it is reported
+    /// [unkillable](ProducerState::Unkillable) (stuck in the kernel, or held by a tracer) and
+    /// the supervisor stops waiting for it. Default 5 s; 100 ms to [`MAX_KILL_TIMEOUT`]
+    /// (10 min).
+    #[must_use]
+    pub fn kill_timeout(mut self, d: Duration) -> Self {
+        self.kill_timeout = d;
+        self
+    }
+
     /// How often CPU, memory and uptime are sampled from `/proc` (one scan for all
-    /// producers). Default 2 s; at least 100 ms.
+    /// producers). Default 2 s; 100 ms to 1 h.
     #[must_use]
     pub fn stats_interval(mut self, d: Duration) -> Self {
         self.stats_interval = d;
@@ -92,10 +119,24 @@ impl SupervisorBuilder {
     }
 
     /// How many events a slow [`Supervisor::events`] receiver may fall behind before it
-    /// loses the oldest (it then gets `RecvError::Lagged`). Default 1024.
+    /// loses the oldest (it then gets `RecvError::Lagged`). Default 1024; 1 to
+    /// [`MAX_EVENT_CAPACITY`].
     #[must_use]
     pub fn event_capacity(mut self, n: usize) -> Self {
         self.event_capacity = n;
+        self
+    }
+
+    /// The directory of the ledgers: one small file per supervisor instance that records
+    /// the processes it started, so that a later instance recognises its orphans by pid and
+    /// start time rather than by their environment (which anyone can copy). It must belong
+    /// to this user and be writable by it alone (it is created with mode 0700). Default:
+    /// `$XDG_RUNTIME_DIR/kvs-frames`, else `/run/kvs-frames` for root, else
+    /// `<temp dir>/kvs-frames-<uid>`. Supervisors that must find each other's orphans need
+    /// the same directory.
+    #[must_use]
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
         self
     }
 
@@ -118,10 +159,13 @@ impl SupervisorBuilder {
     /// Validates the options, registers the metrics, handles the orphans of an earlier
     /// instance (see [`Supervisor::orphans`]) and starts the `/proc` sampler. Must run inside
     /// a tokio runtime (multi-threaded or current-thread); the supervisor's tasks run on it.
+    /// The `/proc` scan for orphans runs on a blocking thread (at most 30 s); stopping them
+    /// takes at most `orphan_stop_timeout` + `kill_timeout`.
     ///
     /// # Errors
     ///
-    /// [`InvalidConfig`](ErrorKind::InvalidConfig) for an invalid option,
+    /// [`InvalidConfig`](ErrorKind::InvalidConfig) for an invalid option (naming it and its
+    /// value) or an unusable state directory,
     /// [`AlreadyExists`](ErrorKind::AlreadyExists) when the metrics are already registered.
     pub async fn build(self) -> Result<Supervisor> {
         let id_ok = (1..=64).contains(&self.id.len())
@@ -136,38 +180,81 @@ impl SupervisorBuilder {
                 "must be 1-64 characters of [a-zA-Z0-9_.-]",
             ));
         }
-        if self.stats_interval < Duration::from_millis(100) {
+        let ms100 = Duration::from_millis(100);
+        if !(ms100..=Duration::from_secs(3600)).contains(&self.stats_interval) {
             return Err(Error::invalid_config(
                 "stats_interval",
                 format!("{:?}", self.stats_interval),
-                "must be at least 100 ms",
+                "must be between 100 ms and 1 h",
             ));
         }
-        if self.event_capacity == 0 {
+        if self.orphan_stop_timeout > MAX_START_STOP {
+            return Err(Error::invalid_config(
+                "orphan_stop_timeout",
+                format!("{:?}", self.orphan_stop_timeout),
+                "must be at most 1 h",
+            ));
+        }
+        if !(ms100..=MAX_KILL_TIMEOUT).contains(&self.kill_timeout) {
+            return Err(Error::invalid_config(
+                "kill_timeout",
+                format!("{:?}", self.kill_timeout),
+                "must be between 100 ms and 10 min",
+            ));
+        }
+        if !(1..=MAX_EVENT_CAPACITY).contains(&self.event_capacity) {
             return Err(Error::invalid_config(
                 "event_capacity",
-                0,
-                "must be at least 1",
+                self.event_capacity,
+                "must be between 1 and 1048576",
             ));
+        }
+        let state_dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(ledger::default_state_dir);
+        {
+            let dir = state_dir.clone();
+            let prepared = tokio::task::spawn_blocking(move || ledger::prepare_dir(&dir))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(why) = prepared {
+                return Err(Error::invalid_config(
+                    "state_dir",
+                    state_dir.display(),
+                    &format!("unusable as the supervisor's state directory: {why}"),
+                ));
+            }
         }
         let metrics = self
             .registry
             .as_ref()
             .map(ProducerMetrics::register)
             .transpose()?;
-        let (orphans, adoptable) =
-            orphans::handle_orphans(&self.id, self.orphan_policy, self.orphan_stop_timeout).await;
         let mut rng = match self.jitter_seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
         let nonce: u64 = rng.random();
+        let own = Instance::current(nonce);
+        let instance = own.marker();
+        let ledger = Arc::new(Ledger::new(&state_dir, &self.id, &instance));
         orphans::register_instance(nonce);
+        let (orphans, adoptable) = orphans::handle_orphans(&OrphanOptions {
+            id: self.id.clone(),
+            policy: self.orphan_policy,
+            stop_timeout: self.orphan_stop_timeout,
+            kill_timeout: self.kill_timeout,
+            state_dir,
+            ledger: ledger.clone(),
+            own,
+        })
+        .await;
         let (events, _) = broadcast::channel(self.event_capacity);
         let shared = Arc::new(Shared {
             marker: Marker {
                 id: self.id.clone(),
-                instance: orphans::instance_marker(nonce),
+                instance,
             },
             nonce,
             producers: Mutex::new(BTreeMap::new()),
@@ -177,6 +264,9 @@ impl SupervisorBuilder {
             orphans,
             adoptable: Arc::new(Mutex::new(adoptable)),
             sampler: Mutex::new(None),
+            ledger,
+            kill_timeout: self.kill_timeout,
+            orphan_stop_timeout: self.orphan_stop_timeout,
         });
         // Spawned once the Arc exists: the sampler ends when it can no longer upgrade.
         *shared.sampler.lock() = Some(tokio::spawn(sample_loop(
@@ -199,8 +289,12 @@ impl SupervisorBuilder {
 /// lived `start_secs`; it is restarted after **any** exit nobody asked for (exit code 0
 /// included) and when its heartbeat line has not come for `stall_timeout`, after a jittered
 /// exponential delay; too many failed starts in a window make it **Fatal**. Stopping sends
-/// SIGINT to the group, then SIGKILL after `stop_timeout`. See the [module docs](super) for
+/// SIGINT to the group, then SIGKILL after `stop_timeout`; a process still there after the
+/// kill timeout is reported **Unkillable** and left behind. See the [module docs](super) for
 /// the whole story.
+///
+/// Only processes this supervisor started (or adopted) are ever signalled, each after its
+/// identity (pid, start time, boot) was checked again just before.
 ///
 /// `Supervisor` is a cheap handle (`Clone`). When the last handle is dropped, every producer's
 /// process group gets SIGKILL at once and the children are reaped by their tasks: call
@@ -229,6 +323,9 @@ struct Shared {
     orphans: Vec<OrphanAction>,
     adoptable: Arc<Mutex<HashMap<String, Adoptable>>>,
     sampler: Mutex<Option<JoinHandle<()>>>,
+    ledger: Arc<Ledger>,
+    kill_timeout: Duration,
+    orphan_stop_timeout: Duration,
 }
 
 impl Drop for Shared {
@@ -238,9 +335,10 @@ impl Drop for Shared {
         }
         let producers = std::mem::take(&mut *self.producers.lock());
         for entry in producers.values() {
-            let pgid = entry.producer.pgid.load(Ordering::SeqCst);
-            if pgid > 0 {
-                signal_group(pgid, libc::SIGKILL);
+            let process = entry.producer.process.lock().clone();
+            if let Some(process) = process {
+                // Identity re-checked; a reaped child is never signalled.
+                let _ = process.signal_group(libc::SIGKILL);
             }
             if let Some(runner) = &entry.runner {
                 // The runner reaps its child (and kills it, if it spawned one meanwhile).
@@ -248,7 +346,9 @@ impl Drop for Shared {
             }
         }
         for orphan in self.adoptable.lock().drain().map(|(_, a)| a) {
-            signal_group(i32::try_from(orphan.pid).unwrap_or(0), libc::SIGKILL);
+            let _ = identity::signal(&orphan.identity, Reach::Group, libc::SIGKILL);
+            self.ledger
+                .remove(orphan.identity.pid, orphan.identity.start_ticks);
         }
         orphans::unregister_instance(self.nonce);
     }
@@ -287,8 +387,8 @@ pub(crate) struct ProducerShared {
     name: String,
     pub(crate) status: Mutex<StatusInner>,
     output: Arc<Mutex<OutputBuffer>>,
-    /// The process group of the current process, 0 when none.
-    pgid: AtomicI32,
+    /// The current process (its pid is its process group), while it may be signalled.
+    process: Mutex<Option<Arc<ProcHandle>>>,
 }
 
 pub(crate) struct StatusInner {
@@ -319,6 +419,8 @@ pub(crate) struct StatusInner {
     pub heartbeats_at_activation: u64,
     /// The spec it runs (for restarting a stopped producer).
     pub spec: Option<ProducerSpec>,
+    /// Pids that survived SIGKILL (or could not be reaped), until they are reaped.
+    pub unkillable: Vec<u32>,
 }
 
 impl ProducerShared {
@@ -358,6 +460,7 @@ impl ProducerShared {
             cpu_percent: s.cpu_percent,
             rss_bytes: s.rss_bytes,
             warnings: s.warnings.clone(),
+            unkillable_pids: s.unkillable.clone(),
         }
     }
 
@@ -417,7 +520,7 @@ impl Supervisor {
             .render()
             .map_err(|e| e.context(format!("producer {name}")))?;
         for warning in &rendered.warnings {
-            tracing::warn!(stream = %name, "{}", redact_text(warning));
+            tracing::warn!(stream = %name, "{}", rendered.secrets.redact(warning));
         }
         let (started_tx, started_rx) = oneshot::channel();
         {
@@ -458,7 +561,7 @@ impl Supervisor {
                         name: name.clone(),
                         status: Mutex::new(s),
                         output: Arc::new(Mutex::new(OutputBuffer::new(spec.output_lines))),
-                        pgid: AtomicI32::new(0),
+                        process: Mutex::new(None),
                     })
                 }
             };
@@ -478,11 +581,14 @@ impl Supervisor {
                 rng: self.shared.rng.clone(),
                 marker: self.shared.marker.clone(),
                 adoptable: self.shared.adoptable.clone(),
+                ledger: self.shared.ledger.clone(),
+                kill_timeout: self.shared.kill_timeout,
                 cmds: rx,
                 pending_starts: vec![started_tx],
                 stop_replies: Vec::new(),
                 shutdown: false,
                 launched_once: false,
+                unkillable: false,
             };
             let task = tokio::spawn(runner.run());
             producers.insert(
@@ -518,7 +624,10 @@ impl Supervisor {
     /// Stops a producer: [`StopMode::Graceful`] sends SIGINT to its process group and SIGKILL
     /// after its `stop_timeout`; [`StopMode::Force`] sends SIGKILL at once (and escalates a
     /// graceful stop in progress). Returns once the process is gone and reaped, with the final
-    /// status (Stopped). Stopping a stopped or Fatal producer does nothing.
+    /// status (Stopped) — or, when it survives SIGKILL or cannot be reaped for the kill
+    /// timeout, with state [`Unkillable`](ProducerState::Unkillable): always within
+    /// `stop_timeout` + 2 × `kill_timeout` + 2 s. Stopping a stopped, Fatal or Unkillable
+    /// producer does nothing.
     ///
     /// # Errors
     ///
@@ -636,24 +745,48 @@ impl Supervisor {
 
     /// Stops every producer, concurrently (a graceful stop of many kvssink producers takes as
     /// long as the slowest one, not the sum), and the orphans kept for adoption that were
-    /// never claimed; one result per item.
+    /// never claimed (SIGINT, SIGKILL after `orphan_stop_timeout`, each after their identity
+    /// was checked again); one result per item. A producer that ends
+    /// [Unkillable](ProducerState::Unkillable) and an orphan that survives SIGKILL are
+    /// failures.
     pub async fn stop_all(&self, mode: StopMode) -> BulkReport {
         let names: Vec<String> = self.shared.producers.lock().keys().cloned().collect();
         let results =
             futures_util::future::join_all(names.iter().map(|n| self.stop(n, mode))).await;
-        let mut report = collect_report(names, results.into_iter().map(|r| r.map(|_| ())));
+        let mut report = collect_report(
+            names,
+            results.into_iter().map(|r| {
+                r.and_then(|status| {
+                    if status.state == ProducerState::Unkillable {
+                        Err(Error::new(ErrorKind::Timeout, status.state_reason))
+                    } else {
+                        Ok(())
+                    }
+                })
+            }),
+        );
         let unclaimed: Vec<(String, Adoptable)> = self.shared.adoptable.lock().drain().collect();
-        for (name, orphan) in unclaimed {
-            let pgid = i32::try_from(orphan.pid).unwrap_or(0);
-            signal_group(pgid, libc::SIGINT);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && procfs::is_alive(pgid, Some(orphan.start_ticks)) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let list: Vec<Adoptable> = unclaimed.iter().map(|(_, a)| a.clone()).collect();
+        let outcomes = orphans::stop_unclaimed(
+            &list,
+            self.shared.orphan_stop_timeout,
+            self.shared.kill_timeout,
+        )
+        .await;
+        for ((name, orphan), outcome) in unclaimed.into_iter().zip(outcomes) {
+            let label = format!("{name} (unclaimed orphan pid {})", orphan.identity.pid);
+            match outcome {
+                orphans::OrphanOutcome::Failed(why) => report.failed.push(BulkFailure {
+                    stream_name: label,
+                    error: Error::new(ErrorKind::Timeout, why),
+                }),
+                _ => {
+                    self.shared
+                        .ledger
+                        .remove(orphan.identity.pid, orphan.identity.start_ticks);
+                    report.succeeded.push(label);
+                }
             }
-            signal_group(pgid, libc::SIGKILL);
-            report
-                .succeeded
-                .push(format!("{name} (unclaimed orphan pid {})", orphan.pid));
         }
         report
     }
@@ -721,7 +854,7 @@ impl Supervisor {
         timeout: Duration,
         predicate: impl Fn(&ProducerStatus) -> bool,
     ) -> Result<ProducerStatus> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let status = self
                 .status(stream_name)
@@ -802,6 +935,7 @@ fn new_status(spec: &ProducerSpec, rendered: &Rendered) -> StatusInner {
         stall_timeout: None,
         heartbeats_at_activation: 0,
         spec: None,
+        unkillable: Vec::new(),
     };
     apply_spec(&mut s, spec, rendered);
     s
@@ -809,12 +943,15 @@ fn new_status(spec: &ProducerSpec, rendered: &Rendered) -> StatusInner {
 
 fn apply_spec(s: &mut StatusInner, spec: &ProducerSpec, rendered: &Rendered) {
     s.kind = spec.command.kind();
-    s.rtsp_url = spec.rtsp_url.redacted();
+    s.rtsp_url = rendered
+        .secrets
+        .redact(&spec.rtsp_url.redacted())
+        .into_owned();
     s.command = rendered.display();
     s.warnings = rendered
         .warnings
         .iter()
-        .map(|w| redact_text(w).into_owned())
+        .map(|w| rendered.secrets.redact(w).into_owned())
         .collect();
     s.heartbeat_line = rendered.heartbeat_line.clone();
     s.stall_timeout = spec
@@ -863,6 +1000,14 @@ enum Outcome {
     Shutdown,
 }
 
+/// How a stop ended.
+enum Ended {
+    /// Ended and reaped.
+    Exit(ExitKind),
+    /// Not gone (or not reaped) within the kill timeout after SIGKILL: why.
+    Unkillable(String),
+}
+
 struct Runner {
     name: String,
     spec: ProducerSpec,
@@ -873,6 +1018,8 @@ struct Runner {
     rng: Arc<Mutex<StdRng>>,
     marker: Marker,
     adoptable: Arc<Mutex<HashMap<String, Adoptable>>>,
+    ledger: Arc<Ledger>,
+    kill_timeout: Duration,
     tracker: RestartTracker,
     cmds: mpsc::UnboundedReceiver<Command>,
     /// Callers waiting for the next launch (start, restart).
@@ -882,11 +1029,13 @@ struct Runner {
     shutdown: bool,
     /// Whether a process was launched (a failed first launch is the caller's error).
     launched_once: bool,
+    /// The current process was found unkillable: it goes to the late reaper.
+    unkillable: bool,
 }
 
 impl Runner {
     fn transition(&self, to: ProducerState, reason: &str, restart_reason: Option<RestartReason>) {
-        let reason = redact_text(reason).into_owned();
+        let reason = self.rendered.secrets.redact(reason).into_owned();
         let (from, pid) = {
             let mut s = self.producer.status.lock();
             let from = s.state;
@@ -902,7 +1051,7 @@ impl Runner {
             m.set_state(&self.name, to);
         }
         match to {
-            ProducerState::Backoff | ProducerState::Fatal => {
+            ProducerState::Backoff | ProducerState::Fatal | ProducerState::Unkillable => {
                 tracing::warn!(stream = %self.name, pid, from = %from, to = %to, "{reason}");
             }
             _ => tracing::info!(stream = %self.name, pid, from = %from, to = %to, "{reason}"),
@@ -942,7 +1091,7 @@ impl Runner {
     }
 
     fn clear_process(&self) {
-        self.producer.pgid.store(0, Ordering::SeqCst);
+        *self.producer.process.lock() = None;
         let mut s = self.producer.status.lock();
         s.pid = None;
         s.adopted = false;
@@ -960,8 +1109,67 @@ impl Runner {
         });
     }
 
+    /// Reports the current process unkillable (state and event); it is handed to the late
+    /// reaper once its supervision ends.
+    fn mark_unkillable(&mut self, pid: u32, why: &str) {
+        self.unkillable = true;
+        {
+            let mut s = self.producer.status.lock();
+            if !s.unkillable.contains(&pid) {
+                s.unkillable.push(pid);
+            }
+        }
+        let tracer = i32::try_from(pid)
+            .ok()
+            .and_then(procfs::tracer_pid)
+            .map_or(String::new(), |t| format!(" (traced by pid {t})"));
+        self.transition(
+            ProducerState::Unkillable,
+            &format!(
+                "pid {pid} {why}{tracer}: stuck in the kernel or held by a tracer; no longer \
+                 waited for (reaped when it ends)"
+            ),
+            None,
+        );
+    }
+
+    /// Records the outcome of a stop: the exit, or the unkillable process.
+    fn after_stop(&mut self, pid: u32, ended: Ended) {
+        match ended {
+            Ended::Exit(kind) => self.record_exit(pid, kind, true),
+            Ended::Unkillable(why) => self.mark_unkillable(pid, &why),
+        }
+    }
+
+    /// Keeps trying to reap an unkillable process, once a second, while the producer exists.
+    fn hand_to_late_reaper(&self, mut proc: Proc) {
+        let producer = Arc::downgrade(&self.producer);
+        let ledger = self.ledger.clone();
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            let pid = proc.pid();
+            let identity = proc.handle().identity.clone();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(producer) = producer.upgrade() else {
+                    // The supervisor is gone: dropping `proc` kills and reaps it in a thread.
+                    return;
+                };
+                if let Some(kind) = proc.try_reap() {
+                    producer.status.lock().unkillable.retain(|p| *p != pid);
+                    ledger.remove(identity.pid, identity.start_ticks);
+                    tracing::info!(stream = %name, pid, %kind, "the unkillable process ended and was reaped");
+                    return;
+                }
+            }
+        });
+    }
+
     async fn run(mut self) {
         loop {
+            self.unkillable = false;
             let launched = self.launch();
             let (mut proc, launch) = match launched {
                 Ok(ok) => {
@@ -1002,13 +1210,22 @@ impl Runner {
             let outcome = self.supervise(&mut proc, &launch).await;
             let pid = proc.pid();
             self.clear_process();
+            if self.unkillable {
+                self.hand_to_late_reaper(proc);
+            } else {
+                let identity = &proc.handle().identity;
+                self.ledger.remove(identity.pid, identity.start_ticks);
+                drop(proc);
+            }
             match outcome {
                 Outcome::Exited {
                     exit,
                     was_running,
                     ran_for,
                 } => {
-                    self.record_exit(pid, exit, false);
+                    if !self.unkillable {
+                        self.record_exit(pid, exit, false);
+                    }
                     let reason = match exit {
                         ExitKind::Code(0) => RestartReason::ExitSuccess,
                         ExitKind::Code(_) => RestartReason::ExitFailure,
@@ -1052,8 +1269,10 @@ impl Runner {
                     }
                 }
                 Outcome::Stopped => {
-                    let mode = "stopped by request";
-                    self.transition(ProducerState::Stopped, mode, None);
+                    // An unkillable process stays reported as such.
+                    if !self.unkillable {
+                        self.transition(ProducerState::Stopped, "stopped by request", None);
+                    }
                     self.answer_stops();
                     return;
                 }
@@ -1063,7 +1282,9 @@ impl Runner {
                     self.sync_tracker();
                 }
                 Outcome::Shutdown => {
-                    self.transition(ProducerState::Stopped, "supervisor dropped", None);
+                    if !self.unkillable {
+                        self.transition(ProducerState::Stopped, "supervisor dropped", None);
+                    }
                     self.answer_stops();
                     return;
                 }
@@ -1097,10 +1318,8 @@ impl Runner {
                     "gave up after {failed_starts} failed starts within {}: {what}",
                     human(interval)
                 );
-                {
-                    let mut s = self.producer.status.lock();
-                    s.last_supervisor_error = Some(redact_text(&message).into_owned());
-                }
+                let message = self.rendered.secrets.redact(&message).into_owned();
+                self.producer.status.lock().last_supervisor_error = Some(message.clone());
                 self.transition(ProducerState::Fatal, &message, Some(reason));
                 self.answer_starts(&Err(Error::new(ErrorKind::Stopped, message)));
                 self.answer_stops();
@@ -1108,7 +1327,7 @@ impl Runner {
             }
             Decision::Backoff { delay, attempt } => {
                 self.record_restart(reason);
-                let deadline = Instant::now() + delay;
+                let deadline = deadline_after(delay);
                 self.producer.status.lock().next_start_at = Some(deadline);
                 self.transition(
                     ProducerState::Backoff,
@@ -1154,12 +1373,13 @@ impl Runner {
         let launch = LaunchSignals::new();
         let adopted = self.adoptable.lock().remove(&self.name);
         if let Some(orphan) = adopted {
-            let pid = i32::try_from(orphan.pid).unwrap_or(0);
-            if procfs::is_alive(pid, Some(orphan.start_ticks)) {
-                self.producer.pgid.store(pid, Ordering::SeqCst);
+            if orphan.identity.check() == Check::Alive {
+                let proc = Proc::Adopted(AdoptedProc::new(orphan.identity.clone()));
+                *self.producer.process.lock() = Some(proc.handle().clone());
+                let pid = proc.pid();
                 {
                     let mut s = self.producer.status.lock();
-                    s.pid = Some(orphan.pid);
+                    s.pid = Some(pid);
                     s.adopted = true;
                     s.started_at = orphan.started_at;
                     s.started_instant = Some(
@@ -1174,34 +1394,33 @@ impl Runner {
                 self.transition(
                     ProducerState::Running,
                     &format!(
-                        "adopted pid {} left by an earlier supervisor (no output or heartbeat \
-                         is available for it)",
-                        orphan.pid
+                        "adopted pid {pid} left by an earlier supervisor (no output or heartbeat \
+                         is available for it)"
                     ),
                     None,
                 );
-                return Ok((
-                    Proc::Adopted {
-                        pid: orphan.pid,
-                        start_ticks: orphan.start_ticks,
-                    },
-                    launch,
-                ));
+                return Ok((proc, launch));
             }
+            // Gone meanwhile (pruned late): forget it.
+            self.ledger
+                .remove(orphan.identity.pid, orphan.identity.start_ticks);
         }
-        let mut child = child::spawn(&self.rendered, &self.marker, &self.name).map_err(|e| {
+        let spawned = child::spawn(&self.rendered, &self.marker, &self.name).map_err(|e| {
             Error::from(e).context(format!(
                 "producer {}: spawning {}",
                 self.name,
                 self.rendered.program.display()
             ))
         })?;
-        let Some(pid) = child.id() else {
-            return Err(Error::new(
-                ErrorKind::Internal,
-                format!("producer {}: the child has no pid", self.name),
-            ));
-        };
+        let child = spawned.child;
+        let proc_handle = child.handle_ref().clone();
+        let pid = proc_handle.pid();
+        self.ledger.add(LedgerEntry {
+            pid: proc_handle.identity.pid,
+            start_ticks: proc_handle.identity.start_ticks,
+            stream: self.name.clone(),
+            marker: self.marker.instance.clone(),
+        });
         let rules = Arc::new(LineRules {
             name: self.name.clone(),
             pid,
@@ -1213,9 +1432,10 @@ impl Runner {
                 .iter()
                 .map(|p| p.to_ascii_lowercase())
                 .collect(),
+            secrets: self.rendered.secrets.clone(),
         });
         let mut readers = Vec::new();
-        if let Some(stdout) = child.stdout.take() {
+        if let Some(stdout) = spawned.stdout {
             readers.push(tokio::spawn(child::drain(
                 stdout,
                 false,
@@ -1224,7 +1444,7 @@ impl Runner {
                 self.producer.output.clone(),
             )));
         }
-        if let Some(stderr) = child.stderr.take() {
+        if let Some(stderr) = spawned.stderr {
             readers.push(tokio::spawn(child::drain(
                 stderr,
                 true,
@@ -1233,9 +1453,7 @@ impl Runner {
                 self.producer.output.clone(),
             )));
         }
-        self.producer
-            .pgid
-            .store(i32::try_from(pid).unwrap_or(0), Ordering::SeqCst);
+        *self.producer.process.lock() = Some(proc_handle);
         {
             let mut s = self.producer.status.lock();
             s.pid = Some(pid);
@@ -1251,14 +1469,7 @@ impl Runner {
             &format!("spawned pid {pid}: {}", self.rendered.display()),
             None,
         );
-        Ok((
-            Proc::Child {
-                child: Box::new(child),
-                pid,
-                readers,
-            },
-            launch,
-        ))
+        Ok((Proc::Child { child, readers }, launch))
     }
 
     /// Watches one process until it ends or is stopped.
@@ -1266,7 +1477,9 @@ impl Runner {
         let started = Instant::now();
         let mut running = proc.is_adopted();
         let mut running_since = started;
-        let start_deadline = started + self.spec.start_secs;
+        let start_deadline = started
+            .checked_add(self.spec.start_secs)
+            .unwrap_or_else(|| deadline_after(Duration::MAX));
         let stall = if proc.is_adopted() {
             None
         } else {
@@ -1280,7 +1493,11 @@ impl Runner {
         let mut check = tokio::time::interval(check_every);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stable_after = self.spec.restart.stable_after;
-        let mut stable_deadline = running.then(|| started + stable_after);
+        let after = |t: Instant, d: Duration| {
+            t.checked_add(d)
+                .unwrap_or_else(|| deadline_after(Duration::MAX))
+        };
+        let mut stable_deadline = running.then(|| after(started, stable_after));
         loop {
             tokio::select! {
                 cmd = self.cmds.recv() => match cmd {
@@ -1291,8 +1508,8 @@ impl Runner {
                             StopMode::Force => "forced stop requested: SIGKILL to the process group",
                         };
                         self.transition(ProducerState::Stopping, how, None);
-                        let exit = self.stop_process(proc, mode).await;
-                        self.record_exit(proc.pid(), exit, true);
+                        let ended = self.stop_process(proc, mode).await;
+                        self.after_stop(proc.pid(), ended);
                         return if self.shutdown { Outcome::Shutdown } else { Outcome::Stopped };
                     }
                     Some(Command::Restart { reply }) => {
@@ -1302,8 +1519,8 @@ impl Runner {
                             "restart requested: SIGINT to the process group",
                             Some(RestartReason::Manual),
                         );
-                        let exit = self.stop_process(proc, StopMode::Graceful).await;
-                        self.record_exit(proc.pid(), exit, true);
+                        let ended = self.stop_process(proc, StopMode::Graceful).await;
+                        self.after_stop(proc.pid(), ended);
                         return if self.shutdown {
                             Outcome::Shutdown
                         } else if !self.stop_replies.is_empty() {
@@ -1314,27 +1531,40 @@ impl Runner {
                     }
                     Some(Command::Shutdown) | None => {
                         self.shutdown = true;
-                        let exit = self.stop_process(proc, StopMode::Force).await;
-                        self.record_exit(proc.pid(), exit, true);
+                        let ended = self.stop_process(proc, StopMode::Force).await;
+                        self.after_stop(proc.pid(), ended);
                         return Outcome::Shutdown;
                     }
                 },
-                exit = proc.wait() => {
-                    // Stragglers of the group (a shell's children) go with the leader.
-                    signal_group(proc.pgid(), libc::SIGKILL);
+                () = proc.exited() => {
+                    // Stragglers of the group (a shell's children) go with the leader, while
+                    // the unreaped leader still holds the group id.
+                    proc.signal_group(libc::SIGKILL);
+                    let reaped = proc.reap_until(deadline_after(self.kill_timeout)).await;
                     proc.finish_readers(READER_GRACE).await;
+                    let exit = match reaped {
+                        Some(exit) => exit,
+                        None => {
+                            let why = format!(
+                                "ended but could not be reaped within {}",
+                                human(self.kill_timeout)
+                            );
+                            self.mark_unkillable(proc.pid(), &why);
+                            ExitKind::Unknown
+                        }
+                    };
                     return Outcome::Exited { exit, was_running: running, ran_for: started.elapsed() };
                 }
                 () = launch.ready.notified(), if !running => {
                     running = true;
                     running_since = Instant::now();
-                    stable_deadline = Some(running_since + stable_after);
+                    stable_deadline = Some(after(running_since, stable_after));
                     self.transition(ProducerState::Running, "printed its readiness line", None);
                 }
                 () = sleep_until(start_deadline), if !running => {
                     running = true;
                     running_since = Instant::now();
-                    stable_deadline = Some(running_since + stable_after);
+                    stable_deadline = Some(after(running_since, stable_after));
                     self.transition(
                         ProducerState::Running,
                         &format!("alive for {} (start_secs)", human(self.spec.start_secs)),
@@ -1363,8 +1593,8 @@ impl Runner {
                             ),
                             Some(RestartReason::Stall),
                         );
-                        let exit = self.stop_process(proc, StopMode::Graceful).await;
-                        self.record_exit(proc.pid(), exit, true);
+                        let ended = self.stop_process(proc, StopMode::Graceful).await;
+                        self.after_stop(proc.pid(), ended);
                         return if self.shutdown {
                             Outcome::Shutdown
                         } else if !self.stop_replies.is_empty() {
@@ -1379,32 +1609,43 @@ impl Runner {
     }
 
     /// Stops the process group: SIGINT, SIGKILL after `stop_timeout` (at once for
-    /// [`StopMode::Force`]), then reaps it and drains its last lines. Stop commands that
-    /// arrive meanwhile join (a forced one escalates); a restart is refused.
-    async fn stop_process(&mut self, proc: &mut Proc, mode: StopMode) -> ExitKind {
-        let pgid = proc.pgid();
+    /// [`StopMode::Force`]), then waits at most `kill_timeout` for it to end and again at
+    /// most `kill_timeout` to reap it, and drains its last lines. Stop commands that arrive
+    /// meanwhile join (a forced one escalates); a restart is refused. Every signal re-checks
+    /// the process's identity first.
+    async fn stop_process(&mut self, proc: &mut Proc, mode: StopMode) -> Ended {
         let mut killed = mode == StopMode::Force;
-        signal_group(pgid, if killed { libc::SIGKILL } else { libc::SIGINT });
-        let deadline = Instant::now() + self.spec.stop_timeout;
-        let exit = loop {
+        proc.signal_group(if killed { libc::SIGKILL } else { libc::SIGINT });
+        let graceful_deadline = deadline_after(self.spec.stop_timeout);
+        let mut kill_deadline = killed.then(|| deadline_after(self.kill_timeout));
+        loop {
             tokio::select! {
-                exit = proc.wait() => break exit,
-                () = sleep_until(deadline), if !killed => {
+                () = proc.exited() => break,
+                () = sleep_until(graceful_deadline), if !killed => {
                     tracing::warn!(
                         stream = %self.name,
                         pid = proc.pid(),
                         "still running {} after SIGINT: SIGKILL",
                         human(self.spec.stop_timeout)
                     );
-                    signal_group(pgid, libc::SIGKILL);
+                    proc.signal_group(libc::SIGKILL);
                     killed = true;
+                    kill_deadline = Some(deadline_after(self.kill_timeout));
+                }
+                () = sleep_until(kill_deadline.unwrap_or(graceful_deadline)), if kill_deadline.is_some() => {
+                    proc.finish_readers(Duration::ZERO).await;
+                    return Ended::Unkillable(format!(
+                        "still running {} after SIGKILL",
+                        human(self.kill_timeout)
+                    ));
                 }
                 cmd = self.cmds.recv(), if !self.shutdown => match cmd {
                     Some(Command::Stop { mode, reply }) => {
                         self.stop_replies.push(reply);
                         if mode == StopMode::Force && !killed {
-                            signal_group(pgid, libc::SIGKILL);
+                            proc.signal_group(libc::SIGKILL);
                             killed = true;
+                            kill_deadline = Some(deadline_after(self.kill_timeout));
                         }
                     }
                     Some(Command::Restart { reply }) => {
@@ -1416,21 +1657,33 @@ impl Runner {
                     Some(Command::Shutdown) | None => {
                         self.shutdown = true;
                         if !killed {
-                            signal_group(pgid, libc::SIGKILL);
+                            proc.signal_group(libc::SIGKILL);
                             killed = true;
+                            kill_deadline = Some(deadline_after(self.kill_timeout));
                         }
                     }
                 }
             }
-        };
-        signal_group(pgid, libc::SIGKILL);
+        }
+        // The leader ended but is not reaped: its group id is still its own.
+        proc.signal_group(libc::SIGKILL);
+        let reaped = proc.reap_until(deadline_after(self.kill_timeout)).await;
         proc.finish_readers(READER_GRACE).await;
-        tracing::debug!(stream = %self.name, pid = proc.pid(), %exit, "process ended");
-        exit
+        match reaped {
+            Some(exit) => {
+                tracing::debug!(stream = %self.name, pid = proc.pid(), %exit, "process ended");
+                Ended::Exit(exit)
+            }
+            None => Ended::Unkillable(format!(
+                "ended but could not be reaped within {}",
+                human(self.kill_timeout)
+            )),
+        }
     }
 }
 
-/// Samples CPU, memory and uptime of every producer from one `/proc` scan per interval.
+/// Samples CPU, memory and uptime of every producer from one `/proc` scan per interval, and
+/// forgets orphans kept for adoption that are gone.
 async fn sample_loop(shared: Weak<Shared>, interval: Duration) {
     struct Prev {
         pgid: i32,
@@ -1446,25 +1699,58 @@ async fn sample_loop(shared: Weak<Shared>, interval: Duration) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let producers: Vec<(String, Arc<ProducerShared>)> = shared
+        let producers: Vec<(String, Arc<ProducerShared>, i32)> = shared
             .producers
             .lock()
             .iter()
-            .map(|(n, e)| (n.clone(), e.producer.clone()))
+            .map(|(n, e)| {
+                let pgid = e
+                    .producer
+                    .process
+                    .lock()
+                    .as_ref()
+                    .map_or(0, |h| h.identity.pid);
+                (n.clone(), e.producer.clone(), pgid)
+            })
             .collect();
         let metrics = shared.metrics.clone();
+        let orphans: Vec<(String, identity::Identity)> = shared
+            .adoptable
+            .lock()
+            .iter()
+            .map(|(n, a)| (n.clone(), a.identity.clone()))
+            .collect();
+        let weak = Arc::downgrade(&shared);
         drop(shared);
         let pgids: Vec<i32> = producers
             .iter()
-            .map(|(_, p)| p.pgid.load(Ordering::SeqCst))
+            .map(|(_, _, g)| *g)
             .filter(|&g| g > 0)
             .collect();
-        let samples = tokio::task::spawn_blocking(move || procfs::sample_groups(&pgids))
-            .await
-            .unwrap_or_default();
+        let (samples, gone) = tokio::task::spawn_blocking(move || {
+            let gone: Vec<(String, identity::Identity)> = orphans
+                .into_iter()
+                .filter(|(_, id)| id.check() != Check::Alive)
+                .collect();
+            (procfs::sample_groups(&pgids), gone)
+        })
+        .await
+        .unwrap_or_default();
+        if !gone.is_empty()
+            && let Some(shared) = weak.upgrade()
+        {
+            let mut adoptable = shared.adoptable.lock();
+            for (name, id) in gone {
+                if adoptable.get(&name).is_some_and(|a| a.identity == id) {
+                    adoptable.remove(&name);
+                    shared.ledger.remove(id.pid, id.start_ticks);
+                    tracing::info!(stream = %name, pid = id.pid, "an orphan kept for adoption ended: forgotten");
+                }
+            }
+        }
         let now = Instant::now();
-        for (name, producer) in &producers {
-            let pgid = producer.pgid.load(Ordering::SeqCst);
+        for (name, producer, pgid) in &producers {
+            let pgid = *pgid;
             let sample = samples.get(&pgid).filter(|_| pgid > 0);
             let (cpu, rss) = match sample {
                 Some(sample) => {
@@ -1520,6 +1806,6 @@ async fn sample_loop(shared: Weak<Shared>, interval: Duration) {
                 }
             }
         }
-        previous.retain(|name, _| producers.iter().any(|(n, _)| n == name));
+        previous.retain(|name, _| producers.iter().any(|(n, _, _)| n == name));
     }
 }

@@ -8,6 +8,10 @@
 #                       sample does on bad credentials
 #   FAKE_ACK_INTERVAL   seconds between "Reporting fragment ack received" lines (default 0.2)
 #   FAKE_IGNORE_PIPE    1: keep running when stdout is gone (an orphan whose supervisor died)
+#   FAKE_BURST          1: block-buffered stdout, as the real sample when piped: stdout goes
+#                       through `dd bs=4096`, so it arrives in 4096-byte writes
+#   FAKE_STRADDLE       1: first print a line in which the URL password ends exactly at byte
+#                       4096 (its `@` is the first byte past a 4096-byte cut)
 #   FAKE_CONTROL        a file: when it appears, its first word is taken (the file is removed)
 #                       and obeyed once:
 #     exit0       print RTSP errors like the sample, then exit 0
@@ -18,7 +22,14 @@
 #                 "flood done", then acks again
 #     burn        start a busy loop in the background (same process group), keep printing acks
 #     grow        allocate ~64 MB in this shell, keep printing acks
+#     unmarked    start `sleep 300` in the background (same process group) without the
+#                 supervisor's marker variables in its environment, keep printing acks
 set -u
+
+if [ "${FAKE_BURST:-0}" = 1 ] && [ -z "${FAKE_BURST_INNER:-}" ]; then
+    FAKE_BURST_INNER=1 "$0" "$@" | dd bs=4096 iflag=fullblock status=none
+    exit "${PIPESTATUS[0]}"
+fi
 
 if [ "$#" -ne 2 ]; then
     echo "Usage: kvs_gstreamer_sample <my_stream_name> <rtsp_url>" >&2
@@ -32,6 +43,13 @@ interval=${FAKE_ACK_INTERVAL:-0.2}
 if [ "${FAKE_START:-normal}" = fail ]; then
     echo "[ERROR] createStream(): Failed to create stream $stream: NotAuthorizedException: invalid security token" >&2
     exit 1
+fi
+
+if [ "${FAKE_STRADDLE:-0}" = 1 ]; then
+    # `rtsp://user:password` is the 4096-byte prefix; `@host…` follows.
+    userinfo=${url%%@*}
+    pad=$((4096 - ${#userinfo}))
+    printf '%s%s and more\n' "$(head -c "$pad" /dev/zero | tr '\0' x)" "$url"
 fi
 
 # The sample prints its URL in its logs: the supervisor must redact it.
@@ -73,6 +91,11 @@ while :; do
             burn)
                 (while :; do :; done) &
                 echo "[INFO ] burning"
+                ;;
+            unmarked)
+                env -u KVS_FRAMES_SUPERVISOR_ID -u KVS_FRAMES_SUPERVISOR_INSTANCE \
+                    -u KVS_FRAMES_PRODUCER sleep 300 &
+                echo "[INFO ] unmarked member $!"
                 ;;
             grow)
                 big=$(head -c 64000000 /dev/zero | tr '\0' 'g')
