@@ -1382,10 +1382,11 @@ mod tests {
         assert!(camera.frames_encoded() >= 100);
         camera.stop();
 
-        // The two fragments of history come faster than real time.
+        // The two fragments of history come faster than real time (the bound is the claim
+        // itself, not a speed: encoding may be slow on a loaded machine).
         let history_done = got[1].at - started;
         assert!(
-            history_done < Duration::from_millis(1500),
+            history_done < history,
             "2 s of history took {history_done:?}"
         );
         for (k, r) in got.iter().enumerate() {
