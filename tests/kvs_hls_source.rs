@@ -739,3 +739,124 @@ fn session_tokens_never_reach_logs_errors_or_debug_output() {
         );
     }
 }
+
+/// The value of a metric series `name{camera_id="…"}` in the registry's text output.
+fn metric(registry: &prometheus::Registry, series: &str) -> Option<f64> {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The default backoff policy with short delays (and no explicit error limit).
+fn default_backoff_quick() -> BackoffPolicy {
+    BackoffPolicy::default()
+        .initial(Duration::from_millis(300))
+        .max(Duration::from_millis(600))
+        .jitter(Jitter::Fixed(1.0))
+}
+
+#[test]
+fn a_live_source_never_gives_up_on_a_long_outage_by_default() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    let faults = emulator.faults("cam-1").unwrap();
+    faults.camera_offline(Duration::from_secs(3600));
+    assert!(
+        emulator.ground_truth("cam-1").is_empty(),
+        "the camera is offline from the start"
+    );
+    let registry = prometheus::Registry::new();
+    let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
+    let source = source(&emulator, "cam-1")
+        .backoff(default_backoff_quick())
+        .metrics(metrics)
+        .build()
+        .unwrap();
+    let mut frames = source.frames();
+    // Far more errors in a row than the old default limit (10): the source keeps trying.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while source.stats().consecutive_errors < 16 {
+        assert!(Instant::now() < deadline, "{:?}", source.stats());
+        if let Some(item) = frames.next_timeout(Duration::from_millis(200)) {
+            panic!("nothing may come out during the outage: {item:?}");
+        }
+    }
+    let stats = source.stats();
+    assert_eq!(stats.state, SourceState::Reconnecting, "{stats:?}");
+    assert!(!source.is_healthy());
+    let since = stats.reconnecting_since.expect("the outage is dated");
+    assert!(
+        since.elapsed().unwrap() >= Duration::from_secs(4),
+        "{stats:?}"
+    );
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("No fragments"),
+        "{stats:?}"
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            "kvs_hls_connection_state{camera_id=\"test-camera\"}"
+        ),
+        Some(3.0)
+    );
+    assert!(
+        metric(
+            &registry,
+            "kvs_hls_reconnects_total{camera_id=\"test-camera\"}"
+        )
+        .unwrap()
+            >= 15.0
+    );
+    // The camera comes back: frames flow again, exactly.
+    faults.camera_offline(Duration::ZERO);
+    let got = take(&source, 50, Duration::from_secs(15));
+    assert_exact(&emulator, "cam-1", &got);
+    let stats = source.stats();
+    assert_eq!(stats.state, SourceState::Connected);
+    assert_eq!(stats.consecutive_errors, 0);
+    assert_eq!(stats.reconnecting_since, None);
+    assert!(source.is_healthy());
+}
+
+#[test]
+fn an_empty_range_wholly_in_the_past_ends_at_once_with_no_fragments() {
+    let emulator = history("cam-1", 3);
+    let long_ago = SystemTime::now() - Duration::from_secs(7200);
+    let ranges = [
+        PlaybackMode::OnDemand {
+            start: long_ago,
+            end: long_ago + Duration::from_secs(60),
+        },
+        PlaybackMode::LiveReplay {
+            start: long_ago,
+            end: Some(long_ago + Duration::from_secs(60)),
+        },
+    ];
+    for (i, playback) in ranges.into_iter().enumerate() {
+        let source = source(&emulator, "cam-1")
+            .playback(playback)
+            .backoff(default_backoff_quick())
+            .build()
+            .unwrap();
+        let mut frames = source.frames();
+        let error = match frames.next_timeout(Duration::from_secs(15)) {
+            Some(Err(e)) => e,
+            other => panic!("{playback:?}: expected the range's end as an error, got {other:?}"),
+        };
+        assert_eq!(error.kind(), ErrorKind::NoFragments, "{error}");
+        assert!(error.to_string().contains("range"), "{error}");
+        assert!(frames.next_timeout(Duration::from_secs(1)).is_none());
+        assert_eq!(source.state(), SourceState::Error);
+        // One GetHLSStreamingSessionURL per source: no retry.
+        let calls = emulator.request_stats().api_calls["GetHLSStreamingSessionURL"];
+        assert_eq!(calls, i as u64 + 1, "{playback:?}");
+    }
+}

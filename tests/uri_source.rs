@@ -945,3 +945,38 @@ fn async_stream_gives_the_same_frames_and_latest_only_keeps_the_newest() {
     assert_eq!(frames[0].pts(), Some(Duration::from_millis(40 * 24)));
     assert_eq!(source.stats().frames_dropped_queue_full, 24);
 }
+
+#[test]
+fn an_rtsp_source_never_gives_up_on_a_long_outage_by_default() {
+    let server = rtsp::RtspServer::start();
+    let port = server.port();
+    // The default policy, only faster: no explicit max_consecutive_errors.
+    let backoff = BackoffPolicy::default()
+        .initial(Duration::from_millis(200))
+        .max(Duration::from_millis(400))
+        .jitter(Jitter::Fixed(1.0));
+    let source = rtsp_source(&server.url()).backoff(backoff).build().unwrap();
+    take(&source, 10, Duration::from_secs(10));
+    server.stop();
+    let mut frames = source.frames();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while source.stats().consecutive_errors < 15 {
+        assert!(Instant::now() < deadline, "{:?}", source.stats());
+        if let Some(Err(e)) = frames.next_timeout(Duration::from_millis(100)) {
+            panic!("the source gave up: {e}");
+        }
+    }
+    let stats = source.stats();
+    assert_eq!(stats.state, SourceState::Reconnecting, "{stats:?}");
+    assert!(!source.is_healthy());
+    assert!(stats.reconnecting_since.is_some(), "{stats:?}");
+    let _server = rtsp::RtspServer::builder()
+        .port(port)
+        .start_retrying(Duration::from_secs(10))
+        .unwrap();
+    take(&source, 15, Duration::from_secs(15));
+    let stats = source.stats();
+    assert_eq!(stats.state, SourceState::Connected);
+    assert_eq!(stats.consecutive_errors, 0);
+    assert_eq!(stats.reconnecting_since, None);
+}

@@ -603,6 +603,10 @@ struct Reader {
     failures: u32,
 }
 
+/// How long after a range's end its fragments are assumed to have all reached KVS (producers
+/// upload within seconds; KVS answers LIVE with "no fragments" after 30 s without ingest).
+const RANGE_SETTLE: Duration = Duration::from_secs(30);
+
 enum Outcome {
     /// The range is complete (ON_DEMAND, or LIVE_REPLAY with an end).
     Finished,
@@ -659,14 +663,7 @@ impl Reader {
             let result = self.follow().await;
             let error = match result {
                 Ok(Outcome::Finished) => {
-                    tracing::info!(camera = %self.camera(), "end of the requested range");
-                    // Flush the decoder (its last frames) before ending the queue.
-                    if let Err(e) = self.decoder.finish().await {
-                        tracing::debug!(camera = %self.camera(), error = %e, "decoder finish");
-                    }
-                    // The state first: a reader that sees the end sees why.
-                    self.ctx.set_state(SourceState::Disconnected);
-                    self.ctx.core.queue.finish();
+                    self.finish_range().await;
                     return;
                 }
                 Err(e) if e.kind() == ErrorKind::Stopped => return,
@@ -685,8 +682,29 @@ impl Reader {
                 fail(&self.ctx, error);
                 return;
             }
+            // A range wholly in the past cannot gain fragments: "no fragments" is its end.
+            if error.kind() == ErrorKind::NoFragments && self.range_ended() {
+                if self.position.fed_any {
+                    self.finish_range().await;
+                } else {
+                    fail(
+                        &self.ctx,
+                        error.context(format!(
+                            "the requested range ended more than {}s ago and holds no fragments",
+                            RANGE_SETTLE.as_secs()
+                        )),
+                    );
+                }
+                return;
+            }
             self.failures += 1;
-            self.ctx.core.stats.lock().consecutive_errors = self.failures;
+            {
+                let mut stats = self.ctx.core.stats.lock();
+                stats.consecutive_errors = self.failures;
+                if stats.reconnecting_since.is_none() {
+                    stats.reconnecting_since = Some(SystemTime::now());
+                }
+            }
             if self.opts.common.backoff.exhausted(self.failures) {
                 let n = self.failures;
                 fail(
@@ -717,6 +735,29 @@ impl Reader {
             }
             self.ctx.reset_progress();
         }
+    }
+
+    /// Flushes the decoder (its last frames), then ends the queue: the end of a range.
+    async fn finish_range(&self) {
+        tracing::info!(camera = %self.camera(), "end of the requested range");
+        if let Err(e) = self.decoder.finish().await {
+            tracing::debug!(camera = %self.camera(), error = %e, "decoder finish");
+        }
+        // The state first: a reader that sees the end sees why.
+        self.ctx.set_state(SourceState::Disconnected);
+        self.ctx.core.queue.finish();
+    }
+
+    /// Whether the requested range (ON_DEMAND, or LIVE_REPLAY with an end) ended more than
+    /// [`RANGE_SETTLE`] ago, so that no fragment can still arrive in it.
+    fn range_ended(&self) -> bool {
+        let end = match self.opts.playback {
+            PlaybackMode::OnDemand { end, .. }
+            | PlaybackMode::LiveReplay { end: Some(end), .. } => end,
+            PlaybackMode::Live | PlaybackMode::LiveReplay { end: None, .. } => return false,
+        };
+        end.checked_add(RANGE_SETTLE)
+            .is_some_and(|settled| settled < SystemTime::now())
     }
 
     /// A 404 that looks like "stream not found" is confirmed with DescribeStream before the
@@ -947,7 +988,11 @@ impl Reader {
             for segment in fresh {
                 self.feed(&segment).await?;
                 self.failures = 0;
-                self.ctx.core.stats.lock().consecutive_errors = 0;
+                {
+                    let mut stats = self.ctx.core.stats.lock();
+                    stats.consecutive_errors = 0;
+                    stats.reconnecting_since = None;
+                }
             }
             if playlist.end_list && !matches!(self.opts.playback, PlaybackMode::Live) {
                 let last = playlist.segments.last();

@@ -120,6 +120,9 @@ pub struct SourceStats {
     pub pipelines_built: u64,
     /// Errors in a row without a fragment in between.
     pub consecutive_errors: u32,
+    /// When the current outage began (the first of the current run of consecutive errors);
+    /// None while frames flow.
+    pub reconnecting_since: Option<SystemTime>,
     /// The most recent backoff delays, oldest first (at most 32).
     pub backoff_history: Vec<Duration>,
     /// The last error (redacted), fatal or not.
@@ -288,7 +291,9 @@ macro_rules! common_setters {
             self.common.queue_capacity = capacity;
             self
         }
-        /// Reconnect backoff (default: 5 s, ×2, cap 60 s, jitter 0.8–1.2, 10 errors in a row).
+        /// Reconnect backoff (default: 5 s, ×2, cap 60 s, jitter 0.8–1.2, retried for as long as
+        /// the errors are transient; `max_consecutive_errors(Some(n))` gives up after `n` in a
+        /// row).
         #[must_use]
         pub fn backoff(mut self, policy: BackoffPolicy) -> Self {
             self.common.backoff = policy;

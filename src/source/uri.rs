@@ -626,7 +626,11 @@ impl FrameSink for Sink {
         let ctx = &self.0;
         ctx.reset_progress();
         if ctx.connection_frames.fetch_add(1, Ordering::Relaxed) == 0 {
-            ctx.core.stats.lock().consecutive_errors = 0;
+            {
+                let mut stats = ctx.core.stats.lock();
+                stats.consecutive_errors = 0;
+                stats.reconnecting_since = None;
+            }
             if !ctx.stopped() {
                 ctx.set_state(SourceState::Connected);
             }
@@ -995,7 +999,13 @@ async fn run(ctx: Arc<Ctx>, opts: Options) {
             return;
         }
         failures += 1;
-        ctx.core.stats.lock().consecutive_errors = failures;
+        {
+            let mut stats = ctx.core.stats.lock();
+            stats.consecutive_errors = failures;
+            if stats.reconnecting_since.is_none() {
+                stats.reconnecting_since = Some(SystemTime::now());
+            }
+        }
         if opts.backoff.exhausted(failures) {
             fail(
                 &ctx,
