@@ -860,3 +860,42 @@ fn an_empty_range_wholly_in_the_past_ends_at_once_with_no_fragments() {
         assert_eq!(calls, i as u64 + 1, "{playback:?}");
     }
 }
+
+/// The first error the iterator yields within `timeout` (frames before it are skipped).
+fn first_error(source: &KvsHlsFrameSource, timeout: Duration) -> kvs_frames::Error {
+    let deadline = Instant::now() + timeout;
+    let mut frames = source.frames();
+    while Instant::now() < deadline {
+        if let Some(Err(e)) = frames.next_timeout(Duration::from_millis(100)) {
+            return e;
+        }
+    }
+    panic!("no error within {timeout:?}: {:?}", source.stats());
+}
+
+#[test]
+fn the_iterator_ends_when_the_runtime_of_the_control_task_shuts_down() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let source = source(&emulator, "cam-1")
+        .runtime(runtime.handle().clone())
+        .build()
+        .unwrap();
+    take(&source, 10, Duration::from_secs(10));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let error = first_error(&source, Duration::from_secs(5));
+    assert_eq!(error.kind(), ErrorKind::Internal, "{error}");
+    assert!(error.to_string().contains("runtime"), "{error}");
+    assert!(
+        source
+            .frames()
+            .next_timeout(Duration::from_secs(1))
+            .is_none()
+    );
+    assert_eq!(source.state(), SourceState::Error);
+}

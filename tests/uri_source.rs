@@ -980,3 +980,28 @@ fn an_rtsp_source_never_gives_up_on_a_long_outage_by_default() {
     assert_eq!(stats.consecutive_errors, 0);
     assert_eq!(stats.reconnecting_since, None);
 }
+
+#[test]
+fn the_iterator_ends_when_the_runtime_of_the_control_task_shuts_down() {
+    let server = rtsp::RtspServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let source = rtsp_source(&server.url())
+        .runtime(runtime.handle().clone())
+        .build()
+        .unwrap();
+    take(&source, 10, Duration::from_secs(10));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let error = first_error(&source, Duration::from_secs(5));
+    assert_eq!(error.kind(), ErrorKind::Internal, "{error}");
+    assert!(
+        source
+            .frames()
+            .next_timeout(Duration::from_secs(1))
+            .is_none()
+    );
+    assert_eq!(source.state(), SourceState::Error);
+}

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::{CommonOptions, common_setters};
-use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats};
+use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats, TaskGuard};
 use crate::backoff::BackoffPolicy;
 use crate::decode::{Decoder, DecoderDrop, FragmentInput, FrameSink};
 use crate::error::{Error, ErrorKind, Result};
@@ -613,6 +613,9 @@ enum Outcome {
 }
 
 async fn run(ctx: Arc<Ctx>, decoder: Arc<Decoder>, opts: KvsHlsFrameSourceBuilder) {
+    // Whatever ends this task (a panic, a runtime shutdown), the iterator ends too.
+    let guard_ctx = Arc::clone(&ctx);
+    let _guard = TaskGuard::new(Arc::clone(&ctx.core), move |e| fail(&guard_ctx, e));
     let client = match &opts.client {
         ClientSource::Client(c) => Ok(c.clone()),
         ClientSource::Config(config) => Ok(KvsClient::new(config)),

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 
 use super::{CommonOptions, common_setters};
-use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats};
+use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats, TaskGuard};
 use crate::backoff::BackoffPolicy;
 use crate::decode::{self, DecodeConfig, DecoderDrop, FrameSink, Stamp, TailHooks};
 use crate::error::{Error, ErrorKind, Result};
@@ -951,6 +951,9 @@ fn fail(ctx: &Ctx, error: Error) {
 }
 
 async fn run(ctx: Arc<Ctx>, opts: Options) {
+    // Whatever ends this task (a panic, a runtime shutdown), the iterator ends too.
+    let guard_ctx = Arc::clone(&ctx);
+    let _guard = TaskGuard::new(Arc::clone(&ctx.core), move |e| fail(&guard_ctx, e));
     let mut failures: u32 = 0;
     loop {
         if ctx.stopped() {
