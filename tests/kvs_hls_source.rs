@@ -899,3 +899,201 @@ fn the_iterator_ends_when_the_runtime_of_the_control_task_shuts_down() {
     );
     assert_eq!(source.state(), SourceState::Error);
 }
+
+/// Builds a source twice, waits each time until `ready` says it is in the state under test,
+/// then ends the first with `stop()` and the second by dropping it: both return within 1 s.
+fn assert_stops_fast(
+    what: &str,
+    build: impl Fn() -> KvsHlsFrameSource,
+    ready: impl Fn(&KvsHlsFrameSource) -> bool,
+) {
+    for how in ["stop", "drop"] {
+        let source = build();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready(&source) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the state was not reached: {:?}",
+                source.stats()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let started = Instant::now();
+        if how == "stop" {
+            source.stop();
+            assert_eq!(source.state(), SourceState::Disconnected, "{what}");
+            assert!(
+                source.frames().next().is_none(),
+                "{what}: the iterator ends"
+            );
+        } else {
+            drop(source);
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{what}: {how} took {took:?}");
+    }
+}
+
+#[test]
+fn stop_and_drop_return_within_a_second_in_every_state() {
+    use kvs_frames::emulator::{Failure, Request};
+    let emulator = common::start(vec![
+        common::small("cam-1"),
+        common::small("dark").camera(false),
+        common::small("stalled"),
+        common::small("archive").history(Duration::from_secs(4)),
+    ]);
+    assert!(emulator.wait_for_fragments("archive", 4, Duration::from_secs(30)));
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    assert!(emulator.wait_for_fragments("stalled", 1, Duration::from_secs(10)));
+    let truth = emulator.ground_truth("archive");
+    let slow = BackoffPolicy::default()
+        .initial(Duration::from_secs(60))
+        .jitter(Jitter::Fixed(1.0));
+
+    // Connecting, GetHLSStreamingSessionURL in flight to a service that never answers.
+    let blackhole = common::blackhole::Blackhole::start();
+    let hung = emulator
+        .sdk_config()
+        .to_builder()
+        .endpoint_url(format!("http://127.0.0.1:{}", blackhole.port))
+        .build();
+    assert_stops_fast(
+        "connecting",
+        || {
+            KvsHlsFrameSource::builder("c", "cam-1")
+                .sdk_config(&hung)
+                .build()
+                .unwrap()
+        },
+        |s| blackhole.accepted() > 0 && s.state() == SourceState::Connecting,
+    );
+
+    // Waiting out a 60 s backoff (no fragments).
+    assert_stops_fast(
+        "backoff",
+        || {
+            source(&emulator, "dark")
+                .backoff(slow.clone())
+                .build()
+                .unwrap()
+        },
+        |s| s.state() == SourceState::Reconnecting,
+    );
+
+    // A fragment download in flight that stalls for a minute.
+    emulator
+        .faults("stalled")
+        .unwrap()
+        .stall_fragment_downloads(Duration::from_secs(600), Duration::from_secs(60));
+    assert_stops_fast(
+        "request in flight",
+        || {
+            let before = emulator.request_stats().media_fragments;
+            let s = source(&emulator, "stalled")
+                .request_timeout(Duration::from_secs(60))
+                .stall_timeout(Duration::from_secs(120))
+                .build()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while emulator.request_stats().media_fragments == before {
+                assert!(Instant::now() < deadline, "no fragment request");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            s
+        },
+        |_| true,
+    );
+
+    // A reader that does not read: the decoder is blocked on the full queue.
+    assert_stops_fast(
+        "blocked reader",
+        || {
+            source(&emulator, "cam-1")
+                .delivery(DeliveryPolicy::Block)
+                .queue_capacity(1)
+                .build()
+                .unwrap()
+        },
+        |s| s.stats().frames_delivered >= 2,
+    );
+
+    // The end of an ON_DEMAND range, the reader not reading: the task waits for the decoder
+    // to flush.
+    let range = PlaybackMode::OnDemand {
+        start: truth[0].producer_start,
+        end: truth[1].producer_start,
+    };
+    assert_stops_fast(
+        "end of range",
+        || {
+            source(&emulator, "archive")
+                .playback(range)
+                .delivery(DeliveryPolicy::Block)
+                .queue_capacity(1)
+                .build()
+                .unwrap()
+        },
+        |s| s.stats().fragments_fetched >= 2 && s.stats().frames_delivered >= 2,
+    );
+
+    // The end of a range whose last fragment fails to decode: the decoder never sees
+    // end-of-stream (the wait for it must not hang stop).
+    let last_fails = PlaybackMode::OnDemand {
+        start: truth[2].producer_start,
+        end: truth[2].producer_start + Duration::from_millis(1),
+    };
+    assert_stops_fast(
+        "after a decode failure",
+        || {
+            emulator.faults("archive").unwrap().fail_next(
+                Request::MediaFragment,
+                Failure::Corrupt,
+                1,
+            );
+            let s = source(&emulator, "archive")
+                .playback(last_fails)
+                .build()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while s.stats().fragments_fetched == 0 {
+                assert!(Instant::now() < deadline, "{:?}", s.stats());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            s
+        },
+        |_| true,
+    );
+}
+
+#[test]
+fn a_range_whose_last_fragment_fails_to_decode_ends_at_once_and_counts_it() {
+    use kvs_frames::emulator::{Failure, Request};
+    let emulator = history("cam-1", 4);
+    let truth = emulator.ground_truth("cam-1");
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .fail_next(Request::MediaFragment, Failure::Corrupt, 1);
+    let source = source(&emulator, "cam-1")
+        .playback(PlaybackMode::OnDemand {
+            start: truth[2].producer_start,
+            end: truth[2].producer_start + Duration::from_millis(1),
+        })
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let frames =
+        common::frames::drain_frames(source.frames(), Duration::from_secs(5), || source.stats());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(frames.is_empty());
+    let stats = source.stats();
+    assert_eq!(stats.state, SourceState::Disconnected, "{stats:?}");
+    assert_eq!(stats.decode_errors, 1, "{stats:?}");
+    assert!(stats.last_error.is_some(), "{stats:?}");
+}

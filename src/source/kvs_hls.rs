@@ -746,9 +746,28 @@ impl Reader {
         if let Err(e) = self.decoder.finish().await {
             tracing::debug!(camera = %self.camera(), error = %e, "decoder finish");
         }
+        // The last fragments failed to decode: their frames are lost, which is counted.
+        let failed = self.ctx.decode_failed.lock().take();
+        if let Some(error) = failed {
+            self.count_decode_error(&error);
+        }
         // The state first: a reader that sees the end sees why.
         self.ctx.set_state(SourceState::Disconnected);
         self.ctx.core.queue.finish();
+    }
+
+    /// Counts a decode error (the decoder rebuilds its pipeline before the next fragment).
+    fn count_decode_error(&self, error: &Error) {
+        tracing::warn!(camera = %self.camera(), %error, "decode error: the frames of the fragments in the decoder are lost");
+        {
+            let mut stats = self.ctx.core.stats.lock();
+            stats.decode_errors += 1;
+            stats.read_errors += 1;
+            stats.last_error = Some(error.to_string());
+        }
+        if let Some(m) = &self.ctx.metrics {
+            m.read_error(self.camera());
+        }
     }
 
     /// Whether the requested range (ON_DEMAND, or LIVE_REPLAY with an end) ended more than

@@ -397,6 +397,34 @@ impl Drop for TaskGuard {
     }
 }
 
+/// How long `stop()` waits for the blocking part of a teardown (GStreamer state changes,
+/// thread joins) when it is called outside a tokio runtime.
+const TEARDOWN_WAIT: Duration = Duration::from_millis(700);
+
+/// Runs blocking teardown work (a pipeline to NULL, a thread join) on a thread of its own, so
+/// that it never blocks a tokio worker; outside a runtime, waits for it for at most
+/// [`TEARDOWN_WAIT`] (it normally takes milliseconds), so that `stop()` and `Drop` always
+/// return within a second.
+pub(crate) fn teardown(name: &str, work: impl FnOnce() + Send + 'static) {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name(format!("kvs-frames-stop-{name}"))
+        .spawn(move || {
+            work();
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if tokio::runtime::Handle::try_current().is_err()
+                && wait.recv_timeout(TEARDOWN_WAIT).is_err()
+            {
+                tracing::debug!(source = name, "teardown continues in the background");
+            }
+        }
+        Err(e) => tracing::warn!(source = name, error = %e, "cannot start the teardown thread"),
+    }
+}
+
 /// Blocking iterator over `(frame, timestamp)`; see
 /// [`KvsHlsFrameSource::frames`]. It ends after a fatal error has been yielded, after the end
 /// of an on-demand range, or when the source is stopped.

@@ -532,7 +532,10 @@ impl UriFrameSource {
         }
         let pipeline = self.ctx.pipeline.lock().take();
         if let Some(pipeline) = pipeline {
-            let _ = pipeline.set_state(gst::State::Null);
+            // An RTSP teardown may take a moment: off the caller's thread (a second at most).
+            super::teardown(&self.ctx.camera_id, move || {
+                let _ = pipeline.set_state(gst::State::Null);
+            });
         }
         if self.core.state() != SourceState::Error {
             self.ctx.set_state(SourceState::Disconnected);
@@ -872,7 +875,20 @@ async fn connection(ctx: &Arc<Ctx>, opts: &Options) -> Result<End> {
     ctx.pipelines_built.fetch_add(1, Ordering::Relaxed);
     ctx.core.stats.lock().sessions += 1;
     tracing::debug!(camera = %ctx.camera_id, uri = %ctx.display, "connecting");
-    let started = pipeline.set_state(gst::State::Playing);
+    // State changes may block (a source element opening its input): off the async threads.
+    let starting = pipeline.clone();
+    let starting_ctx = Arc::clone(ctx);
+    let started = tokio::task::spawn_blocking(move || {
+        let started = starting.set_state(gst::State::Playing);
+        // stop() may have released the pipeline while it was starting (or aborted this task):
+        // it must not stay PLAYING.
+        if starting_ctx.stopped() {
+            let _ = starting.set_state(gst::State::Null);
+        }
+        started
+    })
+    .await
+    .unwrap_or(Err(gst::StateChangeError));
     let result = match started {
         // A source that fails at once (a file it cannot open) posts its error synchronously.
         Err(_) => Err(match rx.try_recv() {
