@@ -3,7 +3,9 @@
 //! The delay after the `n`-th consecutive failure (n = 1, 2, …) is
 //! `min(initial × multiplier^(n-1), max) × jitter`, with `jitter` drawn uniformly from
 //! `[jitter_min, jitter_max]` (0.8–1.2 by default, so that many readers that fail together do not
-//! retry together). `max_consecutive_errors` bounds how many failures in a row are retried.
+//! retry together). `max_consecutive_errors` bounds how many failures in a row are retried; by
+//! default there is no bound (a live camera may come back after any outage), so giving up is an
+//! explicit opt-in.
 
 use std::fmt;
 use std::sync::Arc;
@@ -80,8 +82,8 @@ impl fmt::Debug for Jitter {
     }
 }
 
-/// A backoff policy. Defaults: initial 5 s, ×2, cap 60 s, jitter 0.8–1.2, at most 10
-/// consecutive errors.
+/// A backoff policy. Defaults: initial 5 s, ×2, cap 60 s, jitter 0.8–1.2, no limit on consecutive
+/// errors (set [`max_consecutive_errors`](Self::max_consecutive_errors) to give up after N).
 #[derive(Clone, Debug)]
 pub struct BackoffPolicy {
     /// Delay after the first failure (before jitter).
@@ -103,7 +105,7 @@ impl Default for BackoffPolicy {
             multiplier: 2.0,
             max: Duration::from_secs(60),
             jitter: Jitter::uniform(0.8, 1.2),
-            max_consecutive_errors: Some(10),
+            max_consecutive_errors: None,
         }
     }
 }
@@ -228,9 +230,10 @@ mod tests {
         let p = BackoffPolicy::default().jitter(Jitter::Fixed(1.0));
         let delays: Vec<u64> = (1..=6).map(|n| p.delay(n).as_secs()).collect();
         assert_eq!(delays, [5, 10, 20, 40, 60, 60]);
-        assert!(!p.exhausted(9));
-        assert!(p.exhausted(10));
-        assert!(!p.clone().max_consecutive_errors(None).exhausted(1_000_000));
+        assert!(!p.exhausted(1_000_000), "no limit by default");
+        let limited = p.clone().max_consecutive_errors(Some(10));
+        assert!(!limited.exhausted(9));
+        assert!(limited.exhausted(10));
     }
 
     #[test]

@@ -179,18 +179,36 @@ impl Decoder {
         self.shared.pipelines_built.load(Ordering::Relaxed)
     }
 
-    /// Stops the thread and releases the pipeline.
+    /// Stops the thread and releases the pipeline. The blocking part (the pipeline to NULL,
+    /// which also unblocks a push waiting on a full appsrc, and the thread join) runs on a
+    /// thread of its own ([`teardown`](crate::source::teardown)): this returns within a second,
+    /// and never blocks a tokio worker.
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.wake_finish();
         self.tx.lock().take();
-        // Unblocks a push waiting on a full appsrc.
-        if let Some(pipeline) = self.shared.pipeline.lock().as_ref() {
-            let _ = pipeline.set_state(gst::State::Null);
-        }
+        let pipeline = self.shared.pipeline.lock().clone();
         let thread = self.thread.lock().take();
-        if let Some(thread) = thread {
-            let _ = thread.join();
+        if pipeline.is_none() && thread.is_none() {
+            return;
         }
+        crate::source::teardown("decoder", move || {
+            if let Some(pipeline) = pipeline {
+                let _ = pipeline.set_state(gst::State::Null);
+            }
+            if let Some(thread) = thread {
+                let _ = thread.join();
+            }
+        });
+    }
+}
+
+impl Shared {
+    /// Wakes a `Finish` waiting for end-of-stream (stop, or the pipeline failed: either way no
+    /// end-of-stream will come).
+    fn wake_finish(&self) {
+        let _eos = self.eos.0.lock();
+        self.eos.1.notify_all();
     }
 }
 
@@ -305,6 +323,7 @@ fn build_pipeline(
                 ),
             );
             tracing::warn!(%error, debug = %error_debug(err), "decode pipeline failed");
+            err_shared.wake_finish();
             err_sink.error(error);
         }
     })?;

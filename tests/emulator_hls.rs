@@ -686,3 +686,204 @@ async fn stream_decode_time_origin_is_shared_by_sessions_and_far_from_zero() {
         "{first_pts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_faults_hit_exactly_the_next_requests_of_their_kind() {
+    use kvs_frames::emulator::{Failure, Request};
+    let emulator = common::start(vec![small("cam-1").history(Duration::from_secs(3))]);
+    common::wait_fragments(&emulator, "cam-1", 3, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "cam-1").await;
+    let params = SessionParams {
+        mode: HlsPlaybackMode::OnDemand,
+        range: Some((
+            dt(SystemTime::now() - Duration::from_secs(3600)),
+            Some(dt(SystemTime::now())),
+        )),
+        ..Default::default()
+    };
+    let url = common::session(&media, "cam-1", &params).await.unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    let playlist = common::parse_media(&get(&playlist_url).await.unwrap().text());
+    let fragment_url = resolve(&playlist_url, &playlist.segments[0].uri);
+    let init_url = resolve(
+        &playlist_url,
+        &playlist.segments[0].map.as_ref().unwrap().uri,
+    );
+    let full = get(&fragment_url).await.unwrap();
+    assert_eq!(full.status, 200);
+    let faults = emulator.faults("cam-1").unwrap();
+
+    // Exactly one fragment GET gets 403 (a session refused), the next one works; playlists are
+    // not touched.
+    faults.fail_next(Request::MediaFragment, Failure::Forbidden, 1);
+    assert_eq!(get(&playlist_url).await.unwrap().status, 200);
+    let r = get(&fragment_url).await.unwrap();
+    assert_eq!(
+        (r.status, r.error_type.as_deref()),
+        (403, Some("NotAuthorizedException"))
+    );
+    let e = Error::from_hls_response(r.status, r.error_type.as_deref(), &r.body);
+    assert_eq!(e.kind(), ErrorKind::SessionExpired);
+    assert_eq!(get(&fragment_url).await.unwrap().body, full.body);
+
+    // Two 500s on the media playlist, then it works.
+    faults.fail_next(Request::MediaPlaylist, Failure::ServerError, 2);
+    for _ in 0..2 {
+        assert_eq!(get(&playlist_url).await.unwrap().status, 500);
+    }
+    assert_eq!(get(&playlist_url).await.unwrap().status, 200);
+
+    // Throttling of one init GET; a reset of one.
+    faults.fail_next(Request::InitSegment, Failure::Throttled, 1);
+    faults.fail_next(Request::InitSegment, Failure::Reset, 1);
+    let r = get(&init_url).await.unwrap();
+    assert_eq!(
+        r.error_type.as_deref(),
+        Some("ClientLimitExceededException")
+    );
+    assert!(get(&init_url).await.is_err(), "the body is cut short");
+    let init = get(&init_url).await.unwrap();
+    assert_eq!(init.status, 200);
+
+    // A corrupt fragment: 200, the same size, still starting with moof, its media garbled (the
+    // KVS source tests show that it fails to decode); the next GET is the real fragment again.
+    faults.fail_next(Request::MediaFragment, Failure::Corrupt, 1);
+    let bad = get(&fragment_url).await.unwrap();
+    assert_eq!(bad.status, 200);
+    assert_eq!(bad.body.len(), full.body.len());
+    assert_ne!(bad.body, full.body);
+    assert_eq!(&bad.body[4..8], b"moof");
+    let mut good = init.body.clone();
+    good.extend_from_slice(&get(&fragment_url).await.unwrap().body);
+    assert_eq!(common::decode_mp4(&good).len(), 25);
+
+    // GetHLSStreamingSessionURL: one 500 (the SDK retries it by itself), one 403 (not retried).
+    faults.fail_next(Request::SessionUrl, Failure::ServerError, 1);
+    common::session(&media, "cam-1", &params).await.unwrap();
+    assert_eq!(
+        emulator.api_call_times("GetHLSStreamingSessionURL").len(),
+        3
+    );
+    faults.fail_next(Request::SessionUrl, Failure::Forbidden, 1);
+    let err = common::session(&media, "cam-1", &params).await.unwrap_err();
+    assert_eq!(
+        Error::from_sdk("GetHLSStreamingSessionURL", err).kind(),
+        ErrorKind::NotAuthorized
+    );
+    common::session(&media, "cam-1", &params).await.unwrap();
+    let calls = emulator.api_call_times("GetHLSStreamingSessionURL");
+    assert_eq!(calls.len(), 5);
+    assert!(calls.windows(2).all(|w| w[0] <= w[1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shifted_producer_clock_moves_the_program_date_times_of_its_fragments() {
+    use kvs_frames::emulator::ClockShift;
+    let emulator = common::start(vec![small("cam-1")]);
+    common::wait_fragments(&emulator, "cam-1", 2, Duration::from_secs(20)).await;
+    let faults = emulator.faults("cam-1").unwrap();
+    faults.shift_producer_timestamps(
+        ClockShift::Behind(Duration::from_secs(120)),
+        Duration::from_millis(2500),
+    );
+    let before = emulator.ground_truth("cam-1").len();
+    common::wait_fragments(&emulator, "cam-1", before + 5, Duration::from_secs(20)).await;
+    let truth = emulator.ground_truth("cam-1");
+    let media = common::media(&emulator, "cam-1").await;
+    let url = common::session(
+        &media,
+        "cam-1",
+        &SessionParams {
+            max_results: Some(50),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let playlist_url = common::media_playlist_url(&url).await;
+    let playlist = common::parse_media(&get(&playlist_url).await.unwrap().text());
+    // The playlist lists the fragments in ingest order with the (shifted) producer times of
+    // the ground truth.
+    let listed: Vec<i64> = playlist
+        .segments
+        .iter()
+        .map(|s| s.program_date_time.unwrap().timestamp_millis())
+        .collect();
+    let truth_ms: Vec<i64> = truth.iter().map(|r| ms(r.producer_start)).collect();
+    assert_eq!(listed[..], truth_ms[truth_ms.len() - listed.len()..]);
+    let steps: Vec<i64> = truth_ms.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        steps.iter().any(|d| *d < -100_000),
+        "a step back: {steps:?}"
+    );
+    assert!(
+        steps.iter().any(|d| *d > 100_000),
+        "and forward again: {steps:?}"
+    );
+    // Server timestamps stay monotonic, and the frames' producer times follow their fragment.
+    assert!(
+        truth
+            .windows(2)
+            .all(|w| w[1].server_start > w[0].server_start)
+    );
+    let shifted = truth
+        .iter()
+        .find(|r| r.server_start > r.producer_start + Duration::from_secs(100))
+        .unwrap();
+    assert_eq!(
+        emulator.frame_producer_time("cam-1", shifted.first_frame + 1),
+        Some(shifted.producer_start + Duration::from_millis(40))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sixth_session_closes_the_oldest_active_one() {
+    let emulator = common::start(vec![small("cam-1"), small("cam-2")]);
+    common::wait_fragments(&emulator, "cam-1", 1, Duration::from_secs(20)).await;
+    common::wait_fragments(&emulator, "cam-2", 1, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "cam-1").await;
+    let mut playlists = Vec::new();
+    for _ in 0..5 {
+        let url = common::session(&media, "cam-1", &SessionParams::default())
+            .await
+            .unwrap();
+        playlists.push(common::media_playlist_url(&url).await);
+    }
+    // Sessions of another stream do not count.
+    let other = common::session(&media, "cam-2", &SessionParams::default())
+        .await
+        .unwrap();
+    let other = common::media_playlist_url(&other).await;
+    for p in &playlists {
+        assert_eq!(get(p).await.unwrap().status, 200);
+    }
+    assert_eq!(emulator.request_stats().sessions_closed, 0);
+    // The sixth closes the oldest, and only it.
+    let sixth = common::session(&media, "cam-1", &SessionParams::default())
+        .await
+        .unwrap();
+    let sixth = common::media_playlist_url(&sixth).await;
+    let r = get(&playlists[0]).await.unwrap();
+    assert_eq!(
+        (r.status, r.error_type.as_deref()),
+        (403, Some("NotAuthorizedException"))
+    );
+    assert!(r.text().contains("closed"), "{}", r.text());
+    assert_eq!(
+        Error::from_hls_response(r.status, r.error_type.as_deref(), &r.body).kind(),
+        ErrorKind::SessionExpired
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for p in playlists[1..].iter().chain([&sixth, &other]) {
+        assert_eq!(get(p).await.unwrap().status, 200);
+    }
+    assert_eq!(emulator.request_stats().sessions_closed, 1);
+    // Expired sessions are not active: they do not count.
+    emulator.advance_session_clock(Duration::from_secs(301));
+    for _ in 0..5 {
+        common::session(&media, "cam-1", &SessionParams::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(emulator.request_stats().sessions_closed, 1);
+}

@@ -739,3 +739,361 @@ fn session_tokens_never_reach_logs_errors_or_debug_output() {
         );
     }
 }
+
+/// The value of a metric series `name{camera_id="…"}` in the registry's text output.
+fn metric(registry: &prometheus::Registry, series: &str) -> Option<f64> {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The default backoff policy with short delays (and no explicit error limit).
+fn default_backoff_quick() -> BackoffPolicy {
+    BackoffPolicy::default()
+        .initial(Duration::from_millis(300))
+        .max(Duration::from_millis(600))
+        .jitter(Jitter::Fixed(1.0))
+}
+
+#[test]
+fn a_live_source_never_gives_up_on_a_long_outage_by_default() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    let faults = emulator.faults("cam-1").unwrap();
+    faults.camera_offline(Duration::from_secs(3600));
+    assert!(
+        emulator.ground_truth("cam-1").is_empty(),
+        "the camera is offline from the start"
+    );
+    let registry = prometheus::Registry::new();
+    let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
+    let source = source(&emulator, "cam-1")
+        .backoff(default_backoff_quick())
+        .metrics(metrics)
+        .build()
+        .unwrap();
+    let mut frames = source.frames();
+    // Far more errors in a row than the old default limit (10): the source keeps trying.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while source.stats().consecutive_errors < 16 {
+        assert!(Instant::now() < deadline, "{:?}", source.stats());
+        if let Some(item) = frames.next_timeout(Duration::from_millis(200)) {
+            panic!("nothing may come out during the outage: {item:?}");
+        }
+    }
+    let stats = source.stats();
+    assert_eq!(stats.state, SourceState::Reconnecting, "{stats:?}");
+    assert!(!source.is_healthy());
+    let since = stats.reconnecting_since.expect("the outage is dated");
+    assert!(
+        since.elapsed().unwrap() >= Duration::from_secs(4),
+        "{stats:?}"
+    );
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("No fragments"),
+        "{stats:?}"
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            "kvs_hls_connection_state{camera_id=\"test-camera\"}"
+        ),
+        Some(3.0)
+    );
+    assert!(
+        metric(
+            &registry,
+            "kvs_hls_reconnects_total{camera_id=\"test-camera\"}"
+        )
+        .unwrap()
+            >= 15.0
+    );
+    // The camera comes back: frames flow again, exactly.
+    faults.camera_offline(Duration::ZERO);
+    let got = take(&source, 50, Duration::from_secs(15));
+    assert_exact(&emulator, "cam-1", &got);
+    let stats = source.stats();
+    assert_eq!(stats.state, SourceState::Connected);
+    assert_eq!(stats.consecutive_errors, 0);
+    assert_eq!(stats.reconnecting_since, None);
+    assert!(source.is_healthy());
+}
+
+#[test]
+fn an_empty_range_wholly_in_the_past_ends_at_once_with_no_fragments() {
+    let emulator = history("cam-1", 3);
+    let long_ago = SystemTime::now() - Duration::from_secs(7200);
+    let ranges = [
+        PlaybackMode::OnDemand {
+            start: long_ago,
+            end: long_ago + Duration::from_secs(60),
+        },
+        PlaybackMode::LiveReplay {
+            start: long_ago,
+            end: Some(long_ago + Duration::from_secs(60)),
+        },
+    ];
+    for (i, playback) in ranges.into_iter().enumerate() {
+        let source = source(&emulator, "cam-1")
+            .playback(playback)
+            .backoff(default_backoff_quick())
+            .build()
+            .unwrap();
+        let mut frames = source.frames();
+        let error = match frames.next_timeout(Duration::from_secs(15)) {
+            Some(Err(e)) => e,
+            other => panic!("{playback:?}: expected the range's end as an error, got {other:?}"),
+        };
+        assert_eq!(error.kind(), ErrorKind::NoFragments, "{error}");
+        assert!(error.to_string().contains("range"), "{error}");
+        assert!(frames.next_timeout(Duration::from_secs(1)).is_none());
+        assert_eq!(source.state(), SourceState::Error);
+        // One GetHLSStreamingSessionURL per source: no retry.
+        let calls = emulator.request_stats().api_calls["GetHLSStreamingSessionURL"];
+        assert_eq!(calls, i as u64 + 1, "{playback:?}");
+    }
+}
+
+/// The first error the iterator yields within `timeout` (frames before it are skipped).
+fn first_error(source: &KvsHlsFrameSource, timeout: Duration) -> kvs_frames::Error {
+    let deadline = Instant::now() + timeout;
+    let mut frames = source.frames();
+    while Instant::now() < deadline {
+        if let Some(Err(e)) = frames.next_timeout(Duration::from_millis(100)) {
+            return e;
+        }
+    }
+    panic!("no error within {timeout:?}: {:?}", source.stats());
+}
+
+#[test]
+fn the_iterator_ends_when_the_runtime_of_the_control_task_shuts_down() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let source = source(&emulator, "cam-1")
+        .runtime(runtime.handle().clone())
+        .build()
+        .unwrap();
+    take(&source, 10, Duration::from_secs(10));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let error = first_error(&source, Duration::from_secs(5));
+    assert_eq!(error.kind(), ErrorKind::Internal, "{error}");
+    assert!(error.to_string().contains("runtime"), "{error}");
+    assert!(
+        source
+            .frames()
+            .next_timeout(Duration::from_secs(1))
+            .is_none()
+    );
+    assert_eq!(source.state(), SourceState::Error);
+}
+
+/// Builds a source twice, waits each time until `ready` says it is in the state under test,
+/// then ends the first with `stop()` and the second by dropping it: both return within 1 s.
+fn assert_stops_fast(
+    what: &str,
+    build: impl Fn() -> KvsHlsFrameSource,
+    ready: impl Fn(&KvsHlsFrameSource) -> bool,
+) {
+    for how in ["stop", "drop"] {
+        let source = build();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready(&source) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the state was not reached: {:?}",
+                source.stats()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let started = Instant::now();
+        if how == "stop" {
+            source.stop();
+            assert_eq!(source.state(), SourceState::Disconnected, "{what}");
+            assert!(
+                source.frames().next().is_none(),
+                "{what}: the iterator ends"
+            );
+        } else {
+            drop(source);
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{what}: {how} took {took:?}");
+    }
+}
+
+#[test]
+fn stop_and_drop_return_within_a_second_in_every_state() {
+    use kvs_frames::emulator::{Failure, Request};
+    let emulator = common::start(vec![
+        common::small("cam-1"),
+        common::small("dark").camera(false),
+        common::small("stalled"),
+        common::small("archive").history(Duration::from_secs(4)),
+    ]);
+    assert!(emulator.wait_for_fragments("archive", 4, Duration::from_secs(30)));
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    assert!(emulator.wait_for_fragments("stalled", 1, Duration::from_secs(10)));
+    let truth = emulator.ground_truth("archive");
+    let slow = BackoffPolicy::default()
+        .initial(Duration::from_secs(60))
+        .jitter(Jitter::Fixed(1.0));
+
+    // Connecting, GetHLSStreamingSessionURL in flight to a service that never answers.
+    let blackhole = common::blackhole::Blackhole::start();
+    let hung = emulator
+        .sdk_config()
+        .to_builder()
+        .endpoint_url(format!("http://127.0.0.1:{}", blackhole.port))
+        .build();
+    assert_stops_fast(
+        "connecting",
+        || {
+            KvsHlsFrameSource::builder("c", "cam-1")
+                .sdk_config(&hung)
+                .build()
+                .unwrap()
+        },
+        |s| blackhole.accepted() > 0 && s.state() == SourceState::Connecting,
+    );
+
+    // Waiting out a 60 s backoff (no fragments).
+    assert_stops_fast(
+        "backoff",
+        || {
+            source(&emulator, "dark")
+                .backoff(slow.clone())
+                .build()
+                .unwrap()
+        },
+        |s| s.state() == SourceState::Reconnecting,
+    );
+
+    // A fragment download in flight that stalls for a minute.
+    emulator
+        .faults("stalled")
+        .unwrap()
+        .stall_fragment_downloads(Duration::from_secs(600), Duration::from_secs(60));
+    assert_stops_fast(
+        "request in flight",
+        || {
+            let before = emulator.request_stats().media_fragments;
+            let s = source(&emulator, "stalled")
+                .request_timeout(Duration::from_secs(60))
+                .stall_timeout(Duration::from_secs(120))
+                .build()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while emulator.request_stats().media_fragments == before {
+                assert!(Instant::now() < deadline, "no fragment request");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            s
+        },
+        |_| true,
+    );
+
+    // A reader that does not read: the decoder is blocked on the full queue.
+    assert_stops_fast(
+        "blocked reader",
+        || {
+            source(&emulator, "cam-1")
+                .delivery(DeliveryPolicy::Block)
+                .queue_capacity(1)
+                .build()
+                .unwrap()
+        },
+        |s| s.stats().frames_delivered >= 2,
+    );
+
+    // The end of an ON_DEMAND range, the reader not reading: the task waits for the decoder
+    // to flush.
+    let range = PlaybackMode::OnDemand {
+        start: truth[0].producer_start,
+        end: truth[1].producer_start,
+    };
+    assert_stops_fast(
+        "end of range",
+        || {
+            source(&emulator, "archive")
+                .playback(range)
+                .delivery(DeliveryPolicy::Block)
+                .queue_capacity(1)
+                .build()
+                .unwrap()
+        },
+        |s| s.stats().fragments_fetched >= 2 && s.stats().frames_delivered >= 2,
+    );
+
+    // The end of a range whose last fragment fails to decode: the decoder never sees
+    // end-of-stream (the wait for it must not hang stop).
+    let last_fails = PlaybackMode::OnDemand {
+        start: truth[2].producer_start,
+        end: truth[2].producer_start + Duration::from_millis(1),
+    };
+    assert_stops_fast(
+        "after a decode failure",
+        || {
+            emulator.faults("archive").unwrap().fail_next(
+                Request::MediaFragment,
+                Failure::Corrupt,
+                1,
+            );
+            let s = source(&emulator, "archive")
+                .playback(last_fails)
+                .build()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while s.stats().fragments_fetched == 0 {
+                assert!(Instant::now() < deadline, "{:?}", s.stats());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            s
+        },
+        |_| true,
+    );
+}
+
+#[test]
+fn a_range_whose_last_fragment_fails_to_decode_ends_at_once_and_counts_it() {
+    use kvs_frames::emulator::{Failure, Request};
+    let emulator = history("cam-1", 4);
+    let truth = emulator.ground_truth("cam-1");
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .fail_next(Request::MediaFragment, Failure::Corrupt, 1);
+    let source = source(&emulator, "cam-1")
+        .playback(PlaybackMode::OnDemand {
+            start: truth[2].producer_start,
+            end: truth[2].producer_start + Duration::from_millis(1),
+        })
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let frames =
+        common::frames::drain_frames(source.frames(), Duration::from_secs(5), || source.stats());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(frames.is_empty());
+    let stats = source.stats();
+    assert_eq!(stats.state, SourceState::Disconnected, "{stats:?}");
+    assert_eq!(stats.decode_errors, 1, "{stats:?}");
+    assert!(stats.last_error.is_some(), "{stats:?}");
+}

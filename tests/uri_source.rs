@@ -945,3 +945,156 @@ fn async_stream_gives_the_same_frames_and_latest_only_keeps_the_newest() {
     assert_eq!(frames[0].pts(), Some(Duration::from_millis(40 * 24)));
     assert_eq!(source.stats().frames_dropped_queue_full, 24);
 }
+
+#[test]
+fn an_rtsp_source_never_gives_up_on_a_long_outage_by_default() {
+    let server = rtsp::RtspServer::start();
+    let port = server.port();
+    // The default policy, only faster: no explicit max_consecutive_errors.
+    let backoff = BackoffPolicy::default()
+        .initial(Duration::from_millis(200))
+        .max(Duration::from_millis(400))
+        .jitter(Jitter::Fixed(1.0));
+    let source = rtsp_source(&server.url()).backoff(backoff).build().unwrap();
+    take(&source, 10, Duration::from_secs(10));
+    server.stop();
+    let mut frames = source.frames();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while source.stats().consecutive_errors < 15 {
+        assert!(Instant::now() < deadline, "{:?}", source.stats());
+        if let Some(Err(e)) = frames.next_timeout(Duration::from_millis(100)) {
+            panic!("the source gave up: {e}");
+        }
+    }
+    let stats = source.stats();
+    assert_eq!(stats.state, SourceState::Reconnecting, "{stats:?}");
+    assert!(!source.is_healthy());
+    assert!(stats.reconnecting_since.is_some(), "{stats:?}");
+    let _server = rtsp::RtspServer::builder()
+        .port(port)
+        .start_retrying(Duration::from_secs(10))
+        .unwrap();
+    take(&source, 15, Duration::from_secs(15));
+    let stats = source.stats();
+    assert_eq!(stats.state, SourceState::Connected);
+    assert_eq!(stats.consecutive_errors, 0);
+    assert_eq!(stats.reconnecting_since, None);
+}
+
+#[test]
+fn the_iterator_ends_when_the_runtime_of_the_control_task_shuts_down() {
+    let server = rtsp::RtspServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let source = rtsp_source(&server.url())
+        .runtime(runtime.handle().clone())
+        .build()
+        .unwrap();
+    take(&source, 10, Duration::from_secs(10));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let error = first_error(&source, Duration::from_secs(5));
+    assert_eq!(error.kind(), ErrorKind::Internal, "{error}");
+    assert!(
+        source
+            .frames()
+            .next_timeout(Duration::from_secs(1))
+            .is_none()
+    );
+    assert_eq!(source.state(), SourceState::Error);
+}
+
+#[path = "common/blackhole.rs"]
+mod blackhole;
+
+/// Builds a source twice, waits each time until `ready`, then ends the first with `stop()` and
+/// the second by dropping it: both return within 1 s.
+fn assert_stops_fast(
+    what: &str,
+    build: impl Fn() -> UriFrameSource,
+    ready: impl Fn(&UriFrameSource) -> bool,
+) {
+    for how in ["stop", "drop"] {
+        let source = build();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready(&source) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the state was not reached: {:?}",
+                source.stats()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let started = Instant::now();
+        if how == "stop" {
+            source.stop();
+            assert!(
+                source.frames().next().is_none(),
+                "{what}: the iterator ends"
+            );
+        } else {
+            drop(source);
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{what}: {how} took {took:?}");
+    }
+}
+
+#[test]
+fn stop_and_drop_return_within_a_second_in_every_state() {
+    let server = rtsp::RtspServer::start();
+    // Connecting to a camera that accepts the connection and never answers.
+    let hole = blackhole::Blackhole::start();
+    let hole_url = format!("rtsp://127.0.0.1:{}/test", hole.port);
+    assert_stops_fast(
+        "connecting",
+        || rtsp_source(&hole_url).build().unwrap(),
+        |_| hole.accepted() > 0,
+    );
+    // Waiting out a 60 s backoff.
+    let refused = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!(
+            "rtsp://127.0.0.1:{}/test",
+            listener.local_addr().unwrap().port()
+        )
+    };
+    let slow = BackoffPolicy::default()
+        .initial(Duration::from_secs(60))
+        .jitter(Jitter::Fixed(1.0));
+    assert_stops_fast(
+        "backoff",
+        || rtsp_source(&refused).backoff(slow.clone()).build().unwrap(),
+        |s| s.state() == SourceState::Reconnecting,
+    );
+    // A connection that hangs with the session open.
+    let proxy = Proxy::start(server.port());
+    let proxied = format!("rtsp://127.0.0.1:{}/test", proxy.port);
+    assert_stops_fast(
+        "stalled connection",
+        || {
+            let s = rtsp_source(&proxied)
+                .stall_timeout(Duration::from_secs(120))
+                .build()
+                .unwrap();
+            take(&s, 3, Duration::from_secs(10));
+            proxy.freeze_existing();
+            s
+        },
+        |_| true,
+    );
+    // A reader that does not read: the streaming thread is blocked on the full queue.
+    assert_stops_fast(
+        "blocked reader",
+        || {
+            rtsp_source(&server.url())
+                .delivery(DeliveryPolicy::Block)
+                .queue_capacity(1)
+                .build()
+                .unwrap()
+        },
+        |s| s.stats().frames_delivered >= 2,
+    );
+}

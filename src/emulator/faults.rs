@@ -1,13 +1,68 @@
 //! Fault injection.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::store::State;
+
+/// A request kind that [`Faults::fail_next`] can target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Request {
+    /// `GetHLSStreamingSessionURL`.
+    SessionUrl,
+    /// `getHLSMasterPlaylist.m3u8`.
+    MasterPlaylist,
+    /// `getHLSMediaPlaylist.m3u8`.
+    MediaPlaylist,
+    /// `getMP4InitFragment.mp4`.
+    InitSegment,
+    /// `getMP4MediaFragment.mp4`.
+    MediaFragment,
+}
+
+/// How a request targeted by [`Faults::fail_next`] fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Failure {
+    /// HTTP 500 `InternalFailure`.
+    ServerError,
+    /// HTTP 403 `NotAuthorizedException` (on an HLS URL: the session token is refused, as when
+    /// it expired; on `GetHLSStreamingSessionURL`: access denied).
+    Forbidden,
+    /// HTTP 400 `ClientLimitExceededException`.
+    Throttled,
+    /// HLS requests: half of the body, then the connection is reset (`GetHLSStreamingSessionURL`:
+    /// like [`ServerError`](Failure::ServerError)).
+    Reset,
+    /// Media fragments: HTTP 200 with the fragment's structure garbled, so that decoding it fails
+    /// (other requests: like [`ServerError`](Failure::ServerError)).
+    Corrupt,
+}
+
+/// How far the producer clock of [`Faults::shift_producer_timestamps`] is off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ClockShift {
+    /// Producer timestamps earlier than the real time by this much (a clock that stepped back).
+    Behind(Duration),
+    /// Producer timestamps later than the real time by this much.
+    Ahead(Duration),
+}
+
+impl ClockShift {
+    /// `t` as the shifted clock shows it.
+    pub(crate) fn apply(self, t: SystemTime) -> SystemTime {
+        match self {
+            ClockShift::Behind(d) => t.checked_sub(d).unwrap_or(t),
+            ClockShift::Ahead(d) => t.checked_add(d).unwrap_or(t),
+        }
+    }
+}
 
 /// The faults active on one stream. A fault is active while `Instant::now()` is before its end.
 #[derive(Debug, Default)]
 pub(crate) struct FaultState {
+    /// One-shot faults: (request, failure, requests left to fail), applied in order.
+    next: Vec<(Request, Failure, u32)>,
+    clock_shift: Option<(ClockShift, Instant)>,
     offline_until: Option<Instant>,
     server_errors_until: Option<Instant>,
     throttle_until: Option<Instant>,
@@ -36,6 +91,27 @@ impl FaultState {
     }
     pub fn access_denied(&self) -> bool {
         active(self.denied_until)
+    }
+    /// The failure for this request of kind `request`, if a one-shot fault targets it (the
+    /// fault is used up by one).
+    pub fn take(&mut self, request: Request) -> Option<Failure> {
+        let i = self
+            .next
+            .iter()
+            .position(|(r, _, n)| *r == request && *n > 0)?;
+        let entry = self.next.get_mut(i)?;
+        entry.2 -= 1;
+        let failure = entry.1;
+        if entry.2 == 0 {
+            self.next.remove(i);
+        }
+        Some(failure)
+    }
+    /// The producer clock's shift, while the fault is active.
+    pub fn clock_shift(&self) -> Option<ClockShift> {
+        self.clock_shift
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(shift, _)| shift)
     }
     /// How long a fragment download stalls half-way, if the stall fault is active.
     pub fn stall(&self) -> Option<Duration> {
@@ -145,6 +221,25 @@ impl Faults {
     pub fn delete_stream(&self) {
         tracing::info!(stream = %self.stream, "fault: stream deleted");
         self.state.remove_stream(&self.stream);
+    }
+
+    /// The next `count` requests of kind `request` about this stream fail with `failure`; the
+    /// requests after them work again. Calls add up: faults for the same kind apply in the order
+    /// they were added.
+    pub fn fail_next(&self, request: Request, failure: Failure, count: u32) {
+        tracing::info!(stream = %self.stream, ?request, ?failure, count, "fault: next requests fail");
+        if count > 0 {
+            self.with(|f| f.next.push((request, failure, count)));
+        }
+    }
+
+    /// The producer clock steps: fragments ingested during the next `duration` carry producer
+    /// timestamps (and `EXT-X-PROGRAM-DATE-TIME`) off by `shift`, as from a camera whose clock
+    /// was set wrong and then corrected. Server timestamps stay right; the ground truth records
+    /// the shifted producer times.
+    pub fn shift_producer_timestamps(&self, shift: ClockShift, duration: Duration) {
+        tracing::info!(stream = %self.stream, ?shift, ?duration, "fault: producer clock shifted");
+        self.with(|f| f.clock_shift = Some((shift, Instant::now() + duration)));
     }
 
     /// Ends every active fault of this stream.

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::control::{resolve_stream, respond};
+use super::faults::{Failure, Request};
 use super::http::{
     KvsError, from_epoch_seconds, insert_request_id, json_response, parse_json, rfc3339_millis,
     to_millis,
@@ -28,6 +29,10 @@ use super::store::{State, StoredFragment, StreamState, StreamStatus};
 const LIVE_WINDOW: Duration = Duration::from_secs(30);
 /// KVS: gaps or overlaps above 50 ms are discontinuities (ON_DISCONTINUITY).
 const DISCONTINUITY_GAP: Duration = Duration::from_millis(50);
+/// KVS: at most this many active HLS sessions per stream; creating one more closes the oldest.
+pub(crate) const MAX_ACTIVE_SESSIONS: usize = 5;
+/// Sessions that stopped working (expired, revoked, closed) are forgotten after this long.
+const FORGET_SESSIONS_AFTER: Duration = Duration::from_secs(3600);
 /// GetClip returns at most 200 fragments …
 const CLIP_MAX_FRAGMENTS: usize = 200;
 /// … or 100 MB of media.
@@ -261,12 +266,24 @@ pub(crate) async fn get_hls_streaming_session_url(
                 "MaxMediaPlaylistFragmentResults {max_results} is out of range: it must be between 1 and 5000"
             )));
         }
-        let streams = state.streams.lock();
+        let mut streams = state.streams.lock();
         let stream = streams
-            .get(&name)
+            .get_mut(&name)
             .ok_or_else(|| KvsError::stream_not_found(&name))?;
         if stream.faults.throttled() {
             return Err(KvsError::throttled());
+        }
+        match stream.faults.take(Request::SessionUrl) {
+            Some(Failure::Throttled) => return Err(KvsError::throttled()),
+            Some(Failure::Forbidden) => {
+                return Err(KvsError::new(
+                    StatusCode::FORBIDDEN,
+                    "NotAuthorizedException",
+                    "User: arn:aws:iam::123456789012:user/emulator is not authorized to perform: kinesisvideo:GetHLSStreamingSessionURL",
+                ));
+            }
+            Some(_) => return Err(KvsError::internal()),
+            None => {}
         }
         check_playable(stream)?;
         let mut session = Session::new(
@@ -295,6 +312,7 @@ pub(crate) async fn get_hls_streaming_session_url(
         let Some(base) = base else {
             return Err(KvsError::no_fragments());
         };
+        let stream_name = name.clone();
         session.base_index = base.index;
         session.base_generation = base.codec_generation;
         if stream.decode_time_origin == super::DecodeTimeOrigin::Session {
@@ -307,18 +325,48 @@ pub(crate) async fn get_hls_streaming_session_url(
             state.settings.endpoint,
             encode_query_value(&token)
         );
-        state.sessions.lock().insert(token, session);
+        let now = state.session_now();
+        let mut sessions = state.sessions.lock();
+        // Tokens that stopped working long ago are forgotten (their requests get 403 either way).
+        sessions.retain(|_, s| {
+            !(s.closed || s.expired(now)) || s.created.elapsed() < FORGET_SESSIONS_AFTER
+        });
+        // KVS: at most 5 active sessions per stream; creating a sixth closes the oldest.
+        let mut active: Vec<(&String, std::time::Instant)> = sessions
+            .iter()
+            .filter(|(_, s)| s.stream == stream_name && !s.closed && !s.expired(now))
+            .map(|(token, s)| (token, s.created))
+            .collect();
+        active.sort_by_key(|(_, created)| *created);
+        let excess = (active.len() + 1).saturating_sub(MAX_ACTIVE_SESSIONS);
+        let closing: Vec<String> = active
+            .iter()
+            .take(excess)
+            .map(|(t, _)| (*t).clone())
+            .collect();
+        for token in closing {
+            if let Some(old) = sessions.get_mut(&token) {
+                tracing::debug!(stream = %stream_name, "sixth HLS session: closing the oldest");
+                old.closed = true;
+            }
+        }
+        sessions.insert(token, session);
+        drop(sessions);
+        state.count_sessions_closed(excess);
         Ok(json_response(json!({ "HLSStreamingSessionURL": url })))
     })
 }
 
 /// The HLS request context: the session's parameters and the stream, both locked briefly.
+/// One-shot faults ([`Faults::fail_next`](super::Faults::fail_next)) that end in an error
+/// response are applied here; [`Failure::Reset`] and [`Failure::Corrupt`] are returned with
+/// the result for the handler to apply to its body.
 fn with_session<T>(
     state: &State,
     kind: HlsRequest,
     params: &HashMap<String, String>,
     f: impl FnOnce(&Session, &StreamState) -> Result<T, KvsError>,
-) -> Result<T, KvsError> {
+) -> Result<(T, Option<Failure>), KvsError> {
     state.count_hls(kind);
     let token = params.get("SessionToken").ok_or_else(|| {
         KvsError::new(
@@ -340,12 +388,22 @@ fn with_session<T>(
             "The streaming session token is not valid",
         )
     })?;
+    if session.closed {
+        return Err(KvsError::new(
+            StatusCode::FORBIDDEN,
+            "NotAuthorizedException",
+            format!(
+                "The streaming session was closed: a newer session of the stream was created \
+                 (at most {MAX_ACTIVE_SESSIONS} active HLS sessions per stream)"
+            ),
+        ));
+    }
     if session.expired(state.session_now()) {
         return Err(KvsError::session_expired());
     }
-    let streams = state.streams.lock();
+    let mut streams = state.streams.lock();
     let stream = streams
-        .get(&session.stream)
+        .get_mut(&session.stream)
         .ok_or_else(|| KvsError::stream_not_found(&session.stream))?;
     if stream.faults.throttled() || !session.admit(kind) {
         return Err(KvsError::throttled());
@@ -353,7 +411,31 @@ fn with_session<T>(
     if stream.faults.server_errors() {
         return Err(KvsError::internal());
     }
-    f(session, stream)
+    let request = match kind {
+        HlsRequest::Master => Request::MasterPlaylist,
+        HlsRequest::MediaPlaylist => Request::MediaPlaylist,
+        HlsRequest::Init => Request::InitSegment,
+        HlsRequest::Fragment => Request::MediaFragment,
+    };
+    let failure = stream.faults.take(request);
+    match failure {
+        Some(Failure::ServerError) => return Err(KvsError::internal()),
+        Some(Failure::Throttled) => return Err(KvsError::throttled()),
+        Some(Failure::Forbidden) => return Err(KvsError::session_expired()),
+        Some(Failure::Corrupt) if kind != HlsRequest::Fragment => {
+            return Err(KvsError::internal());
+        }
+        _ => {}
+    }
+    f(session, stream).map(|value| (value, failure))
+}
+
+/// The body of a successful HLS response, cut short by a [`Failure::Reset`] fault.
+fn faulted(body: Bytes, failure: Option<Failure>, content_type: &'static str) -> Response {
+    if failure == Some(Failure::Reset) {
+        return fragment_response(body, true, None, content_type);
+    }
+    with_type(body, content_type)
 }
 
 fn hls_result(state: &State, result: Result<Response, KvsError>) -> Response {
@@ -584,7 +666,7 @@ pub(crate) async fn master(
         let token = params.get("SessionToken").map_or("", String::as_str);
         master_playlist(session, stream, token)
     })
-    .map(|text| with_type(text, "application/x-mpegURL"));
+    .map(|(text, failure)| faulted(Bytes::from(text), failure, "application/x-mpegURL"));
     hls_result(&state, result)
 }
 
@@ -601,7 +683,7 @@ pub(crate) async fn media(
             media_playlist(session, stream, token)
         },
     )
-    .map(|text| with_type(text, "application/x-mpegURL"));
+    .map(|(text, failure)| faulted(Bytes::from(text), failure, "application/x-mpegURL"));
     hls_result(&state, result)
 }
 
@@ -629,7 +711,7 @@ pub(crate) async fn init(
         };
         Ok(fragment.init.clone())
     })
-    .map(|bytes| with_type(bytes, "video/mp4"));
+    .map(|(bytes, failure)| faulted(bytes, failure, "video/mp4"));
     hls_result(&state, result)
 }
 
@@ -663,15 +745,24 @@ pub(crate) async fn fragment(
             stream.faults.stall(),
         ))
     })
-    .map(|(media, reset, stall)| fragment_response(media, reset, stall));
+    .map(|((media, reset, stall), failure)| match failure {
+        Some(Failure::Corrupt) => with_type(mp4::garble(&media), "video/mp4"),
+        Some(Failure::Reset) => fragment_response(media, true, None, "video/mp4"),
+        _ => fragment_response(media, reset, stall, "video/mp4"),
+    });
     hls_result(&state, result)
 }
 
 /// The body of a media fragment, possibly cut short (reset) or paused half-way (stall).
-fn fragment_response(media: Bytes, reset: bool, stall: Option<Duration>) -> Response {
+fn fragment_response(
+    media: Bytes,
+    reset: bool,
+    stall: Option<Duration>,
+    content_type: &'static str,
+) -> Response {
     let total = media.len();
     if !reset && stall.is_none() {
-        return with_type(media, "video/mp4");
+        return with_type(media, content_type);
     }
     let half = media.slice(..total / 2);
     let rest = media.slice(total / 2..);
@@ -691,7 +782,7 @@ fn fragment_response(media: Bytes, reset: bool, stall: Option<Duration>) -> Resp
             Ok(rest)
         })))
     };
-    let mut response = with_type(body, "video/mp4");
+    let mut response = with_type(body, content_type);
     if let Ok(value) = HeaderValue::from_str(&total.to_string()) {
         response.headers_mut().insert(header::CONTENT_LENGTH, value);
     }

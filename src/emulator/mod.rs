@@ -58,7 +58,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-pub use faults::Faults;
+pub use faults::{ClockShift, Failure, Faults, Request};
 pub use store::{FragmentRecord, RequestStats, StreamStatus};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -504,6 +504,13 @@ impl Emulator {
             frames_encoded: camera.frames_encoded(),
             last_error: camera.last_error(),
         })
+    }
+
+    /// When the calls of API `operation` (`GetHLSStreamingSessionURL`, `GetDataEndpoint`, …)
+    /// arrived, oldest first (the last 100,000 calls are kept): for measuring a client's retry
+    /// delays end to end.
+    pub fn api_call_times(&self, operation: &str) -> Vec<std::time::Instant> {
+        self.state.api_call_times(operation)
     }
 
     /// Counts of the requests served so far, by kind, and of the errors returned, by code.

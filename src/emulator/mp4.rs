@@ -280,6 +280,30 @@ fn push_run<T: PartialEq>(runs: &mut Vec<(u32, T)>, value: T) {
     }
 }
 
+/// A media segment made undecodable for fault injection: the `moof` stays (so the fragment is
+/// still recognisably fMP4), the payload of `mdat` is overwritten with a byte pattern that is no
+/// valid H.264 NAL unit stream.
+pub(crate) fn garble(segment: &[u8]) -> Vec<u8> {
+    let mut out = segment.to_vec();
+    let mut pos = 0usize;
+    while let Some(header) = out.get(pos..pos + 8) {
+        let size = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = [header[4], header[5], header[6], header[7]];
+        if size < 8 {
+            break;
+        }
+        if &kind == b"mdat" {
+            let end = (pos + size).min(out.len());
+            for (i, b) in out[pos + 8..end].iter_mut().enumerate() {
+                *b = if i % 4 == 3 { 0x65 } else { 0xFF };
+            }
+            break;
+        }
+        pos += size;
+    }
+    out
+}
+
 /// Writes a box (§4.2): a size and type header, the body written by `body`, then the size
 /// patched in; a box of 4 GiB or more gets a 64-bit `largesize` instead.
 fn write_box(out: &mut Vec<u8>, kind: &[u8; 4], body: impl FnOnce(&mut Vec<u8>)) {

@@ -89,6 +89,8 @@ pub(crate) struct Session {
     pub expires_at: SystemTime,
     pub created: Instant,
     pub revoked: bool,
+    /// Closed by KVS because a sixth session of the stream was created.
+    pub closed: bool,
     /// Index of the fragment that has session-local number (and media sequence) 0.
     pub base_index: u64,
     /// Codec generation of the fragment at `base_index` (its init URL carries no number).
@@ -125,6 +127,7 @@ impl Session {
             expires_at,
             created: Instant::now(),
             revoked: false,
+            closed: false,
             base_index,
             base_generation,
             decode_origin: None,

@@ -80,6 +80,8 @@ pub struct RequestStats {
     pub media_fragments: u64,
     /// Error responses by `x-amzn-ErrorType`.
     pub errors: BTreeMap<String, u64>,
+    /// HLS sessions closed because a sixth active session of their stream was created.
+    pub sessions_closed: u64,
 }
 
 /// A fragment as stored and served.
@@ -153,9 +155,14 @@ pub(crate) struct State {
     pub streams: Mutex<BTreeMap<String, StreamState>>,
     pub sessions: Mutex<HashMap<String, Session>>,
     stats: Mutex<RequestStats>,
+    /// When each API call arrived, oldest first (bounded).
+    api_log: Mutex<VecDeque<(std::time::Instant, String)>>,
     /// Added to the wall clock when session expiry is checked (see `Emulator::advance_session_clock`).
     clock_offset: Mutex<Duration>,
 }
+
+/// API calls whose arrival times are kept.
+const API_LOG_LIMIT: usize = 100_000;
 
 pub(crate) fn valid_stream_name(name: &str) -> bool {
     !name.is_empty()
@@ -185,6 +192,7 @@ impl State {
             streams: Mutex::new(BTreeMap::new()),
             sessions: Mutex::new(HashMap::new()),
             stats: Mutex::new(RequestStats::default()),
+            api_log: Mutex::new(VecDeque::new()),
             clock_offset: Mutex::new(Duration::ZERO),
         }
     }
@@ -379,7 +387,12 @@ impl State {
             fragment.decode_time,
             &fragment.samples,
         ));
+        // The server clock is right; a shifted producer clock only moves producer timestamps.
         let server_start = fragment.producer_start + stream.ingest_delay;
+        let producer_start = match stream.faults.clock_shift() {
+            Some(shift) => shift.apply(fragment.producer_start),
+            None => fragment.producer_start,
+        };
         // KVS fragment numbers are long decimal strings that grow with time.
         let fragment_number = format!(
             "9134385233318{:020}{:015}",
@@ -388,7 +401,7 @@ impl State {
         );
         let stored = Arc::new(StoredFragment {
             index,
-            producer_start: fragment.producer_start,
+            producer_start,
             server_start,
             duration: fragment.duration,
             first_frame: fragment.first_frame,
@@ -440,7 +453,21 @@ impl State {
     pub fn frame_producer_time(&self, name: &str, frame: u64) -> Option<SystemTime> {
         let streams = self.streams.lock();
         let stream = streams.get(name)?;
-        let nanos = u128::from(frame) * 1_000_000_000 / u128::from(stream.fps.max(1));
+        let fps = u128::from(stream.fps.max(1));
+        // From the fragment that holds the frame (its producer time may be shifted), else from
+        // the camera's start.
+        let i = stream
+            .ground_truth
+            .partition_point(|r| r.first_frame <= frame);
+        if let Some(record) = i.checked_sub(1).and_then(|i| stream.ground_truth.get(i))
+            && frame < record.first_frame + u64::from(record.frame_count)
+        {
+            let nanos = u128::from(frame - record.first_frame) * 1_000_000_000 / fps;
+            return record
+                .producer_start
+                .checked_add(Duration::from_nanos(u64::try_from(nanos).ok()?));
+        }
+        let nanos = u128::from(frame) * 1_000_000_000 / fps;
         Some(stream.camera_start + Duration::from_nanos(u64::try_from(nanos).ok()?))
     }
 
@@ -470,13 +497,34 @@ impl State {
         }
     }
 
+    /// When the calls of `operation` arrived, oldest first.
+    pub fn api_call_times(&self, operation: &str) -> Vec<std::time::Instant> {
+        self.api_log
+            .lock()
+            .iter()
+            .filter(|(_, op)| op == operation)
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
     pub fn count_api(&self, operation: &str) {
+        {
+            let mut log = self.api_log.lock();
+            log.push_back((std::time::Instant::now(), operation.to_owned()));
+            while log.len() > API_LOG_LIMIT {
+                log.pop_front();
+            }
+        }
         *self
             .stats
             .lock()
             .api_calls
             .entry(operation.to_owned())
             .or_default() += 1;
+    }
+
+    pub fn count_sessions_closed(&self, n: usize) {
+        self.stats.lock().sessions_closed += n as u64;
     }
 
     pub fn count_error(&self, code: &str) {

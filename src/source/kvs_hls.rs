@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::{CommonOptions, common_setters};
-use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats};
+use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats, TaskGuard};
 use crate::backoff::BackoffPolicy;
 use crate::decode::{Decoder, DecoderDrop, FragmentInput, FrameSink};
 use crate::error::{Error, ErrorKind, Result};
@@ -605,12 +605,19 @@ struct Reader {
     failures: u32,
 }
 
+/// How long after a range's end its fragments are assumed to have all reached KVS (producers
+/// upload within seconds; KVS answers LIVE with "no fragments" after 30 s without ingest).
+const RANGE_SETTLE: Duration = Duration::from_secs(30);
+
 enum Outcome {
     /// The range is complete (ON_DEMAND, or LIVE_REPLAY with an end).
     Finished,
 }
 
 async fn run(ctx: Arc<Ctx>, decoder: Arc<Decoder>, opts: KvsHlsFrameSourceBuilder) {
+    // Whatever ends this task (a panic, a runtime shutdown), the iterator ends too.
+    let guard_ctx = Arc::clone(&ctx);
+    let _guard = TaskGuard::new(Arc::clone(&ctx.core), move |e| fail(&guard_ctx, e));
     let client = match &opts.client {
         ClientSource::Client(c) => Ok(c.clone()),
         ClientSource::Config(config) => Ok(KvsClient::new(config)),
@@ -661,14 +668,7 @@ impl Reader {
             let result = self.follow().await;
             let error = match result {
                 Ok(Outcome::Finished) => {
-                    tracing::info!(camera = %self.camera(), "end of the requested range");
-                    // Flush the decoder (its last frames) before ending the queue.
-                    if let Err(e) = self.decoder.finish().await {
-                        tracing::debug!(camera = %self.camera(), error = %e, "decoder finish");
-                    }
-                    // The state first: a reader that sees the end sees why.
-                    self.ctx.set_state(SourceState::Disconnected);
-                    self.ctx.core.queue.finish();
+                    self.finish_range().await;
                     return;
                 }
                 Err(e) if e.kind() == ErrorKind::Stopped => return,
@@ -687,8 +687,29 @@ impl Reader {
                 fail(&self.ctx, error);
                 return;
             }
+            // A range wholly in the past cannot gain fragments: "no fragments" is its end.
+            if error.kind() == ErrorKind::NoFragments && self.range_ended() {
+                if self.position.fed_any {
+                    self.finish_range().await;
+                } else {
+                    fail(
+                        &self.ctx,
+                        error.context(format!(
+                            "the requested range ended more than {}s ago and holds no fragments",
+                            RANGE_SETTLE.as_secs()
+                        )),
+                    );
+                }
+                return;
+            }
             self.failures += 1;
-            self.ctx.core.stats.lock().consecutive_errors = self.failures;
+            {
+                let mut stats = self.ctx.core.stats.lock();
+                stats.consecutive_errors = self.failures;
+                if stats.reconnecting_since.is_none() {
+                    stats.reconnecting_since = Some(SystemTime::now());
+                }
+            }
             if self.opts.common.backoff.exhausted(self.failures) {
                 let n = self.failures;
                 fail(
@@ -719,6 +740,48 @@ impl Reader {
             }
             self.ctx.reset_progress();
         }
+    }
+
+    /// Flushes the decoder (its last frames), then ends the queue: the end of a range.
+    async fn finish_range(&self) {
+        tracing::info!(camera = %self.camera(), "end of the requested range");
+        if let Err(e) = self.decoder.finish().await {
+            tracing::debug!(camera = %self.camera(), error = %e, "decoder finish");
+        }
+        // The last fragments failed to decode: their frames are lost, which is counted.
+        let failed = self.ctx.decode_failed.lock().take();
+        if let Some(error) = failed {
+            self.count_decode_error(&error);
+        }
+        // The state first: a reader that sees the end sees why.
+        self.ctx.set_state(SourceState::Disconnected);
+        self.ctx.core.queue.finish();
+    }
+
+    /// Counts a decode error (the decoder rebuilds its pipeline before the next fragment).
+    fn count_decode_error(&self, error: &Error) {
+        tracing::warn!(camera = %self.camera(), %error, "decode error: the frames of the fragments in the decoder are lost");
+        {
+            let mut stats = self.ctx.core.stats.lock();
+            stats.decode_errors += 1;
+            stats.read_errors += 1;
+            stats.last_error = Some(error.to_string());
+        }
+        if let Some(m) = &self.ctx.metrics {
+            m.read_error(self.camera());
+        }
+    }
+
+    /// Whether the requested range (ON_DEMAND, or LIVE_REPLAY with an end) ended more than
+    /// [`RANGE_SETTLE`] ago, so that no fragment can still arrive in it.
+    fn range_ended(&self) -> bool {
+        let end = match self.opts.playback {
+            PlaybackMode::OnDemand { end, .. }
+            | PlaybackMode::LiveReplay { end: Some(end), .. } => end,
+            PlaybackMode::Live | PlaybackMode::LiveReplay { end: None, .. } => return false,
+        };
+        end.checked_add(RANGE_SETTLE)
+            .is_some_and(|settled| settled < SystemTime::now())
     }
 
     /// A 404 that looks like "stream not found" is confirmed with DescribeStream before the
@@ -949,7 +1012,11 @@ impl Reader {
             for segment in fresh {
                 self.feed(&segment).await?;
                 self.failures = 0;
-                self.ctx.core.stats.lock().consecutive_errors = 0;
+                {
+                    let mut stats = self.ctx.core.stats.lock();
+                    stats.consecutive_errors = 0;
+                    stats.reconnecting_since = None;
+                }
             }
             if playlist.end_list && !matches!(self.opts.playback, PlaybackMode::Live) {
                 let last = playlist.segments.last();

@@ -120,6 +120,9 @@ pub struct SourceStats {
     pub pipelines_built: u64,
     /// Errors in a row without a fragment in between.
     pub consecutive_errors: u32,
+    /// When the current outage began (the first of the current run of consecutive errors);
+    /// None while frames flow.
+    pub reconnecting_since: Option<SystemTime>,
     /// The most recent backoff delays, oldest first (at most 32).
     pub backoff_history: Vec<Duration>,
     /// The last error (redacted), fatal or not.
@@ -296,7 +299,9 @@ macro_rules! common_setters {
             self.common.queue_capacity = capacity;
             self
         }
-        /// Reconnect backoff (default: 5 s, ×2, cap 60 s, jitter 0.8–1.2, 10 errors in a row).
+        /// Reconnect backoff (default: 5 s, ×2, cap 60 s, jitter 0.8–1.2, retried for as long as
+        /// the errors are transient; `max_consecutive_errors(Some(n))` gives up after `n` in a
+        /// row).
         #[must_use]
         pub fn backoff(mut self, policy: BackoffPolicy) -> Self {
             self.common.backoff = policy;
@@ -363,6 +368,71 @@ impl Core {
     }
 }
 
+/// Armed by a source's control task: when the task ends without having ended the queue — it
+/// panicked, or its runtime shut down and dropped it — the guard ends the queue with an
+/// [`ErrorKind::Internal`] error, so that `frames()` and `stream()` never wait forever.
+pub(crate) struct TaskGuard {
+    core: Arc<Core>,
+    on_end: Option<Box<dyn FnOnce(Error) + Send>>,
+}
+
+impl TaskGuard {
+    /// `on_end` records the error and ends the queue (the source's `fail`).
+    pub fn new(core: Arc<Core>, on_end: impl FnOnce(Error) + Send + 'static) -> Self {
+        TaskGuard {
+            core,
+            on_end: Some(Box::new(on_end)),
+        }
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.core.queue.is_ended() {
+            return;
+        }
+        let why = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "was dropped (its tokio runtime shut down)"
+        };
+        if let Some(on_end) = self.on_end.take() {
+            on_end(Error::new(
+                ErrorKind::Internal,
+                format!("the source's control task {why}: the source has stopped"),
+            ));
+        }
+    }
+}
+
+/// How long `stop()` waits for the blocking part of a teardown (GStreamer state changes,
+/// thread joins) when it is called outside a tokio runtime.
+const TEARDOWN_WAIT: Duration = Duration::from_millis(700);
+
+/// Runs blocking teardown work (a pipeline to NULL, a thread join) on a thread of its own, so
+/// that it never blocks a tokio worker; outside a runtime, waits for it for at most
+/// [`TEARDOWN_WAIT`] (it normally takes milliseconds), so that `stop()` and `Drop` always
+/// return within a second.
+pub(crate) fn teardown(name: &str, work: impl FnOnce() + Send + 'static) {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name(format!("kvs-frames-stop-{name}"))
+        .spawn(move || {
+            work();
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if tokio::runtime::Handle::try_current().is_err()
+                && wait.recv_timeout(TEARDOWN_WAIT).is_err()
+            {
+                tracing::debug!(source = name, "teardown continues in the background");
+            }
+        }
+        Err(e) => tracing::warn!(source = name, error = %e, "cannot start the teardown thread"),
+    }
+}
+
 /// Blocking iterator over `(frame, timestamp)`; see
 /// [`KvsHlsFrameSource::frames`]. It ends after a fatal error has been yielded, after the end
 /// of an on-demand range, or when the source is stopped.
@@ -424,5 +494,59 @@ impl futures_util::Stream for FrameStream {
 impl std::fmt::Debug for FrameStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrameStream").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guard_ends_the_queue_when_the_task_panics_or_is_dropped() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let core = Arc::new(Core::new(Queue::new(4, DeliveryPolicy::Block)));
+        let guarded = |core: &Arc<Core>| {
+            let c = Arc::clone(core);
+            TaskGuard::new(Arc::clone(core), move |e| c.queue.fail(e))
+        };
+        let guard = guarded(&core);
+        let task = runtime.spawn(async move {
+            let _guard = guard;
+            let values: Vec<u64> = Vec::new();
+            // A panic inside the task (an index out of bounds).
+            values[usize::from(values.is_empty())]
+        });
+        assert!(runtime.block_on(task).unwrap_err().is_panic());
+        match core.queue.pop(Some(Duration::from_secs(1))) {
+            Ok(Some(Err(e))) => {
+                assert_eq!(e.kind(), ErrorKind::Internal);
+                assert!(e.to_string().contains("panicked"), "{e}");
+            }
+            other => panic!("the queue did not end: {:?}", other.map(|o| o.is_some())),
+        }
+        assert!(matches!(core.queue.pop(Some(Duration::ZERO)), Ok(None)));
+
+        // A task dropped by its runtime's shutdown.
+        let core = Arc::new(Core::new(Queue::new(4, DeliveryPolicy::Block)));
+        let guard = guarded(&core);
+        runtime.spawn(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        });
+        drop(runtime);
+        match core.queue.pop(Some(Duration::from_secs(1))) {
+            Ok(Some(Err(e))) => assert!(e.to_string().contains("runtime"), "{e}"),
+            other => panic!("the queue did not end: {:?}", other.map(|o| o.is_some())),
+        }
+
+        // A task that ended the queue itself (or a stopped source): nothing is added.
+        let core = Arc::new(Core::new(Queue::new(4, DeliveryPolicy::Block)));
+        core.queue.finish();
+        drop(guarded(&core));
+        assert!(matches!(core.queue.pop(Some(Duration::ZERO)), Ok(None)));
     }
 }

@@ -191,6 +191,12 @@ impl Queue {
         }
     }
 
+    /// Whether the queue has ended (finished, failed or closed): nothing more will be added.
+    pub fn is_ended(&self) -> bool {
+        let inner = self.inner.lock();
+        inner.closed || inner.terminal.is_some()
+    }
+
     /// Frames currently queued.
     pub fn len(&self) -> usize {
         self.inner.lock().items.len()

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 
 use super::{CommonOptions, common_setters};
-use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats};
+use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats, TaskGuard};
 use crate::backoff::BackoffPolicy;
 use crate::decode::{self, DecodeConfig, DecoderDrop, FrameSink, Stamp, TailHooks};
 use crate::error::{Error, ErrorKind, Result};
@@ -542,7 +542,10 @@ impl UriFrameSource {
         }
         let pipeline = self.ctx.pipeline.lock().take();
         if let Some(pipeline) = pipeline {
-            let _ = pipeline.set_state(gst::State::Null);
+            // An RTSP teardown may take a moment: off the caller's thread (a second at most).
+            super::teardown(&self.ctx.camera_id, move || {
+                let _ = pipeline.set_state(gst::State::Null);
+            });
         }
         if self.core.state() != SourceState::Error {
             self.ctx.set_state(SourceState::Disconnected);
@@ -636,7 +639,11 @@ impl FrameSink for Sink {
         let ctx = &self.0;
         ctx.reset_progress();
         if ctx.connection_frames.fetch_add(1, Ordering::Relaxed) == 0 {
-            ctx.core.stats.lock().consecutive_errors = 0;
+            {
+                let mut stats = ctx.core.stats.lock();
+                stats.consecutive_errors = 0;
+                stats.reconnecting_since = None;
+            }
             if !ctx.stopped() {
                 ctx.set_state(SourceState::Connected);
             }
@@ -872,7 +879,20 @@ async fn connection(ctx: &Arc<Ctx>, opts: &Options) -> Result<End> {
     ctx.pipelines_built.fetch_add(1, Ordering::Relaxed);
     ctx.core.stats.lock().sessions += 1;
     tracing::debug!(camera = %ctx.camera_id, uri = %ctx.display, "connecting");
-    let started = pipeline.set_state(gst::State::Playing);
+    // State changes may block (a source element opening its input): off the async threads.
+    let starting = pipeline.clone();
+    let starting_ctx = Arc::clone(ctx);
+    let started = tokio::task::spawn_blocking(move || {
+        let started = starting.set_state(gst::State::Playing);
+        // stop() may have released the pipeline while it was starting (or aborted this task):
+        // it must not stay PLAYING.
+        if starting_ctx.stopped() {
+            let _ = starting.set_state(gst::State::Null);
+        }
+        started
+    })
+    .await
+    .unwrap_or(Err(gst::StateChangeError));
     let result = match started {
         // A source that fails at once (a file it cannot open) posts its error synchronously.
         Err(_) => Err(match rx.try_recv() {
@@ -951,6 +971,9 @@ fn fail(ctx: &Ctx, error: Error) {
 }
 
 async fn run(ctx: Arc<Ctx>, opts: Options) {
+    // Whatever ends this task (a panic, a runtime shutdown), the iterator ends too.
+    let guard_ctx = Arc::clone(&ctx);
+    let _guard = TaskGuard::new(Arc::clone(&ctx.core), move |e| fail(&guard_ctx, e));
     let mut failures: u32 = 0;
     loop {
         if ctx.stopped() {
@@ -999,7 +1022,13 @@ async fn run(ctx: Arc<Ctx>, opts: Options) {
             return;
         }
         failures += 1;
-        ctx.core.stats.lock().consecutive_errors = failures;
+        {
+            let mut stats = ctx.core.stats.lock();
+            stats.consecutive_errors = failures;
+            if stats.reconnecting_since.is_none() {
+                stats.reconnecting_since = Some(SystemTime::now());
+            }
+        }
         if opts.backoff.exhausted(failures) {
             fail(
                 &ctx,

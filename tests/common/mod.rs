@@ -2,6 +2,7 @@
 //! emulator, raw HTTP, and a real GStreamer decoder that reads each frame's barcode.
 #![allow(dead_code)]
 
+pub mod blackhole;
 pub mod frames;
 pub mod rtsp;
 
