@@ -720,19 +720,63 @@ fn session_tokens_never_reach_logs_errors_or_debug_output() {
         .unwrap()
         .server_errors(Duration::from_millis(2500));
     let more = take(&source, 75, Duration::from_secs(15));
+    // A playlist no parser accepts, its token URLs in the rest of the body (the parser's own
+    // error message would print them), and a fragment download cut short.
+    {
+        use kvs_frames::emulator::{Failure, Request};
+        let faults = emulator.faults("cam-1").unwrap();
+        faults.fail_next(Request::MediaPlaylist, Failure::Corrupt, 1);
+        faults.fail_next(Request::MediaFragment, Failure::Reset, 1);
+    }
+    let errors_before = source.stats().read_errors;
+    let last = take(&source, 50, Duration::from_secs(15));
     let stats = source.stats();
     assert!(
-        stats.url_refreshes >= 1 && stats.read_errors >= 1,
+        stats.url_refreshes >= 1 && stats.read_errors > errors_before,
         "{stats:?}"
     );
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(text.contains("session"), "logs were captured: {text}");
-    let debug = format!("{source:?} {stats:?} {:?} {:?}", frames[0], more[0]);
+    assert!(
+        text.contains("cannot parse the media playlist"),
+        "the corrupt playlist was read and reported: {text}"
+    );
+    let debug = format!(
+        "{source:?} {stats:?} {:?} {:?} {:?} {:?}",
+        frames[0], more[0], last[0], stats.last_error
+    );
+    // Every token the emulator issued, as issued and percent-encoded as in its URLs.
+    let tokens = emulator.issued_session_tokens();
+    assert!(
+        tokens.len() >= 2,
+        "a refresh issued a second token: {tokens:?}"
+    );
+    let encode = |t: &str| -> String {
+        t.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    };
     for output in [&text, &debug] {
-        assert!(
-            !output.contains("SessionToken=CiA"),
-            "token leaked:\n{output}"
-        );
+        for token in &tokens {
+            // A token is long: its middle third alone must not appear either.
+            let third = &token[token.len() / 3..2 * token.len() / 3];
+            // And as the decimal bytes a parser's Debug output prints (`[67, 105, 65, …]`).
+            let bytes = encode(token)
+                .bytes()
+                .take(12)
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            for form in [token.clone(), encode(token), third.to_owned(), bytes] {
+                assert!(!output.contains(&form), "token leaked ({form}):\n{output}");
+            }
+        }
         assert!(
             !output.contains(kvs_frames::emulator::SECRET_ACCESS_KEY),
             "secret leaked"

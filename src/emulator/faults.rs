@@ -33,8 +33,10 @@ pub enum Failure {
     /// HLS requests: half of the body, then the connection is reset (`GetHLSStreamingSessionURL`:
     /// like [`ServerError`](Failure::ServerError)).
     Reset,
-    /// Media fragments: HTTP 200 with the fragment's structure garbled, so that decoding it fails
-    /// (other requests: like [`ServerError`](Failure::ServerError)).
+    /// Media fragments: HTTP 200 with the fragment's structure garbled, so that decoding it fails;
+    /// playlists: HTTP 200 without the `#EXTM3U` line, which no parser accepts (the token URLs
+    /// are still in it); init segments and `GetHLSStreamingSessionURL`: like
+    /// [`ServerError`](Failure::ServerError).
     Corrupt,
 }
 

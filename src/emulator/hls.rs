@@ -320,6 +320,7 @@ pub(crate) async fn get_hls_streaming_session_url(
         }
         drop(streams);
         let token = new_token();
+        state.issued_tokens.lock().push(token.clone());
         let url = format!(
             "{}/hls/v1/getHLSMasterPlaylist.m3u8?SessionToken={}",
             state.settings.endpoint,
@@ -422,7 +423,7 @@ fn with_session<T>(
         Some(Failure::ServerError) => return Err(KvsError::internal()),
         Some(Failure::Throttled) => return Err(KvsError::throttled()),
         Some(Failure::Forbidden) => return Err(KvsError::session_expired()),
-        Some(Failure::Corrupt) if kind != HlsRequest::Fragment => {
+        Some(Failure::Corrupt) if kind == HlsRequest::Init => {
             return Err(KvsError::internal());
         }
         _ => {}
@@ -430,12 +431,21 @@ fn with_session<T>(
     f(session, stream).map(|value| (value, failure))
 }
 
-/// The body of a successful HLS response, cut short by a [`Failure::Reset`] fault.
+/// The body of a successful HLS response, cut short by a [`Failure::Reset`] fault, or (a
+/// playlist) without its `#EXTM3U` line for [`Failure::Corrupt`]: a body no HLS parser accepts,
+/// whose rest still holds the session's token URLs.
 fn faulted(body: Bytes, failure: Option<Failure>, content_type: &'static str) -> Response {
-    if failure == Some(Failure::Reset) {
-        return fragment_response(body, true, None, content_type);
+    match failure {
+        Some(Failure::Reset) => fragment_response(body, true, None, content_type),
+        Some(Failure::Corrupt) => {
+            let cut = body
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(body.len(), |i| i + 1);
+            with_type(body.slice(cut..), content_type)
+        }
+        _ => with_type(body, content_type),
     }
-    with_type(body, content_type)
 }
 
 fn hls_result(state: &State, result: Result<Response, KvsError>) -> Response {

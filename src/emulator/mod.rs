@@ -513,6 +513,12 @@ impl Emulator {
         self.state.api_call_times(operation)
     }
 
+    /// Every HLS session token issued so far, oldest first: what a test searches logs, errors
+    /// and Debug output for (raw and percent-encoded).
+    pub fn issued_session_tokens(&self) -> Vec<String> {
+        self.state.issued_tokens.lock().clone()
+    }
+
     /// Counts of the requests served so far, by kind, and of the errors returned, by code.
     pub fn request_stats(&self) -> RequestStats {
         self.state.request_stats()

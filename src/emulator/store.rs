@@ -154,6 +154,8 @@ pub(crate) struct State {
     pub settings: Settings,
     pub streams: Mutex<BTreeMap<String, StreamState>>,
     pub sessions: Mutex<HashMap<String, Session>>,
+    /// Every session token issued, oldest first (for tests that look for leaks).
+    pub issued_tokens: Mutex<Vec<String>>,
     stats: Mutex<RequestStats>,
     /// When each API call arrived, oldest first (bounded).
     api_log: Mutex<VecDeque<(std::time::Instant, String)>>,
@@ -191,6 +193,7 @@ impl State {
             settings,
             streams: Mutex::new(BTreeMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            issued_tokens: Mutex::new(Vec::new()),
             stats: Mutex::new(RequestStats::default()),
             api_log: Mutex::new(VecDeque::new()),
             clock_offset: Mutex::new(Duration::ZERO),
