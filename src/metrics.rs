@@ -113,7 +113,7 @@ impl FrameSourceMetrics {
             fragments: counter("kvs_hls_fragments_total", "Media fragments downloaded")?,
             bytes: counter(
                 "kvs_hls_fragment_bytes_total",
-                "Bytes of fragments downloaded",
+                "Bytes downloaded: media fragments and init segments",
             )?,
             fetch_seconds: HistogramVec::new(
                 HistogramOpts::new(
@@ -169,13 +169,16 @@ impl FrameSourceMetrics {
         self.state.with_label_values(&[camera]).set(0);
     }
 
+    pub(crate) fn delivered(&self, camera: &str) {
+        self.frames.with_label_values(&[camera]).inc();
+    }
+
     pub(crate) fn frame(
         &self,
         camera: &str,
         producer_time: Option<SystemTime>,
         age: Option<Duration>,
     ) {
-        self.frames.with_label_values(&[camera]).inc();
         if let Some(t) = producer_time.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
             self.last_frame
                 .with_label_values(&[camera])
@@ -208,6 +211,11 @@ impl FrameSourceMetrics {
 
     pub(crate) fn state(&self, camera: &str, state: SourceState) {
         self.state.with_label_values(&[camera]).set(state as i64);
+    }
+
+    /// An init segment was downloaded: its bytes count with the fragments' (as in the stats).
+    pub(crate) fn init_segment(&self, camera: &str, bytes: usize) {
+        self.bytes.with_label_values(&[camera]).inc_by(bytes as u64);
     }
 
     pub(crate) fn fragment(&self, camera: &str, bytes: usize, fetch: Duration) {

@@ -333,7 +333,10 @@ impl KvsHlsFrameSourceBuilder {
             PlaybackMode::Live => DeliveryPolicy::DropOldest,
             _ => DeliveryPolicy::Block,
         });
-        let core = Arc::new(Core::new(Queue::new(self.common.queue_capacity, policy)));
+        let core = Arc::new(
+            Core::new(Queue::new(self.common.queue_capacity, policy))
+                .counting_into(self.common.metrics.clone(), &self.common.camera_id),
+        );
         let ctx = Arc::new(Ctx {
             camera_id: self.common.camera_id.clone(),
             core: Arc::clone(&core),
@@ -530,9 +533,8 @@ impl FrameSink for Sink {
         let emitted = frame.emitted;
         let age = frame.age();
         {
-            // Counted before the frame becomes visible to the reader.
+            // Noted before the frame becomes visible to the reader (who counts it delivered).
             let mut stats = ctx.core.stats.lock();
-            stats.frames_delivered += 1;
             stats.last_frame_producer_time = producer_time.or(stats.last_frame_producer_time);
             stats.last_frame_at = Some(emitted);
         }
@@ -1170,6 +1172,9 @@ impl Reader {
         }
         let bytes = self.get(url).await?;
         self.ctx.core.stats.lock().bytes_fetched += bytes.len() as u64;
+        if let Some(m) = &self.ctx.metrics {
+            m.init_segment(self.camera(), bytes.len());
+        }
         if let Some(s) = self.session.as_mut() {
             s.inits.insert(url.to_owned(), bytes.clone());
         }

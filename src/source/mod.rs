@@ -94,7 +94,8 @@ impl DropReason {
 pub struct SourceStats {
     /// Current state.
     pub state: SourceState,
-    /// Frames handed to the reader's queue.
+    /// Frames the reader took (from the iterator or the stream). Frames dropped from the queue
+    /// are not delivered: delivered + dropped (both reasons) = decoded.
     pub frames_delivered: u64,
     /// Frames dropped because the reader was behind (policy `DropOldest`/`LatestOnly`).
     pub frames_dropped_queue_full: u64,
@@ -330,6 +331,8 @@ pub(crate) struct Core {
     pub queue: Queue,
     state: AtomicU8,
     pub stats: Mutex<SourceStats>,
+    /// Where frames the reader takes are counted (`kvs_hls_frames_total`), by camera.
+    deliveries: Option<(crate::metrics::FrameSourceMetrics, String)>,
 }
 
 impl Core {
@@ -338,6 +341,26 @@ impl Core {
             queue,
             state: AtomicU8::new(SourceState::Disconnected as u8),
             stats: Mutex::new(SourceStats::default()),
+            deliveries: None,
+        }
+    }
+
+    /// Counts the frames the reader takes in `metrics` too, under `camera`.
+    pub fn counting_into(
+        mut self,
+        metrics: Option<crate::metrics::FrameSourceMetrics>,
+        camera: &str,
+    ) -> Self {
+        self.deliveries = metrics.map(|m| (m, camera.to_owned()));
+        self
+    }
+
+    /// The reader took a frame (iterator or stream): it is delivered. Frames the queue drops
+    /// never get here, so delivered + dropped = decoded.
+    fn taken(&self) {
+        self.stats.lock().frames_delivered += 1;
+        if let Some((metrics, camera)) = &self.deliveries {
+            metrics.delivered(camera);
         }
     }
 
@@ -446,6 +469,7 @@ impl Iterator for Frames<'_> {
     fn next(&mut self) -> Option<Self::Item> {
         match self.core.queue.pop(None) {
             Ok(Some(Ok(frame))) => {
+                self.core.taken();
                 let ts = frame.timestamp();
                 Some(Ok((frame, ts)))
             }
@@ -461,6 +485,7 @@ impl Frames<'_> {
     pub fn next_timeout(&mut self, timeout: Duration) -> Option<Result<(Frame, SystemTime)>> {
         match self.core.queue.pop(Some(timeout)) {
             Ok(Some(Ok(frame))) => {
+                self.core.taken();
                 let ts = frame.timestamp();
                 Some(Ok((frame, ts)))
             }
@@ -483,6 +508,7 @@ impl futures_util::Stream for FrameStream {
         self.core.queue.poll_pop(cx).map(|item| {
             item.map(|r| {
                 r.map(|frame| {
+                    self.core.taken();
                     let ts = frame.timestamp();
                     (frame, ts)
                 })

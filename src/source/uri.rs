@@ -383,7 +383,10 @@ impl UriFrameSourceBuilder {
             EndOfStream::Reconnect => DeliveryPolicy::DropOldest,
             EndOfStream::Finish | EndOfStream::Loop => DeliveryPolicy::Block,
         });
-        let core = Arc::new(Core::new(Queue::new(self.common.queue_capacity, policy)));
+        let core = Arc::new(
+            Core::new(Queue::new(self.common.queue_capacity, policy))
+                .counting_into(self.common.metrics.clone(), &self.common.camera_id),
+        );
         let ctx = Arc::new(Ctx {
             camera_id: self.common.camera_id.clone(),
             display: target.display.clone(),
@@ -653,9 +656,8 @@ impl FrameSink for Sink {
         let emitted = frame.emitted;
         let age = frame.age();
         {
-            // Counted before the frame becomes visible to the reader.
+            // Noted before the frame becomes visible to the reader (who counts it delivered).
             let mut stats = ctx.core.stats.lock();
-            stats.frames_delivered += 1;
             stats.last_frame_producer_time = producer_time.or(stats.last_frame_producer_time);
             stats.last_frame_at = Some(emitted);
         }
