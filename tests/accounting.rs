@@ -168,10 +168,11 @@ fn after_faults_every_counter_equals_its_stats_field() {
     let dropped = |reason: &str| {
         let series =
             format!("kvs_hls_frames_dropped_total{{camera_id=\"acct\",reason=\"{reason}\"}}");
-        text.lines()
-            .any(|l| l.starts_with(&series))
-            .then(|| metric(&text, &series) as u64)
-            .unwrap_or(0)
+        if text.lines().any(|l| l.starts_with(&series)) {
+            metric(&text, &series) as u64
+        } else {
+            0
+        }
     };
     assert_eq!(
         dropped("target_fps"),
