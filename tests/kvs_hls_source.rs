@@ -228,33 +228,51 @@ fn http_faults_recover_without_losing_frames() {
     let mut frames = take(&source, 25, Duration::from_secs(10));
     let mut reconnects = source.stats().reconnects;
     let window = Duration::from_millis(1500);
-    for (name, inject) in [
+    let mut read_errors = source.stats().read_errors;
+    // 1.5 s of 500s, resets or throttling fit in the quick retries inside the session (250 ms,
+    // 500 ms, 1 s): no reconnect. A download that stalls is cut by the stall watchdog: a
+    // reconnect after a backoff, in the same session.
+    for (name, inject, reconnect) in [
         (
             "HTTP 500",
             Box::new(|| faults.server_errors(window)) as Box<dyn Fn()>,
+            false,
         ),
         (
             "connection reset",
             Box::new(|| faults.reset_fragment_downloads(window)),
+            false,
         ),
-        ("throttling", Box::new(|| faults.throttle(window))),
+        ("throttling", Box::new(|| faults.throttle(window)), false),
         (
             "stalled download",
             Box::new(|| faults.stall_fragment_downloads(window, Duration::from_secs(20))),
+            true,
         ),
     ] {
         inject();
         frames.extend(take(&source, 100, Duration::from_secs(15)));
-        let now = source.stats().reconnects;
+        let stats = source.stats();
         assert!(
-            now > reconnects,
-            "{name}: no reconnect observed: {:?}",
-            source.stats()
+            stats.read_errors > read_errors,
+            "{name}: no error seen: {stats:?}"
         );
-        reconnects = now;
+        if reconnect {
+            assert!(stats.reconnects > reconnects, "{name}: {stats:?}");
+        } else {
+            assert_eq!(stats.reconnects, reconnects, "{name}: {stats:?}");
+        }
+        read_errors = stats.read_errors;
+        reconnects = stats.reconnects;
     }
     assert_exact(&emulator, "cam-1", &frames);
-    assert_eq!(source.stats().pipelines_built, 1);
+    let stats = source.stats();
+    assert_eq!(stats.pipelines_built, 1);
+    assert_eq!(
+        stats.sessions, 1,
+        "every fault was recovered in the session: {stats:?}"
+    );
+    assert_eq!(stats.fragments_skipped, 0);
 }
 
 #[test]
@@ -920,8 +938,13 @@ fn assert_stops_fast(
         }
         let started = Instant::now();
         if how == "stop" {
+            let before = source.stats();
             source.stop();
-            assert_eq!(source.state(), SourceState::Disconnected, "{what}");
+            assert_eq!(
+                source.state(),
+                SourceState::Disconnected,
+                "{what}: {before:?}"
+            );
             assert!(
                 source.frames().next().is_none(),
                 "{what}: the iterator ends"
@@ -1040,23 +1063,23 @@ fn stop_and_drop_return_within_a_second_in_every_state() {
     // The end of a range whose last fragment fails to decode: the decoder never sees
     // end-of-stream (the wait for it must not hang stop).
     let last_fails = PlaybackMode::OnDemand {
-        start: truth[2].producer_start,
-        end: truth[2].producer_start + Duration::from_millis(1),
+        start: truth[1].producer_start,
+        end: truth[2].producer_start,
     };
     assert_stops_fast(
         "after a decode failure",
         || {
-            emulator.faults("archive").unwrap().fail_next(
+            emulator.faults("archive").unwrap().fail_nth(
                 Request::MediaFragment,
+                2,
                 Failure::Corrupt,
-                1,
             );
             let s = source(&emulator, "archive")
                 .playback(last_fails)
                 .build()
                 .unwrap();
             let deadline = Instant::now() + Duration::from_secs(20);
-            while s.stats().fragments_fetched == 0 {
+            while s.stats().fragments_fetched < 2 {
                 assert!(Instant::now() < deadline, "{:?}", s.stats());
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -1072,14 +1095,16 @@ fn a_range_whose_last_fragment_fails_to_decode_ends_at_once_and_counts_it() {
     use kvs_frames::emulator::{Failure, Request};
     let emulator = history("cam-1", 4);
     let truth = emulator.ground_truth("cam-1");
+    // The range's last fragment fails to decode, while the source waits for the decoder to
+    // flush.
     emulator
         .faults("cam-1")
         .unwrap()
-        .fail_next(Request::MediaFragment, Failure::Corrupt, 1);
+        .fail_nth(Request::MediaFragment, 2, Failure::Corrupt);
     let source = source(&emulator, "cam-1")
         .playback(PlaybackMode::OnDemand {
-            start: truth[2].producer_start,
-            end: truth[2].producer_start + Duration::from_millis(1),
+            start: truth[1].producer_start,
+            end: truth[2].producer_start,
         })
         .build()
         .unwrap();
@@ -1091,9 +1116,351 @@ fn a_range_whose_last_fragment_fails_to_decode_ends_at_once_and_counts_it() {
         "{:?}",
         started.elapsed()
     );
-    assert!(frames.is_empty());
+    // The first fragment's frames, but for those still inside the decoder when it failed.
+    let numbers: Vec<u32> = frames.iter().map(number).collect();
+    let first = expected(&emulator, "cam-1", 1..=1);
+    assert!(
+        !numbers.is_empty() && first.starts_with(&numbers),
+        "{numbers:?}"
+    );
     let stats = source.stats();
     assert_eq!(stats.state, SourceState::Disconnected, "{stats:?}");
     assert_eq!(stats.decode_errors, 1, "{stats:?}");
     assert!(stats.last_error.is_some(), "{stats:?}");
+}
+
+/// Every counter of the registry's `kvs_hls_*` series for `camera` equals its stats field.
+fn assert_metrics_match_stats(
+    registry: &prometheus::Registry,
+    camera: &str,
+    stats: &kvs_frames::SourceStats,
+) {
+    let series = |name: &str| {
+        metric(registry, &format!("{name}{{camera_id=\"{camera}\"}}"))
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let pairs = [
+        ("kvs_hls_frames_total", stats.frames_delivered),
+        ("kvs_hls_reconnects_total", stats.reconnects),
+        ("kvs_hls_url_refreshes_total", stats.url_refreshes),
+        ("kvs_hls_read_errors_total", stats.read_errors),
+        ("kvs_hls_fragments_total", stats.fragments_fetched),
+        ("kvs_hls_fragments_skipped_total", stats.fragments_skipped),
+        ("kvs_hls_clock_steps_total", stats.clock_steps),
+        ("kvs_hls_sessions_lost_total", stats.sessions_lost),
+    ];
+    for (name, value) in pairs {
+        assert_eq!(series(name), value as f64, "{name}: {stats:?}");
+    }
+    let dropped = metric(
+        registry,
+        &format!("kvs_hls_frames_dropped_total{{camera_id=\"{camera}\",reason=\"queue_full\"}}"),
+    );
+    assert_eq!(dropped, Some(stats.frames_dropped_queue_full as f64));
+    assert_eq!(series("kvs_hls_connection_state"), stats.state as u8 as f64);
+}
+
+/// Takes frames until `done` holds (each within `timeout`), at most 40 s.
+fn take_until(
+    source: &KvsHlsFrameSource,
+    frames: &mut Vec<Frame>,
+    done: impl Fn(&kvs_frames::SourceStats) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !done(&source.stats()) {
+        assert!(Instant::now() < deadline, "{:?}", source.stats());
+        frames.extend(take(source, 5, Duration::from_secs(15)));
+    }
+}
+
+#[test]
+fn a_failed_request_is_recovered_inside_the_session() {
+    use kvs_frames::emulator::{Failure, Request};
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let registry = prometheus::Registry::new();
+    let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
+    let source = source(&emulator, "cam-1")
+        .delivery(DeliveryPolicy::Block)
+        .backoff(quick_backoff())
+        .metrics(metrics)
+        .build()
+        .unwrap();
+    let faults = emulator.faults("cam-1").unwrap();
+    let mut frames = take(&source, 25, Duration::from_secs(10));
+    // One failure of one request each: retried at once, in the session.
+    let one_shots = [
+        (Request::MediaFragment, Failure::ServerError),
+        (Request::MediaFragment, Failure::Reset),
+        (Request::MediaFragment, Failure::Throttled),
+        (Request::MediaPlaylist, Failure::ServerError),
+        (Request::MediaPlaylist, Failure::Throttled),
+        (Request::MediaPlaylist, Failure::Reset),
+    ];
+    for (i, (request, failure)) in one_shots.into_iter().enumerate() {
+        faults.fail_next(request, failure, 1);
+        take_until(&source, &mut frames, |s| s.read_errors == i as u64 + 1);
+    }
+    frames.extend(take(&source, 25, Duration::from_secs(10)));
+    let stats = source.stats();
+    assert_eq!(
+        (stats.reconnects, stats.sessions, stats.url_refreshes),
+        (0, 1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(stats.read_errors, 6, "{stats:?}");
+
+    // A 403 on one fragment GET: the session is refreshed in place and the fragment fetched
+    // from the new one.
+    faults.fail_next(Request::MediaFragment, Failure::Forbidden, 1);
+    take_until(&source, &mut frames, |s| s.url_refreshes == 1);
+    // The new session's init segment fails once too: retried.
+    faults.fail_next(Request::InitSegment, Failure::ServerError, 1);
+    faults.revoke_sessions();
+    take_until(&source, &mut frames, |s| {
+        s.url_refreshes == 2 && s.read_errors == 7
+    });
+    frames.extend(take(&source, 25, Duration::from_secs(10)));
+    assert_exact(&emulator, "cam-1", &frames);
+    let stats = source.stats();
+    assert_eq!(
+        (stats.reconnects, stats.sessions, stats.sessions_lost),
+        (0, 3, 2),
+        "{stats:?}"
+    );
+    assert_eq!((stats.fragments_skipped, stats.pipelines_built), (0, 1));
+
+    // A fragment that fails to decode: the decode branch is rebuilt, the session kept.
+    faults.fail_next(Request::MediaFragment, Failure::Corrupt, 1);
+    let mut after = Vec::new();
+    take_until(&source, &mut after, |s| s.decode_errors == 1);
+    after.extend(take(&source, 50, Duration::from_secs(15)));
+    let stats = source.stats();
+    assert_eq!(stats.pipelines_built, 2, "{stats:?}");
+    assert_eq!((stats.reconnects, stats.sessions), (0, 3), "{stats:?}");
+    // Only the frames of the broken fragment (and at most one more in the failed pipeline) are
+    // lost; order and producer times stay right.
+    let numbers: Vec<u32> = after.iter().map(number).collect();
+    let gaps: Vec<u32> = numbers.windows(2).map(|w| w[1] - w[0] - 1).collect();
+    let lost: u32 = gaps.iter().sum::<u32>() + numbers[0] - number(frames.last().unwrap()) - 1;
+    assert!((25..=50).contains(&lost), "{lost} frames lost: {numbers:?}");
+    assert!(numbers.windows(2).all(|w| w[1] > w[0]));
+    for f in &after {
+        assert_eq!(
+            f.producer_time(),
+            emulator.frame_producer_time("cam-1", u64::from(number(f)))
+        );
+    }
+    // Counters are compared once nothing moves any more.
+    source.stop();
+    assert_metrics_match_stats(&registry, "test-camera", &source.stats());
+}
+
+#[test]
+fn fragments_that_leave_the_live_window_are_counted_and_ordinary_outages_lose_none() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let registry = prometheus::Registry::new();
+    let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
+    let build = |id: &str, window: Option<u32>| {
+        let mut b = KvsHlsFrameSource::builder(id, "cam-1")
+            .sdk_config(&emulator.sdk_config())
+            .pixel_format(PixelFormat::Gray8)
+            .delivery(DeliveryPolicy::Block)
+            .backoff(quick_backoff())
+            .metrics(metrics.clone());
+        if let Some(n) = window {
+            b = b.max_playlist_fragments(n);
+        }
+        b.build().unwrap()
+    };
+    let default_window = build("default", None);
+    let small_window = build("small", Some(3));
+    let mut frames = (
+        take(&default_window, 25, Duration::from_secs(10)),
+        take(&small_window, 25, Duration::from_secs(10)),
+    );
+    // 7 s without any HLS request served: longer than the 3-fragment window (3 s), far shorter
+    // than the default one (30 fragments).
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .throttle(Duration::from_secs(7));
+    std::thread::scope(|s| {
+        let a = s.spawn(|| take(&default_window, 300, Duration::from_secs(20)));
+        let b = s.spawn(|| take(&small_window, 300, Duration::from_secs(20)));
+        frames.0.extend(a.join().unwrap());
+        frames.1.extend(b.join().unwrap());
+    });
+    assert_exact(&emulator, "cam-1", &frames.0);
+    let stats = default_window.stats();
+    assert_eq!(stats.fragments_skipped, 0, "{stats:?}");
+    assert!(stats.reconnects >= 1, "{stats:?}");
+    assert_eq!(stats.sessions, 1, "throttling keeps the session: {stats:?}");
+    // The small window lost whole fragments, exactly as many as counted.
+    let numbers: Vec<u32> = frames.1.iter().map(number).collect();
+    let missing: u32 = numbers.windows(2).map(|w| w[1] - w[0] - 1).sum();
+    assert!(numbers.windows(2).all(|w| w[1] > w[0]));
+    let stats = small_window.stats();
+    assert!(missing > 0, "{stats:?}");
+    assert_eq!(
+        u64::from(missing),
+        stats.fragments_skipped * 25,
+        "{stats:?}"
+    );
+    assert_eq!(stats.sessions, 1, "{stats:?}");
+    // Counters are compared once nothing moves any more.
+    small_window.stop();
+    default_window.stop();
+    assert_metrics_match_stats(&registry, "small", &small_window.stats());
+    assert_metrics_match_stats(&registry, "default", &default_window.stats());
+}
+
+#[test]
+fn producer_clock_steps_neither_skip_nor_repeat_frames() {
+    use kvs_frames::emulator::ClockShift;
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let registry = prometheus::Registry::new();
+    let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
+    // A new session every 3 s, so that sessions change during the steps too.
+    let source = source(&emulator, "cam-1")
+        .delivery(DeliveryPolicy::Block)
+        .expires(Duration::from_secs(300))
+        .refresh_margin(Duration::from_secs(297))
+        .metrics(metrics)
+        .build()
+        .unwrap();
+    let faults = emulator.faults("cam-1").unwrap();
+    let mut frames = take(&source, 25, Duration::from_secs(10));
+    for shift in [
+        ClockShift::Behind(Duration::from_secs(120)),
+        ClockShift::Ahead(Duration::from_secs(120)),
+    ] {
+        faults.shift_producer_timestamps(shift, Duration::from_secs(4));
+        frames.extend(take(&source, 200, Duration::from_secs(15)));
+    }
+    frames.extend(take(&source, 50, Duration::from_secs(15)));
+    // Every frame once, in order, with the (stepped) producer time the camera gave it.
+    assert_exact(&emulator, "cam-1", &frames);
+    let truth = emulator.ground_truth("cam-1");
+    let stepped = frames
+        .iter()
+        .filter(|f| {
+            let t = f.producer_time().unwrap();
+            truth
+                .iter()
+                .any(|r| r.server_start > t + Duration::from_secs(100) && r.producer_start <= t)
+        })
+        .count();
+    assert!(stepped >= 50, "frames with a stepped-back clock: {stepped}");
+    let stats = source.stats();
+    // Back, forward again; forward, back again.
+    assert_eq!(stats.clock_steps, 4, "{stats:?}");
+    assert_eq!(
+        (stats.fragments_skipped, stats.reconnects),
+        (0, 0),
+        "{stats:?}"
+    );
+    assert!(stats.url_refreshes >= 3, "{stats:?}");
+    assert_eq!(stats.pipelines_built, 1);
+    source.stop();
+    assert_metrics_match_stats(&registry, "test-camera", &source.stats());
+}
+
+#[test]
+fn on_demand_with_one_fragment_per_playlist_advances_one_session_per_fragment() {
+    let emulator = history("cam-1", 6);
+    let truth = emulator.ground_truth("cam-1");
+    let source = source(&emulator, "cam-1")
+        .playback(PlaybackMode::OnDemand {
+            start: truth[0].producer_start,
+            end: truth[4].producer_start,
+        })
+        .max_playlist_fragments(1)
+        .build()
+        .unwrap();
+    let numbers: Vec<u32> = drain(&source).iter().map(number).collect();
+    assert_eq!(numbers, expected(&emulator, "cam-1", 0..=4));
+    let stats = source.stats();
+    assert_eq!(stats.sessions, 5, "one session per fragment: {stats:?}");
+    assert_eq!(
+        emulator.api_call_times("GetHLSStreamingSessionURL").len(),
+        5,
+        "{stats:?}"
+    );
+    assert_eq!(stats.read_errors, 0, "{stats:?}");
+}
+
+#[test]
+fn get_data_endpoint_is_called_again_only_when_the_endpoint_may_be_stale() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    let faults = emulator.faults("cam-1").unwrap();
+    faults.camera_offline(Duration::from_secs(3600));
+    assert!(emulator.ground_truth("cam-1").is_empty());
+    let source = source(&emulator, "cam-1")
+        .backoff(quick_backoff())
+        .build()
+        .unwrap();
+    let endpoint_calls = || {
+        emulator
+            .request_stats()
+            .api_calls
+            .get("GetDataEndpoint")
+            .copied()
+            .unwrap_or(0)
+    };
+    // "No fragments", again and again: the endpoint stays.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while source.stats().consecutive_errors < 5 {
+        assert!(Instant::now() < deadline, "{:?}", source.stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(endpoint_calls(), 1, "{:?}", source.stats());
+    faults.camera_offline(Duration::ZERO);
+    take(&source, 25, Duration::from_secs(15));
+    // Throttling: the endpoint stays.
+    faults.throttle(Duration::from_secs(4));
+    let reconnects = source.stats().reconnects;
+    take_until(&source, &mut Vec::new(), |s| s.reconnects > reconnects);
+    take(&source, 50, Duration::from_secs(15));
+    assert_eq!(endpoint_calls(), 1, "{:?}", source.stats());
+    // 5xx beyond the quick retries: the endpoint may be stale, so it is asked for again.
+    faults.server_errors(Duration::from_secs(4));
+    let reconnects = source.stats().reconnects;
+    take_until(&source, &mut Vec::new(), |s| s.reconnects > reconnects);
+    take(&source, 25, Duration::from_secs(15));
+    assert!(endpoint_calls() >= 2, "{:?}", source.stats());
+}
+
+#[test]
+fn a_session_closed_by_another_reader_is_replaced_and_counted() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let source = source(&emulator, "cam-1")
+        .delivery(DeliveryPolicy::Block)
+        .build()
+        .unwrap();
+    let mut frames = take(&source, 25, Duration::from_secs(10));
+    // Five other readers of the camera open a session each: the sixth session of the stream
+    // closes the oldest, this reader's.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let media = common::media(&emulator, "cam-1").await;
+        for _ in 0..5 {
+            common::session(&media, "cam-1", &common::SessionParams::default())
+                .await
+                .unwrap();
+        }
+    });
+    assert!(emulator.request_stats().sessions_closed >= 1);
+    take_until(&source, &mut frames, |s| s.sessions_lost == 1);
+    frames.extend(take(&source, 50, Duration::from_secs(10)));
+    assert_exact(&emulator, "cam-1", &frames);
+    let stats = source.stats();
+    assert_eq!(
+        (stats.sessions, stats.url_refreshes, stats.reconnects),
+        (2, 1, 0),
+        "{stats:?}"
+    );
 }

@@ -359,8 +359,8 @@ pub(crate) async fn get_hls_streaming_session_url(
 
 /// The HLS request context: the session's parameters and the stream, both locked briefly.
 /// One-shot faults ([`Faults::fail_next`](super::Faults::fail_next)) that end in an error
-/// response are applied here; [`Failure::Reset`] and [`Failure::Corrupt`] are returned with
-/// the result for the handler to apply to its body.
+/// response are applied here; [`Failure::Reset`], [`Failure::Corrupt`] and
+/// [`Failure::GarbledMedia`] are returned with the result for the handler to apply to its body.
 fn with_session<T>(
     state: &State,
     kind: HlsRequest,
@@ -422,7 +422,7 @@ fn with_session<T>(
         Some(Failure::ServerError) => return Err(KvsError::internal()),
         Some(Failure::Throttled) => return Err(KvsError::throttled()),
         Some(Failure::Forbidden) => return Err(KvsError::session_expired()),
-        Some(Failure::Corrupt) if kind != HlsRequest::Fragment => {
+        Some(Failure::Corrupt | Failure::GarbledMedia) if kind != HlsRequest::Fragment => {
             return Err(KvsError::internal());
         }
         _ => {}
@@ -747,6 +747,7 @@ pub(crate) async fn fragment(
     })
     .map(|((media, reset, stall), failure)| match failure {
         Some(Failure::Corrupt) => with_type(mp4::garble(&media), "video/mp4"),
+        Some(Failure::GarbledMedia) => with_type(mp4::garble_media(&media), "video/mp4"),
         Some(Failure::Reset) => fragment_response(media, true, None, "video/mp4"),
         _ => fragment_response(media, reset, stall, "video/mp4"),
     });

@@ -969,7 +969,11 @@ fn fail(ctx: &Ctx, error: Error) {
 async fn run(ctx: Arc<Ctx>, opts: Options) {
     // Whatever ends this task (a panic, a runtime shutdown), the iterator ends too.
     let guard_ctx = Arc::clone(&ctx);
-    let _guard = TaskGuard::new(Arc::clone(&ctx.core), move |e| fail(&guard_ctx, e));
+    let _guard = TaskGuard::new(Arc::clone(&ctx.core), move |e| {
+        if !guard_ctx.stopped() {
+            fail(&guard_ctx, e);
+        }
+    });
     let mut failures: u32 = 0;
     loop {
         if ctx.stopped() {
