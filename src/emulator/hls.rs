@@ -322,7 +322,7 @@ pub(crate) async fn get_hls_streaming_session_url(
         let token = new_token();
         let url = format!(
             "{}/hls/v1/getHLSMasterPlaylist.m3u8?SessionToken={}",
-            state.settings.endpoint,
+            state.settings.data_endpoint,
             encode_query_value(&token)
         );
         let now = state.session_now();
