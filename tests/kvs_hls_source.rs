@@ -116,7 +116,27 @@ fn proactive_refresh_loses_and_repeats_nothing_and_keeps_the_pipeline() {
     let frames = take(&source, 750, Duration::from_secs(10));
     assert_exact(&emulator, "cam-1", &frames);
     let stats = source.stats();
-    assert!(stats.url_refreshes >= 5, "{stats:?}");
+    // A session lives 5 s here (300 s − 295 s): it is replaced at the first poll after that, so
+    // every session except the last one lasted 5 s plus at most a poll interval (1 s) and a
+    // fragment download; no session more, none less.
+    let opened = emulator.api_call_times("GetHLSStreamingSessionURL");
+    assert_eq!(opened.len() as u64, stats.sessions, "{stats:?}");
+    assert_eq!(stats.url_refreshes, stats.sessions - 1, "{stats:?}");
+    for pair in opened.windows(2) {
+        let lived = pair[1] - pair[0];
+        assert!(
+            (Duration::from_millis(4950)..Duration::from_millis(7500)).contains(&lived),
+            "a session lived {lived:?}: {stats:?}"
+        );
+    }
+    let span = opened.last().unwrap().duration_since(opened[0]);
+    let most = span.as_secs_f64() / 5.0;
+    assert!(
+        (stats.url_refreshes as f64) <= most && (stats.url_refreshes as f64) >= most * 5.0 / 7.5,
+        "{} refreshes in {span:?}",
+        stats.url_refreshes
+    );
+    assert!(stats.url_refreshes >= 4, "{stats:?}");
     assert_eq!(stats.pipelines_built, 1, "one pipeline for the whole run");
     assert_eq!(stats.reconnects, 0, "{stats:?}");
     let sessions: std::collections::BTreeSet<u64> = frames
@@ -669,29 +689,73 @@ fn every_pixel_format_and_resize() {
         start: truth[0].producer_start,
         end: truth[0].producer_start + Duration::from_millis(1),
     };
+    // 322 wide: rows of 1 and 3 bytes per pixel are padded to 4 bytes (stride ≠ width × bpp).
+    let (w, h) = (322usize, 240usize);
+    // The centre of the camera's red square (320x240 pictures), scaled to 322 columns.
+    let (left, top, side) = barcode::red_marker(320, 240);
+    let (cx, cy) = ((left + side / 2) * w / 320, top + side / 2);
     for format in PixelFormat::ALL {
         let source = source(&emulator, "cam-1")
             .playback(range)
             .pixel_format(format)
-            .resize(160, 120)
+            .resize(w as u32, h as u32)
             .build()
             .unwrap();
         let frames = drain(&source);
         assert_eq!(frames.len(), 25, "{format}");
         let f = &frames[0];
-        assert_eq!((f.width(), f.height(), f.format()), (160, 120, format));
+        assert_eq!(
+            (f.width(), f.height(), f.format()),
+            (w as u32, h as u32, format)
+        );
         match format.bytes_per_pixel() {
             Some(bpp) => {
                 assert_eq!(f.n_planes(), 1);
-                assert!(f.stride() >= 160 * bpp);
-                assert_eq!(f.row(119).unwrap().len(), 160 * bpp);
-                assert_eq!(f.to_contiguous().len(), 160 * 120 * bpp);
+                assert_eq!(f.stride(), (w * bpp).div_ceil(4) * 4, "{format}");
+                if bpp != 4 {
+                    assert_ne!(f.stride(), w * bpp, "{format}: padded rows");
+                }
+                assert_eq!(f.row(h as u32 - 1).unwrap().len(), w * bpp);
+                let flat = f.to_contiguous();
+                assert_eq!(flat.len(), w * h * bpp);
+                let px = &f.row(cy as u32).unwrap()[cx * bpp..(cx + 1) * bpp];
+                // The same pixel in the packed copy.
+                assert_eq!(&flat[(cy * w + cx) * bpp..(cy * w + cx + 1) * bpp], px);
+                let rgb = match format {
+                    PixelFormat::Rgb | PixelFormat::Rgba => Some((px[0], px[1], px[2])),
+                    PixelFormat::Bgr | PixelFormat::Bgra => Some((px[2], px[1], px[0])),
+                    _ => None,
+                };
+                match rgb {
+                    Some((r, g, b)) => {
+                        assert!(r > 180 && g < 90 && b < 90, "{format}: red is {px:?}");
+                    }
+                    // GRAY8: the luma of red.
+                    None => assert!((60..=110).contains(&px[0]), "{format}: {px:?}"),
+                }
+                if bpp == 4 {
+                    assert_eq!(px[3], 255, "{format}: opaque");
+                }
             }
             None => {
                 let planes = if format == PixelFormat::I420 { 3 } else { 2 };
                 assert_eq!(f.n_planes(), planes);
-                assert_eq!(f.plane(0).unwrap().len(), f.plane_stride(0).unwrap() * 120);
-                assert!(f.plane(1).unwrap().len() >= 160 * 60 / 2);
+                let ys = f.plane_stride(0).unwrap();
+                assert_eq!(f.plane(0).unwrap().len(), ys * h);
+                let (u, v) = if format == PixelFormat::I420 {
+                    let (us, vs) = (f.plane_stride(1).unwrap(), f.plane_stride(2).unwrap());
+                    (
+                        f.plane(1).unwrap()[cy / 2 * us + cx / 2],
+                        f.plane(2).unwrap()[cy / 2 * vs + cx / 2],
+                    )
+                } else {
+                    // NV12: U and V interleaved.
+                    let uvs = f.plane_stride(1).unwrap();
+                    let at = cy / 2 * uvs + cx / 2 * 2;
+                    let uv = f.plane(1).unwrap();
+                    (uv[at], uv[at + 1])
+                };
+                assert!(u < 120 && v > 200, "{format}: red has U {u}, V {v}");
             }
         }
         if format == PixelFormat::Bgr || format == PixelFormat::Gray8 {
@@ -1463,4 +1527,116 @@ fn a_session_closed_by_another_reader_is_replaced_and_counted() {
         (2, 1, 0),
         "{stats:?}"
     );
+}
+
+#[test]
+fn backoff_delays_measured_end_to_end_follow_the_seeded_policy() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .camera_offline(Duration::from_secs(3600));
+    assert!(emulator.ground_truth("cam-1").is_empty());
+    let policy = || {
+        BackoffPolicy::default()
+            .initial(Duration::from_millis(600))
+            .multiplier(2.0)
+            .max(Duration::from_millis(2400))
+            .jitter(Jitter::seeded(0.8, 1.2, 20_261_202))
+    };
+    // The delays an identically seeded policy draws, in order.
+    let reference = policy();
+    let expected: Vec<Duration> = (1..=6).map(|n| reference.delay(n)).collect();
+    let source = source(&emulator, "cam-1")
+        .backoff(policy())
+        .build()
+        .unwrap();
+    // No session can be opened (no fragments): every attempt is a GetHLSStreamingSessionURL.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while emulator.api_call_times("GetHLSStreamingSessionURL").len() < 7 {
+        assert!(Instant::now() < deadline, "{:?}", source.stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let calls = emulator.api_call_times("GetHLSStreamingSessionURL");
+    let mut factors = Vec::new();
+    for (i, (pair, want)) in calls.windows(2).zip(&expected).enumerate() {
+        let measured = pair[1] - pair[0];
+        // The delay, then one request to the emulator on 127.0.0.1 (generous for a loaded
+        // machine), never less than the delay.
+        assert!(
+            measured + Duration::from_millis(20) >= *want
+                && measured < *want + Duration::from_millis(750),
+            "attempt {}: {measured:?} after the previous one, the policy says {want:?}",
+            i + 2
+        );
+        let base = Duration::from_millis(600 * (1 << i)).min(Duration::from_millis(2400));
+        let factor = want.as_secs_f64() / base.as_secs_f64();
+        assert!((0.8..=1.2).contains(&factor), "jitter {factor}");
+        factors.push(factor);
+    }
+    assert!(
+        factors.windows(2).any(|w| w[0] != w[1]),
+        "jittered: {factors:?}"
+    );
+    let stats = source.stats();
+    assert_eq!(&stats.backoff_history[..6], &expected[..], "{stats:?}");
+    assert_eq!(stats.state, SourceState::Reconnecting);
+}
+
+#[test]
+fn drop_oldest_keeps_the_newest_frames_and_counts_every_other() {
+    let emulator = history("cam-1", 5);
+    let truth = emulator.ground_truth("cam-1");
+    let range = PlaybackMode::OnDemand {
+        start: truth[0].producer_start,
+        end: truth[3].producer_start,
+    };
+    let all = expected(&emulator, "cam-1", 0..=3);
+    for (policy, capacity) in [
+        (DeliveryPolicy::DropOldest, 5),
+        (DeliveryPolicy::LatestOnly, 1),
+    ] {
+        let source = source(&emulator, "cam-1")
+            .playback(range)
+            .delivery(policy)
+            .queue_capacity(5)
+            .build()
+            .unwrap();
+        let mut frames = source.frames();
+        let mut got: Vec<u32> = Vec::new();
+        for _ in 0..10 {
+            let (frame, _) = frames
+                .next_timeout(Duration::from_secs(15))
+                .unwrap()
+                .unwrap();
+            got.push(number(&frame));
+        }
+        // The reader pauses until the whole range is decoded (the decoder never waits).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while source.stats().frames_delivered < all.len() as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "{policy:?}: {:?}",
+                source.stats()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The queue holds the newest `capacity` frames: the next frame is the newest decoded
+        // minus (capacity − 1), then the rest, then the end.
+        let queued = source.stats().queue_len;
+        assert_eq!(queued, capacity, "{policy:?}");
+        let rest = common::frames::drain_frames(frames, Duration::from_secs(15), || source.stats());
+        let rest: Vec<u32> = rest.iter().map(number).collect();
+        assert_eq!(rest, all[all.len() - capacity..], "{policy:?}");
+        got.extend(&rest);
+        assert!(got.windows(2).all(|w| w[1] > w[0]), "{policy:?}: {got:?}");
+        // Every decoded frame was either delivered to the reader or counted as dropped.
+        let stats = source.stats();
+        assert_eq!(
+            got.len() as u64 + stats.frames_dropped_queue_full,
+            all.len() as u64,
+            "{policy:?}: {stats:?}"
+        );
+        assert_eq!(stats.frames_delivered, all.len() as u64);
+    }
 }

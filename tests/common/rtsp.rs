@@ -33,6 +33,7 @@ pub struct RtspServerBuilder {
     fps: u32,
     key_int: u32,
     credentials: Option<(String, String)>,
+    udp_only: bool,
 }
 
 impl Default for RtspServerBuilder {
@@ -45,6 +46,7 @@ impl Default for RtspServerBuilder {
             fps: 15,
             key_int: 15,
             credentials: None,
+            udp_only: false,
         }
     }
 }
@@ -79,6 +81,12 @@ impl RtspServerBuilder {
     /// Requires basic authentication with these credentials.
     pub fn credentials(mut self, user: &str, password: &str) -> Self {
         self.credentials = Some((user.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// Serves the mount over UDP only (a TCP SETUP gets 461 Unsupported Transport).
+    pub fn udp_only(mut self) -> Self {
+        self.udp_only = true;
         self
     }
 
@@ -140,6 +148,12 @@ fn serve(options: RtspServerBuilder, tx: mpsc::Sender<Result<(u16, glib::MainLoo
     ));
     // One encoder for every client.
     factory.set_shared(true);
+    if options.udp_only {
+        factory.set_protocols(
+            rtsp_server::gst_rtsp::RTSPLowerTrans::UDP
+                | rtsp_server::gst_rtsp::RTSPLowerTrans::UDP_MCAST,
+        );
+    }
     if let Some((user, password)) = &options.credentials {
         let auth = rtsp_server::RTSPAuth::new();
         let token = rtsp_server::RTSPToken::builder()
