@@ -33,13 +33,35 @@ use gstreamer_app as gst_app;
 use kvs_frames::emulator::{Emulator, StreamSpec};
 use kvs_frames::metrics::FrameSourceMetrics;
 use kvs_frames::{
-    Frame, Frames, KvsHlsFrameSource, PixelFormat, SourceState, SourceStats, UriFrameSource,
+    DeliveryPolicy, Frame, Frames, KvsHlsFrameSource, PixelFormat, SourceState, SourceStats,
+    UriFrameSource,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Output {
     /// One JSON line per frame on stdout.
     Jsonl,
+}
+
+/// `--delivery`: what happens when the reader is slower than the camera.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Delivery {
+    /// The decoder waits for the reader (nothing dropped).
+    Block,
+    /// The oldest queued frame makes room (the default for LIVE and RTSP).
+    DropOldest,
+    /// Only the newest frame is kept.
+    LatestOnly,
+}
+
+impl From<Delivery> for DeliveryPolicy {
+    fn from(d: Delivery) -> Self {
+        match d {
+            Delivery::Block => DeliveryPolicy::Block,
+            Delivery::DropOldest => DeliveryPolicy::DropOldest,
+            Delivery::LatestOnly => DeliveryPolicy::LatestOnly,
+        }
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -91,6 +113,17 @@ struct Args {
     /// Write a snapshot every N frames (with --snapshot-dir).
     #[arg(long, default_value_t = 100)]
     snapshot_every: u64,
+    /// KVS: lifetime of each HLS session in seconds (`Expires`, 300-43200; default 3600). The
+    /// session is replaced 30 s before it expires.
+    #[arg(long, conflicts_with = "uri")]
+    expires: Option<u64>,
+    /// KVS: `MaxMediaPlaylistFragmentResults`, 1-5000 (default 30 for LIVE).
+    #[arg(long, conflicts_with = "uri")]
+    max_playlist_fragments: Option<u32>,
+    /// Delivery policy when the reader is slower than the camera (default: drop-oldest for LIVE
+    /// and RTSP, block for files and HTTP).
+    #[arg(long, value_enum)]
+    delivery: Option<Delivery>,
 }
 
 fn main() -> ExitCode {
@@ -149,6 +182,9 @@ fn run(args: Args) -> Result<()> {
         if let Some(fps) = args.target_fps {
             builder = builder.target_fps(fps);
         }
+        if let Some(d) = args.delivery {
+            builder = builder.delivery(d.into());
+        }
         let source = builder.build()?;
         eprintln!("reading {} ({})", source.uri(), source.kind().as_str());
         Arc::new(Source::Uri(source))
@@ -185,6 +221,15 @@ fn run(args: Args) -> Result<()> {
         }
         if let Some(fps) = args.target_fps {
             builder = builder.target_fps(fps);
+        }
+        if let Some(d) = args.delivery {
+            builder = builder.delivery(d.into());
+        }
+        if let Some(secs) = args.expires {
+            builder = builder.expires(Duration::from_secs(secs));
+        }
+        if let Some(n) = args.max_playlist_fragments {
+            builder = builder.max_playlist_fragments(n);
         }
         Arc::new(Source::Kvs(builder.build()?))
     };
@@ -380,7 +425,7 @@ fn report_if_due(source: &Source, last: &mut Instant, window: &mut u64) {
 
 fn summary(stats: &SourceStats, count: u64, elapsed: Duration) -> String {
     format!(
-        "{count} frames in {:.1}s ({:.1} fps), delivered={} dropped={} fragments={} bytes={} sessions={} refreshes={} reconnects={} errors={} state={}{}",
+        "{count} frames in {:.1}s ({:.1} fps), delivered={} dropped={} fragments={} bytes={} sessions={} refreshes={} reconnects={} errors={} skipped={} clock_steps={} sessions_lost={} state={}{}",
         elapsed.as_secs_f64(),
         count as f64 / elapsed.as_secs_f64().max(0.001),
         stats.frames_delivered,
@@ -391,6 +436,9 @@ fn summary(stats: &SourceStats, count: u64, elapsed: Duration) -> String {
         stats.url_refreshes,
         stats.reconnects,
         stats.read_errors,
+        stats.fragments_skipped,
+        stats.clock_steps,
+        stats.sessions_lost,
         stats.state.as_str(),
         stats
             .last_error

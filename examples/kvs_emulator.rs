@@ -119,7 +119,11 @@ async fn main() -> Result<()> {
     let emulator = tokio::task::spawn_blocking(move || builder.start())
         .await
         .context("emulator start task")??;
-    println!("KVS emulator listening on {}", emulator.endpoint());
+    println!(
+        "KVS emulator listening on {} (data endpoint {})",
+        emulator.endpoint(),
+        emulator.data_endpoint()
+    );
     println!(
         "  credentials: AWS_ACCESS_KEY_ID={} AWS_SECRET_ACCESS_KEY=<any> AWS_DEFAULT_REGION={}",
         kvs_frames::emulator::ACCESS_KEY_ID,

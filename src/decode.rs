@@ -278,19 +278,29 @@ fn build_pipeline(
         .map_err(Error::from)?;
     appsrc.link(&decodebin).map_err(Error::from)?;
 
-    // Producer time = program date time of timeline 0 + PTS; the fragment by its start.
+    // The fragment by its start on the timeline; producer time = the fragment's program date
+    // time + the frame's offset in it (the timeline is kept monotonic when the producer clock
+    // steps back, so it is not always program date time − epoch), else epoch + PTS.
     let stamp_shared = Arc::clone(shared);
     let stamp: Stamp = Box::new(move |pts, _reference| {
         let timeline = stamp_shared.timeline.lock();
-        let fragment = pts.and_then(|p| {
+        let found = pts.and_then(|p| {
             timeline
                 .fragments
                 .iter()
                 .rev()
                 .find(|(start, _)| *start <= p + Duration::from_millis(1))
-                .map(|(_, id)| id.clone())
         });
-        (timeline.epoch.zip(pts).map(|(e, p)| e + p), fragment)
+        let producer = match (found, pts) {
+            (Some((start, id)), Some(p)) if id.program_date_time.is_some() => id
+                .program_date_time
+                .and_then(|t| match p.checked_sub(*start) {
+                    Some(offset) => t.checked_add(offset),
+                    None => t.checked_sub(start.saturating_sub(p)),
+                }),
+            _ => timeline.epoch.zip(pts).and_then(|(e, p)| e.checked_add(p)),
+        };
+        (producer, found.map(|(_, id)| id.clone()))
     });
     let eos_shared = Arc::clone(shared);
     add_tail(
@@ -323,8 +333,9 @@ fn build_pipeline(
                 ),
             );
             tracing::warn!(%error, debug = %error_debug(err), "decode pipeline failed");
-            err_shared.wake_finish();
+            // The source first learns why, then a Finish waiting for end-of-stream wakes.
             err_sink.error(error);
+            err_shared.wake_finish();
         }
     })?;
 

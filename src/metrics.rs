@@ -15,6 +15,9 @@
 //! | `kvs_hls_fragment_bytes_total` | counter | `camera_id` |
 //! | `kvs_hls_fragment_fetch_seconds` | histogram | `camera_id` |
 //! | `kvs_hls_frame_age_seconds` | histogram (emit time − producer time) | `camera_id` |
+//! | `kvs_hls_fragments_skipped_total` | counter (fragments that left the LIVE window unfetched) | `camera_id` |
+//! | `kvs_hls_clock_steps_total` | counter (producer clock steps between fragments) | `camera_id` |
+//! | `kvs_hls_sessions_lost_total` | counter (sessions refused before their expiry) | `camera_id` |
 //!
 //! ```
 //! let registry = prometheus::Registry::new();
@@ -48,6 +51,9 @@ pub struct FrameSourceMetrics {
     bytes: IntCounterVec,
     fetch_seconds: prometheus::HistogramVec,
     frame_age: prometheus::HistogramVec,
+    skipped: IntCounterVec,
+    clock_steps: IntCounterVec,
+    sessions_lost: IntCounterVec,
 }
 
 impl std::fmt::Debug for FrameSourceMetrics {
@@ -135,8 +141,20 @@ impl FrameSourceMetrics {
                 &["camera_id"],
             )
             .map_err(prom)?,
+            skipped: counter(
+                "kvs_hls_fragments_skipped_total",
+                "Fragments that left the LIVE playlist window before they were fetched",
+            )?,
+            clock_steps: counter(
+                "kvs_hls_clock_steps_total",
+                "Steps of the producer clock between consecutive fragments",
+            )?,
+            sessions_lost: counter(
+                "kvs_hls_sessions_lost_total",
+                "HLS sessions refused before their expiry (revoked, or closed by a sixth session)",
+            )?,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
             Box::new(m.frames.clone()),
             Box::new(m.reconnects.clone()),
             Box::new(m.url_refreshes.clone()),
@@ -148,6 +166,9 @@ impl FrameSourceMetrics {
             Box::new(m.bytes.clone()),
             Box::new(m.fetch_seconds.clone()),
             Box::new(m.frame_age.clone()),
+            Box::new(m.skipped.clone()),
+            Box::new(m.clock_steps.clone()),
+            Box::new(m.sessions_lost.clone()),
         ];
         for c in collectors {
             registry.register(c).map_err(prom)?;
@@ -163,6 +184,9 @@ impl FrameSourceMetrics {
         let _ = self.read_errors.with_label_values(&[camera]);
         let _ = self.fragments.with_label_values(&[camera]);
         let _ = self.bytes.with_label_values(&[camera]);
+        let _ = self.skipped.with_label_values(&[camera]);
+        let _ = self.clock_steps.with_label_values(&[camera]);
+        let _ = self.sessions_lost.with_label_values(&[camera]);
         for reason in [DropReason::QueueFull, DropReason::TargetFps] {
             let _ = self.dropped.with_label_values(&[camera, reason.as_str()]);
         }
@@ -207,6 +231,18 @@ impl FrameSourceMetrics {
 
     pub(crate) fn read_error(&self, camera: &str) {
         self.read_errors.with_label_values(&[camera]).inc();
+    }
+
+    pub(crate) fn fragments_skipped(&self, camera: &str, n: u64) {
+        self.skipped.with_label_values(&[camera]).inc_by(n);
+    }
+
+    pub(crate) fn clock_step(&self, camera: &str) {
+        self.clock_steps.with_label_values(&[camera]).inc();
+    }
+
+    pub(crate) fn session_lost(&self, camera: &str) {
+        self.sessions_lost.with_label_values(&[camera]).inc();
     }
 
     pub(crate) fn state(&self, camera: &str, state: SourceState) {

@@ -155,7 +155,8 @@ async fn describe_data_endpoint_create_and_delete() {
             .send()
             .await
             .unwrap();
-        assert_eq!(endpoint.data_endpoint(), Some(emulator.endpoint()));
+        assert_eq!(endpoint.data_endpoint(), Some(emulator.data_endpoint()));
+        assert_ne!(emulator.data_endpoint(), emulator.endpoint());
     }
 
     // Create, duplicate, delete with a wrong and the right version.
@@ -369,7 +370,7 @@ async fn session_url_in_each_playback_mode() {
     for url in [&live, &on_demand, &replay] {
         assert!(url.starts_with(&format!(
             "{}/hls/v1/getHLSMasterPlaylist.m3u8?SessionToken=",
-            emulator.endpoint()
+            emulator.data_endpoint()
         )));
         assert!(url.ends_with('~'), "KVS tokens end with ~: {url}");
     }
@@ -591,4 +592,46 @@ async fn archive_only_streams_hold_their_history_and_stop_encoding() {
         .start()
         .unwrap_err();
     assert_eq!(err.invalid_option(), Some("StreamSpec::history"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_media_is_served_at_the_data_endpoint_only() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    common::wait_fragments(&emulator, "cam-1", 1, Duration::from_secs(20)).await;
+    // A client that skips GetDataEndpoint and calls the control endpoint fails, clearly.
+    let wrong = aws_sdk_kinesisvideoarchivedmedia::Client::new(&emulator.sdk_config());
+    let err = wrong
+        .get_hls_streaming_session_url()
+        .stream_name("cam-1")
+        .send()
+        .await
+        .unwrap_err();
+    let err = kvs_frames::Error::from_sdk("GetHLSStreamingSessionURL", err);
+    assert_eq!(err.http_status(), Some(404), "{err}");
+    assert!(err.to_string().contains("data endpoint"), "{err}");
+    // The data endpoint serves it, and the HLS URLs point at it.
+    let media = common::media(&emulator, "cam-1").await;
+    let url = common::session(&media, "cam-1", &common::SessionParams::default())
+        .await
+        .unwrap();
+    assert!(url.starts_with(emulator.data_endpoint()), "{url}");
+    assert_eq!(common::get(&url).await.unwrap().status, 200);
+    let on_control = url.replace(emulator.data_endpoint(), emulator.endpoint());
+    let refused = common::get(&on_control).await.unwrap();
+    assert_eq!(
+        (refused.status, refused.error_type.as_deref()),
+        (404, Some("UnknownOperationException"))
+    );
+    // And the control plane is not served at the data endpoint.
+    let config = aws_sdk_kinesisvideo::config::Builder::from(&emulator.sdk_config())
+        .endpoint_url(emulator.data_endpoint())
+        .build();
+    let err = aws_sdk_kinesisvideo::Client::from_conf(config)
+        .describe_stream()
+        .stream_name("cam-1")
+        .send()
+        .await
+        .unwrap_err();
+    let err = kvs_frames::Error::from_sdk("DescribeStream", err);
+    assert!(err.to_string().contains("control plane"), "{err}");
 }

@@ -169,7 +169,6 @@ async fn server_timestamps_and_discontinuity_modes() {
     let emulator = common::start(vec![small("cam-1").history(Duration::from_secs(4))]);
     common::wait_fragments(&emulator, "cam-1", 4, Duration::from_secs(20)).await;
     let media = common::media(&emulator, "cam-1").await;
-    let truth = emulator.ground_truth("cam-1");
 
     // SERVER_TIMESTAMP defaults to ALWAYS, and its times are the server's.
     let url = common::session(
@@ -728,6 +727,12 @@ async fn one_shot_faults_hit_exactly_the_next_requests_of_their_kind() {
     assert_eq!(e.kind(), ErrorKind::SessionExpired);
     assert_eq!(get(&fragment_url).await.unwrap().body, full.body);
 
+    // The second fragment GET from now fails, the first and third work.
+    faults.fail_nth(Request::MediaFragment, 2, Failure::ServerError);
+    assert_eq!(get(&fragment_url).await.unwrap().status, 200);
+    assert_eq!(get(&fragment_url).await.unwrap().status, 500);
+    assert_eq!(get(&fragment_url).await.unwrap().status, 200);
+
     // Two 500s on the media playlist, then it works.
     faults.fail_next(Request::MediaPlaylist, Failure::ServerError, 2);
     for _ in 0..2 {
@@ -747,8 +752,9 @@ async fn one_shot_faults_hit_exactly_the_next_requests_of_their_kind() {
     let init = get(&init_url).await.unwrap();
     assert_eq!(init.status, 200);
 
-    // A corrupt fragment: 200, the same size, still starting with moof, its media garbled (the
-    // KVS source tests show that it fails to decode); the next GET is the real fragment again.
+    // A corrupt fragment: 200, the same size and boxes, a track fragment header that claims
+    // fields it lacks (the KVS source tests show that it fails to decode); the next GET is the
+    // real fragment again.
     faults.fail_next(Request::MediaFragment, Failure::Corrupt, 1);
     let bad = get(&fragment_url).await.unwrap();
     assert_eq!(bad.status, 200);

@@ -29,7 +29,7 @@ async fn data_endpoints_are_cached_per_stream_and_api_and_reloaded_after_invalid
         .data_endpoint(&cam1, ApiName::GetHlsStreamingSessionUrl)
         .await
         .unwrap();
-    assert_eq!(url, emulator.endpoint());
+    assert_eq!(url, emulator.data_endpoint());
     client
         .data_endpoint(&cam1, ApiName::GetHlsStreamingSessionUrl)
         .await
@@ -62,7 +62,7 @@ async fn data_endpoints_are_cached_per_stream_and_api_and_reloaded_after_invalid
     assert!(
         out.hls_streaming_session_url()
             .unwrap()
-            .starts_with(emulator.endpoint())
+            .starts_with(emulator.data_endpoint())
     );
 
     // Unknown streams are typed errors with the stream in the context.

@@ -116,7 +116,27 @@ fn proactive_refresh_loses_and_repeats_nothing_and_keeps_the_pipeline() {
     let frames = take(&source, 750, Duration::from_secs(10));
     assert_exact(&emulator, "cam-1", &frames);
     let stats = source.stats();
-    assert!(stats.url_refreshes >= 5, "{stats:?}");
+    // A session lives 5 s here (300 s − 295 s): it is replaced at the first poll after that, so
+    // every session except the last one lasted 5 s plus at most a poll interval (1 s) and a
+    // fragment download; no session more, none less.
+    let opened = emulator.api_call_times("GetHLSStreamingSessionURL");
+    assert_eq!(opened.len() as u64, stats.sessions, "{stats:?}");
+    assert_eq!(stats.url_refreshes, stats.sessions - 1, "{stats:?}");
+    for pair in opened.windows(2) {
+        let lived = pair[1] - pair[0];
+        assert!(
+            (Duration::from_millis(4950)..Duration::from_millis(7500)).contains(&lived),
+            "a session lived {lived:?}: {stats:?}"
+        );
+    }
+    let span = opened.last().unwrap().duration_since(opened[0]);
+    let most = span.as_secs_f64() / 5.0;
+    assert!(
+        (stats.url_refreshes as f64) <= most && (stats.url_refreshes as f64) >= most * 5.0 / 7.5,
+        "{} refreshes in {span:?}",
+        stats.url_refreshes
+    );
+    assert!(stats.url_refreshes >= 4, "{stats:?}");
     assert_eq!(stats.pipelines_built, 1, "one pipeline for the whole run");
     assert_eq!(stats.reconnects, 0, "{stats:?}");
     let sessions: std::collections::BTreeSet<u64> = frames
@@ -228,33 +248,51 @@ fn http_faults_recover_without_losing_frames() {
     let mut frames = take(&source, 25, Duration::from_secs(10));
     let mut reconnects = source.stats().reconnects;
     let window = Duration::from_millis(1500);
-    for (name, inject) in [
+    let mut read_errors = source.stats().read_errors;
+    // 1.5 s of 500s, resets or throttling fit in the quick retries inside the session (250 ms,
+    // 500 ms, 1 s): no reconnect. A download that stalls is cut by the stall watchdog: a
+    // reconnect after a backoff, in the same session.
+    for (name, inject, reconnect) in [
         (
             "HTTP 500",
             Box::new(|| faults.server_errors(window)) as Box<dyn Fn()>,
+            false,
         ),
         (
             "connection reset",
             Box::new(|| faults.reset_fragment_downloads(window)),
+            false,
         ),
-        ("throttling", Box::new(|| faults.throttle(window))),
+        ("throttling", Box::new(|| faults.throttle(window)), false),
         (
             "stalled download",
             Box::new(|| faults.stall_fragment_downloads(window, Duration::from_secs(20))),
+            true,
         ),
     ] {
         inject();
         frames.extend(take(&source, 100, Duration::from_secs(15)));
-        let now = source.stats().reconnects;
+        let stats = source.stats();
         assert!(
-            now > reconnects,
-            "{name}: no reconnect observed: {:?}",
-            source.stats()
+            stats.read_errors > read_errors,
+            "{name}: no error seen: {stats:?}"
         );
-        reconnects = now;
+        if reconnect {
+            assert!(stats.reconnects > reconnects, "{name}: {stats:?}");
+        } else {
+            assert_eq!(stats.reconnects, reconnects, "{name}: {stats:?}");
+        }
+        read_errors = stats.read_errors;
+        reconnects = stats.reconnects;
     }
     assert_exact(&emulator, "cam-1", &frames);
-    assert_eq!(source.stats().pipelines_built, 1);
+    let stats = source.stats();
+    assert_eq!(stats.pipelines_built, 1);
+    assert_eq!(
+        stats.sessions, 1,
+        "every fault was recovered in the session: {stats:?}"
+    );
+    assert_eq!(stats.fragments_skipped, 0);
 }
 
 #[test]
@@ -651,29 +689,73 @@ fn every_pixel_format_and_resize() {
         start: truth[0].producer_start,
         end: truth[0].producer_start + Duration::from_millis(1),
     };
+    // 322 wide: rows of 1 and 3 bytes per pixel are padded to 4 bytes (stride ≠ width × bpp).
+    let (w, h) = (322usize, 240usize);
+    // The centre of the camera's red square (320x240 pictures), scaled to 322 columns.
+    let (left, top, side) = barcode::red_marker(320, 240);
+    let (cx, cy) = ((left + side / 2) * w / 320, top + side / 2);
     for format in PixelFormat::ALL {
         let source = source(&emulator, "cam-1")
             .playback(range)
             .pixel_format(format)
-            .resize(160, 120)
+            .resize(w as u32, h as u32)
             .build()
             .unwrap();
         let frames = drain(&source);
         assert_eq!(frames.len(), 25, "{format}");
         let f = &frames[0];
-        assert_eq!((f.width(), f.height(), f.format()), (160, 120, format));
+        assert_eq!(
+            (f.width(), f.height(), f.format()),
+            (w as u32, h as u32, format)
+        );
         match format.bytes_per_pixel() {
             Some(bpp) => {
                 assert_eq!(f.n_planes(), 1);
-                assert!(f.stride() >= 160 * bpp);
-                assert_eq!(f.row(119).unwrap().len(), 160 * bpp);
-                assert_eq!(f.to_contiguous().len(), 160 * 120 * bpp);
+                assert_eq!(f.stride(), (w * bpp).div_ceil(4) * 4, "{format}");
+                if bpp != 4 {
+                    assert_ne!(f.stride(), w * bpp, "{format}: padded rows");
+                }
+                assert_eq!(f.row(h as u32 - 1).unwrap().len(), w * bpp);
+                let flat = f.to_contiguous();
+                assert_eq!(flat.len(), w * h * bpp);
+                let px = &f.row(cy as u32).unwrap()[cx * bpp..(cx + 1) * bpp];
+                // The same pixel in the packed copy.
+                assert_eq!(&flat[(cy * w + cx) * bpp..(cy * w + cx + 1) * bpp], px);
+                let rgb = match format {
+                    PixelFormat::Rgb | PixelFormat::Rgba => Some((px[0], px[1], px[2])),
+                    PixelFormat::Bgr | PixelFormat::Bgra => Some((px[2], px[1], px[0])),
+                    _ => None,
+                };
+                match rgb {
+                    Some((r, g, b)) => {
+                        assert!(r > 180 && g < 90 && b < 90, "{format}: red is {px:?}");
+                    }
+                    // GRAY8: the luma of red.
+                    None => assert!((60..=110).contains(&px[0]), "{format}: {px:?}"),
+                }
+                if bpp == 4 {
+                    assert_eq!(px[3], 255, "{format}: opaque");
+                }
             }
             None => {
                 let planes = if format == PixelFormat::I420 { 3 } else { 2 };
                 assert_eq!(f.n_planes(), planes);
-                assert_eq!(f.plane(0).unwrap().len(), f.plane_stride(0).unwrap() * 120);
-                assert!(f.plane(1).unwrap().len() >= 160 * 60 / 2);
+                let ys = f.plane_stride(0).unwrap();
+                assert_eq!(f.plane(0).unwrap().len(), ys * h);
+                let (u, v) = if format == PixelFormat::I420 {
+                    let (us, vs) = (f.plane_stride(1).unwrap(), f.plane_stride(2).unwrap());
+                    (
+                        f.plane(1).unwrap()[cy / 2 * us + cx / 2],
+                        f.plane(2).unwrap()[cy / 2 * vs + cx / 2],
+                    )
+                } else {
+                    // NV12: U and V interleaved.
+                    let uvs = f.plane_stride(1).unwrap();
+                    let at = cy / 2 * uvs + cx / 2 * 2;
+                    let uv = f.plane(1).unwrap();
+                    (uv[at], uv[at + 1])
+                };
+                assert!(u < 120 && v > 200, "{format}: red has U {u}, V {v}");
             }
         }
         if format == PixelFormat::Bgr || format == PixelFormat::Gray8 {
@@ -964,8 +1046,13 @@ fn assert_stops_fast(
         }
         let started = Instant::now();
         if how == "stop" {
+            let before = source.stats();
             source.stop();
-            assert_eq!(source.state(), SourceState::Disconnected, "{what}");
+            assert_eq!(
+                source.state(),
+                SourceState::Disconnected,
+                "{what}: {before:?}"
+            );
             assert!(
                 source.frames().next().is_none(),
                 "{what}: the iterator ends"
@@ -1059,7 +1146,7 @@ fn stop_and_drop_return_within_a_second_in_every_state() {
                 .build()
                 .unwrap()
         },
-        |s| s.stats().frames_delivered >= 2,
+        |s| s.stats().queue_len >= 1 && s.stats().fragments_fetched >= 2,
     );
 
     // The end of an ON_DEMAND range, the reader not reading: the task waits for the decoder
@@ -1084,23 +1171,23 @@ fn stop_and_drop_return_within_a_second_in_every_state() {
     // The end of a range whose last fragment fails to decode: the decoder never sees
     // end-of-stream (the wait for it must not hang stop).
     let last_fails = PlaybackMode::OnDemand {
-        start: truth[2].producer_start,
-        end: truth[2].producer_start + Duration::from_millis(1),
+        start: truth[1].producer_start,
+        end: truth[2].producer_start,
     };
     assert_stops_fast(
         "after a decode failure",
         || {
-            emulator.faults("archive").unwrap().fail_next(
+            emulator.faults("archive").unwrap().fail_nth(
                 Request::MediaFragment,
+                2,
                 Failure::Corrupt,
-                1,
             );
             let s = source(&emulator, "archive")
                 .playback(last_fails)
                 .build()
                 .unwrap();
             let deadline = Instant::now() + Duration::from_secs(20);
-            while s.stats().fragments_fetched == 0 {
+            while s.stats().fragments_fetched < 2 {
                 assert!(Instant::now() < deadline, "{:?}", s.stats());
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -1116,14 +1203,16 @@ fn a_range_whose_last_fragment_fails_to_decode_ends_at_once_and_counts_it() {
     use kvs_frames::emulator::{Failure, Request};
     let emulator = history("cam-1", 4);
     let truth = emulator.ground_truth("cam-1");
+    // The range's last fragment fails to decode, while the source waits for the decoder to
+    // flush.
     emulator
         .faults("cam-1")
         .unwrap()
-        .fail_next(Request::MediaFragment, Failure::Corrupt, 1);
+        .fail_nth(Request::MediaFragment, 2, Failure::Corrupt);
     let source = source(&emulator, "cam-1")
         .playback(PlaybackMode::OnDemand {
-            start: truth[2].producer_start,
-            end: truth[2].producer_start + Duration::from_millis(1),
+            start: truth[1].producer_start,
+            end: truth[2].producer_start,
         })
         .build()
         .unwrap();
@@ -1135,9 +1224,471 @@ fn a_range_whose_last_fragment_fails_to_decode_ends_at_once_and_counts_it() {
         "{:?}",
         started.elapsed()
     );
-    assert!(frames.is_empty());
+    // The first fragment's frames, but for those still inside the decoder when it failed.
+    let numbers: Vec<u32> = frames.iter().map(number).collect();
+    let first = expected(&emulator, "cam-1", 1..=1);
+    assert!(
+        !numbers.is_empty() && first.starts_with(&numbers),
+        "{numbers:?}"
+    );
     let stats = source.stats();
     assert_eq!(stats.state, SourceState::Disconnected, "{stats:?}");
     assert_eq!(stats.decode_errors, 1, "{stats:?}");
     assert!(stats.last_error.is_some(), "{stats:?}");
+}
+
+/// Every counter of the registry's `kvs_hls_*` series for `camera` equals its stats field.
+fn assert_metrics_match_stats(
+    registry: &prometheus::Registry,
+    camera: &str,
+    stats: &kvs_frames::SourceStats,
+) {
+    let series = |name: &str| {
+        metric(registry, &format!("{name}{{camera_id=\"{camera}\"}}"))
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let pairs = [
+        ("kvs_hls_frames_total", stats.frames_delivered),
+        ("kvs_hls_reconnects_total", stats.reconnects),
+        ("kvs_hls_url_refreshes_total", stats.url_refreshes),
+        ("kvs_hls_read_errors_total", stats.read_errors),
+        ("kvs_hls_fragments_total", stats.fragments_fetched),
+        ("kvs_hls_fragments_skipped_total", stats.fragments_skipped),
+        ("kvs_hls_clock_steps_total", stats.clock_steps),
+        ("kvs_hls_sessions_lost_total", stats.sessions_lost),
+    ];
+    for (name, value) in pairs {
+        assert_eq!(series(name), value as f64, "{name}: {stats:?}");
+    }
+    let dropped = metric(
+        registry,
+        &format!("kvs_hls_frames_dropped_total{{camera_id=\"{camera}\",reason=\"queue_full\"}}"),
+    );
+    assert_eq!(dropped, Some(stats.frames_dropped_queue_full as f64));
+    assert_eq!(series("kvs_hls_connection_state"), stats.state as u8 as f64);
+}
+
+/// Takes frames until `done` holds (each within `timeout`), at most 40 s.
+fn take_until(
+    source: &KvsHlsFrameSource,
+    frames: &mut Vec<Frame>,
+    done: impl Fn(&kvs_frames::SourceStats) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !done(&source.stats()) {
+        assert!(Instant::now() < deadline, "{:?}", source.stats());
+        frames.extend(take(source, 5, Duration::from_secs(15)));
+    }
+}
+
+#[test]
+fn a_failed_request_is_recovered_inside_the_session() {
+    use kvs_frames::emulator::{Failure, Request};
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let registry = prometheus::Registry::new();
+    let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
+    let source = source(&emulator, "cam-1")
+        .delivery(DeliveryPolicy::Block)
+        .backoff(quick_backoff())
+        .metrics(metrics)
+        .build()
+        .unwrap();
+    let faults = emulator.faults("cam-1").unwrap();
+    let mut frames = take(&source, 25, Duration::from_secs(10));
+    // One failure of one request each: retried at once, in the session.
+    let one_shots = [
+        (Request::MediaFragment, Failure::ServerError),
+        (Request::MediaFragment, Failure::Reset),
+        (Request::MediaFragment, Failure::Throttled),
+        (Request::MediaPlaylist, Failure::ServerError),
+        (Request::MediaPlaylist, Failure::Throttled),
+        (Request::MediaPlaylist, Failure::Reset),
+    ];
+    for (i, (request, failure)) in one_shots.into_iter().enumerate() {
+        faults.fail_next(request, failure, 1);
+        take_until(&source, &mut frames, |s| s.read_errors == i as u64 + 1);
+    }
+    frames.extend(take(&source, 25, Duration::from_secs(10)));
+    let stats = source.stats();
+    assert_eq!(
+        (stats.reconnects, stats.sessions, stats.url_refreshes),
+        (0, 1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(stats.read_errors, 6, "{stats:?}");
+
+    // A 403 on one fragment GET: the session is refreshed in place and the fragment fetched
+    // from the new one.
+    faults.fail_next(Request::MediaFragment, Failure::Forbidden, 1);
+    take_until(&source, &mut frames, |s| s.url_refreshes == 1);
+    // The new session's init segment fails once too: retried.
+    faults.fail_next(Request::InitSegment, Failure::ServerError, 1);
+    faults.revoke_sessions();
+    take_until(&source, &mut frames, |s| {
+        s.url_refreshes == 2 && s.read_errors == 7
+    });
+    frames.extend(take(&source, 25, Duration::from_secs(10)));
+    assert_exact(&emulator, "cam-1", &frames);
+    let stats = source.stats();
+    assert_eq!(
+        (stats.reconnects, stats.sessions, stats.sessions_lost),
+        (0, 3, 2),
+        "{stats:?}"
+    );
+    assert_eq!((stats.fragments_skipped, stats.pipelines_built), (0, 1));
+
+    // A fragment that fails to decode: the decode branch is rebuilt, the session kept.
+    faults.fail_next(Request::MediaFragment, Failure::Corrupt, 1);
+    let mut after = Vec::new();
+    take_until(&source, &mut after, |s| s.decode_errors == 1);
+    after.extend(take(&source, 50, Duration::from_secs(15)));
+    let stats = source.stats();
+    assert_eq!(stats.pipelines_built, 2, "{stats:?}");
+    assert_eq!((stats.reconnects, stats.sessions), (0, 3), "{stats:?}");
+    // Only the frames of the broken fragment (and at most one more in the failed pipeline) are
+    // lost; order and producer times stay right.
+    let numbers: Vec<u32> = after.iter().map(number).collect();
+    let gaps: Vec<u32> = numbers.windows(2).map(|w| w[1] - w[0] - 1).collect();
+    let lost: u32 = gaps.iter().sum::<u32>() + numbers[0] - number(frames.last().unwrap()) - 1;
+    assert!((25..=50).contains(&lost), "{lost} frames lost: {numbers:?}");
+    assert!(numbers.windows(2).all(|w| w[1] > w[0]));
+    for f in &after {
+        assert_eq!(
+            f.producer_time(),
+            emulator.frame_producer_time("cam-1", u64::from(number(f)))
+        );
+    }
+    // Counters are compared once nothing moves any more.
+    source.stop();
+    assert_metrics_match_stats(&registry, "test-camera", &source.stats());
+}
+
+#[test]
+fn fragments_that_leave_the_live_window_are_counted_and_ordinary_outages_lose_none() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let registry = prometheus::Registry::new();
+    let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
+    let build = |id: &str, window: Option<u32>| {
+        let mut b = KvsHlsFrameSource::builder(id, "cam-1")
+            .sdk_config(&emulator.sdk_config())
+            .pixel_format(PixelFormat::Gray8)
+            .delivery(DeliveryPolicy::Block)
+            .backoff(quick_backoff())
+            .metrics(metrics.clone());
+        if let Some(n) = window {
+            b = b.max_playlist_fragments(n);
+        }
+        b.build().unwrap()
+    };
+    let default_window = build("default", None);
+    let small_window = build("small", Some(3));
+    let mut frames = (
+        take(&default_window, 25, Duration::from_secs(10)),
+        take(&small_window, 25, Duration::from_secs(10)),
+    );
+    // 7 s without any HLS request served: longer than the 3-fragment window (3 s), far shorter
+    // than the default one (30 fragments).
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .throttle(Duration::from_secs(7));
+    std::thread::scope(|s| {
+        let a = s.spawn(|| take(&default_window, 300, Duration::from_secs(20)));
+        let b = s.spawn(|| take(&small_window, 300, Duration::from_secs(20)));
+        frames.0.extend(a.join().unwrap());
+        frames.1.extend(b.join().unwrap());
+    });
+    assert_exact(&emulator, "cam-1", &frames.0);
+    let stats = default_window.stats();
+    assert_eq!(stats.fragments_skipped, 0, "{stats:?}");
+    assert!(stats.reconnects >= 1, "{stats:?}");
+    assert_eq!(stats.sessions, 1, "throttling keeps the session: {stats:?}");
+    // The small window lost whole fragments, exactly as many as counted.
+    let numbers: Vec<u32> = frames.1.iter().map(number).collect();
+    let missing: u32 = numbers.windows(2).map(|w| w[1] - w[0] - 1).sum();
+    assert!(numbers.windows(2).all(|w| w[1] > w[0]));
+    let stats = small_window.stats();
+    assert!(missing > 0, "{stats:?}");
+    assert_eq!(
+        u64::from(missing),
+        stats.fragments_skipped * 25,
+        "{stats:?}"
+    );
+    assert_eq!(stats.sessions, 1, "{stats:?}");
+    // Counters are compared once nothing moves any more.
+    small_window.stop();
+    default_window.stop();
+    assert_metrics_match_stats(&registry, "small", &small_window.stats());
+    assert_metrics_match_stats(&registry, "default", &default_window.stats());
+}
+
+#[test]
+fn producer_clock_steps_neither_skip_nor_repeat_frames() {
+    use kvs_frames::emulator::ClockShift;
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let registry = prometheus::Registry::new();
+    let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
+    // A new session every 3 s, so that sessions change during the steps too.
+    let source = source(&emulator, "cam-1")
+        .delivery(DeliveryPolicy::Block)
+        .expires(Duration::from_secs(300))
+        .refresh_margin(Duration::from_secs(297))
+        .metrics(metrics)
+        .build()
+        .unwrap();
+    let faults = emulator.faults("cam-1").unwrap();
+    let mut frames = take(&source, 25, Duration::from_secs(10));
+    for shift in [
+        ClockShift::Behind(Duration::from_secs(120)),
+        ClockShift::Ahead(Duration::from_secs(120)),
+    ] {
+        faults.shift_producer_timestamps(shift, Duration::from_secs(4));
+        frames.extend(take(&source, 200, Duration::from_secs(15)));
+    }
+    frames.extend(take(&source, 50, Duration::from_secs(15)));
+    // Every frame once, in order, with the (stepped) producer time the camera gave it.
+    assert_exact(&emulator, "cam-1", &frames);
+    let truth = emulator.ground_truth("cam-1");
+    let stepped = frames
+        .iter()
+        .filter(|f| {
+            let t = f.producer_time().unwrap();
+            truth
+                .iter()
+                .any(|r| r.server_start > t + Duration::from_secs(100) && r.producer_start <= t)
+        })
+        .count();
+    assert!(stepped >= 50, "frames with a stepped-back clock: {stepped}");
+    let stats = source.stats();
+    // Back, forward again; forward, back again.
+    assert_eq!(stats.clock_steps, 4, "{stats:?}");
+    assert_eq!(
+        (stats.fragments_skipped, stats.reconnects),
+        (0, 0),
+        "{stats:?}"
+    );
+    assert!(stats.url_refreshes >= 3, "{stats:?}");
+    assert_eq!(stats.pipelines_built, 1);
+    source.stop();
+    assert_metrics_match_stats(&registry, "test-camera", &source.stats());
+}
+
+#[test]
+fn on_demand_with_one_fragment_per_playlist_advances_one_session_per_fragment() {
+    let emulator = history("cam-1", 6);
+    let truth = emulator.ground_truth("cam-1");
+    let source = source(&emulator, "cam-1")
+        .playback(PlaybackMode::OnDemand {
+            start: truth[0].producer_start,
+            end: truth[4].producer_start,
+        })
+        .max_playlist_fragments(1)
+        .build()
+        .unwrap();
+    let numbers: Vec<u32> = drain(&source).iter().map(number).collect();
+    assert_eq!(numbers, expected(&emulator, "cam-1", 0..=4));
+    let stats = source.stats();
+    assert_eq!(stats.sessions, 5, "one session per fragment: {stats:?}");
+    assert_eq!(
+        emulator.api_call_times("GetHLSStreamingSessionURL").len(),
+        5,
+        "{stats:?}"
+    );
+    assert_eq!(stats.read_errors, 0, "{stats:?}");
+}
+
+#[test]
+fn get_data_endpoint_is_called_again_only_when_the_endpoint_may_be_stale() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    let faults = emulator.faults("cam-1").unwrap();
+    faults.camera_offline(Duration::from_secs(3600));
+    assert!(emulator.ground_truth("cam-1").is_empty());
+    let source = source(&emulator, "cam-1")
+        .backoff(quick_backoff())
+        .build()
+        .unwrap();
+    let endpoint_calls = || {
+        emulator
+            .request_stats()
+            .api_calls
+            .get("GetDataEndpoint")
+            .copied()
+            .unwrap_or(0)
+    };
+    // "No fragments", again and again: the endpoint stays.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while source.stats().consecutive_errors < 5 {
+        assert!(Instant::now() < deadline, "{:?}", source.stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(endpoint_calls(), 1, "{:?}", source.stats());
+    faults.camera_offline(Duration::ZERO);
+    take(&source, 25, Duration::from_secs(15));
+    // Throttling: the endpoint stays.
+    faults.throttle(Duration::from_secs(4));
+    let reconnects = source.stats().reconnects;
+    take_until(&source, &mut Vec::new(), |s| s.reconnects > reconnects);
+    take(&source, 50, Duration::from_secs(15));
+    assert_eq!(endpoint_calls(), 1, "{:?}", source.stats());
+    // 5xx beyond the quick retries: the endpoint may be stale, so it is asked for again.
+    faults.server_errors(Duration::from_secs(4));
+    let reconnects = source.stats().reconnects;
+    take_until(&source, &mut Vec::new(), |s| s.reconnects > reconnects);
+    take(&source, 25, Duration::from_secs(15));
+    assert!(endpoint_calls() >= 2, "{:?}", source.stats());
+}
+
+#[test]
+fn a_session_closed_by_another_reader_is_replaced_and_counted() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    let source = source(&emulator, "cam-1")
+        .delivery(DeliveryPolicy::Block)
+        .build()
+        .unwrap();
+    let mut frames = take(&source, 25, Duration::from_secs(10));
+    // Five other readers of the camera open a session each: the sixth session of the stream
+    // closes the oldest, this reader's.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let media = common::media(&emulator, "cam-1").await;
+        for _ in 0..5 {
+            common::session(&media, "cam-1", &common::SessionParams::default())
+                .await
+                .unwrap();
+        }
+    });
+    assert!(emulator.request_stats().sessions_closed >= 1);
+    take_until(&source, &mut frames, |s| s.sessions_lost == 1);
+    frames.extend(take(&source, 50, Duration::from_secs(10)));
+    assert_exact(&emulator, "cam-1", &frames);
+    let stats = source.stats();
+    assert_eq!(
+        (stats.sessions, stats.url_refreshes, stats.reconnects),
+        (2, 1, 0),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn backoff_delays_measured_end_to_end_follow_the_seeded_policy() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .camera_offline(Duration::from_secs(3600));
+    assert!(emulator.ground_truth("cam-1").is_empty());
+    let policy = || {
+        BackoffPolicy::default()
+            .initial(Duration::from_millis(600))
+            .multiplier(2.0)
+            .max(Duration::from_millis(2400))
+            .jitter(Jitter::seeded(0.8, 1.2, 20_261_202))
+    };
+    // The delays an identically seeded policy draws, in order.
+    let reference = policy();
+    let expected: Vec<Duration> = (1..=6).map(|n| reference.delay(n)).collect();
+    let source = source(&emulator, "cam-1")
+        .backoff(policy())
+        .build()
+        .unwrap();
+    // No session can be opened (no fragments): every attempt is a GetHLSStreamingSessionURL.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while emulator.api_call_times("GetHLSStreamingSessionURL").len() < 7 {
+        assert!(Instant::now() < deadline, "{:?}", source.stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let calls = emulator.api_call_times("GetHLSStreamingSessionURL");
+    let mut factors = Vec::new();
+    for (i, (pair, want)) in calls.windows(2).zip(&expected).enumerate() {
+        let measured = pair[1] - pair[0];
+        // The delay, then one request to the emulator on 127.0.0.1 (generous for a loaded
+        // machine), never less than the delay.
+        assert!(
+            measured + Duration::from_millis(20) >= *want
+                && measured < *want + Duration::from_millis(750),
+            "attempt {}: {measured:?} after the previous one, the policy says {want:?}",
+            i + 2
+        );
+        let base = Duration::from_millis(600 * (1 << i)).min(Duration::from_millis(2400));
+        let factor = want.as_secs_f64() / base.as_secs_f64();
+        assert!((0.8..=1.2).contains(&factor), "jitter {factor}");
+        factors.push(factor);
+    }
+    assert!(
+        factors.windows(2).any(|w| w[0] != w[1]),
+        "jittered: {factors:?}"
+    );
+    let stats = source.stats();
+    assert_eq!(&stats.backoff_history[..6], &expected[..], "{stats:?}");
+    assert_eq!(stats.state, SourceState::Reconnecting);
+}
+
+#[test]
+fn drop_oldest_keeps_the_newest_frames_and_counts_every_other() {
+    let emulator = history("cam-1", 5);
+    let truth = emulator.ground_truth("cam-1");
+    let range = PlaybackMode::OnDemand {
+        start: truth[0].producer_start,
+        end: truth[3].producer_start,
+    };
+    let all = expected(&emulator, "cam-1", 0..=3);
+    for (policy, capacity) in [
+        (DeliveryPolicy::DropOldest, 5),
+        (DeliveryPolicy::LatestOnly, 1),
+    ] {
+        let source = source(&emulator, "cam-1")
+            .playback(range)
+            .delivery(policy)
+            .queue_capacity(5)
+            .build()
+            .unwrap();
+        let mut frames = source.frames();
+        let mut got: Vec<u32> = Vec::new();
+        for _ in 0..10 {
+            let (frame, _) = frames
+                .next_timeout(Duration::from_secs(15))
+                .unwrap()
+                .unwrap();
+            got.push(number(&frame));
+        }
+        // The reader pauses until the whole range is decoded (the decoder never waits): every
+        // frame is then delivered, dropped or queued.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let accounted = |s: kvs_frames::SourceStats| {
+            s.frames_delivered + s.frames_dropped_queue_full + s.queue_len as u64
+        };
+        while accounted(source.stats()) < all.len() as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "{policy:?}: {:?}",
+                source.stats()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The queue holds the newest `capacity` frames: the next frame is the newest decoded
+        // minus (capacity − 1), then the rest, then the end.
+        let queued = source.stats().queue_len;
+        assert_eq!(queued, capacity, "{policy:?}");
+        let rest = common::frames::drain_frames(frames, Duration::from_secs(15), || source.stats());
+        let rest: Vec<u32> = rest.iter().map(number).collect();
+        assert_eq!(rest, all[all.len() - capacity..], "{policy:?}");
+        got.extend(&rest);
+        assert!(got.windows(2).all(|w| w[1] > w[0]), "{policy:?}: {got:?}");
+        // Every decoded frame was either delivered to the reader or counted as dropped.
+        let stats = source.stats();
+        assert_eq!(
+            got.len() as u64 + stats.frames_dropped_queue_full,
+            all.len() as u64,
+            "{policy:?}: {stats:?}"
+        );
+        assert_eq!(
+            stats.frames_delivered,
+            got.len() as u64,
+            "delivered = taken"
+        );
+    }
 }

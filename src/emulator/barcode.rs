@@ -30,6 +30,21 @@
 //! assert_eq!(barcode::read_gray8(&luma, width, width, height), Some(12345));
 //! ```
 
+/// The pure red square every picture of the camera carries in its bottom-left corner, so that a
+/// test can tell RGB from BGR (and RGBA from BGRA, I420 from a swapped chroma order): `(left,
+/// top, side)` in pixels of a `width` × `height` picture. The side is an eighth of the height
+/// (at least 2), even, like its position, so that it covers whole chroma samples; its colour is
+/// BT.601 limited-range red: Y 81, U (Cb) 90, V (Cr) 240, i.e. RGB about (255, 0, 0).
+pub fn red_marker(width: usize, height: usize) -> (usize, usize, usize) {
+    let side = ((height / 8).max(2) & !1).min(width & !1).min(height & !1);
+    let margin = (height / 60) & !1;
+    let top = height.saturating_sub(side + margin) & !1;
+    (margin.min(width.saturating_sub(side)) & !1, top, side)
+}
+
+/// Luma, U and V of [`red_marker`].
+pub const RED_YUV: (u8, u8, u8) = (81, 90, 240);
+
 /// Number of cells across the strip: 32 data bits followed by 8 CRC bits.
 pub const CELLS: usize = 40;
 

@@ -434,7 +434,35 @@ impl Renderer {
         self.render_chroma(u_plane, v_plane, cs, width, height);
         barcode::draw_i420(y_plane, ys, width, height, n as u32);
         barcode::neutral_chroma_i420(u_plane, v_plane, cs, width, height);
+        Self::draw_marker(y_plane, u_plane, v_plane, (ys, cs), width, height);
         Ok(gst::Buffer::from_mut_slice(data))
+    }
+
+    /// The red square of [`barcode::red_marker`].
+    fn draw_marker(
+        y_plane: &mut [u8],
+        u_plane: &mut [u8],
+        v_plane: &mut [u8],
+        (ys, cs): (usize, usize),
+        width: usize,
+        height: usize,
+    ) {
+        let (left, top, side) = barcode::red_marker(width, height);
+        let (y, u, v) = barcode::RED_YUV;
+        for row in top..top + side {
+            if let Some(px) = y_plane.get_mut(row * ys + left..row * ys + left + side) {
+                px.fill(y);
+            }
+        }
+        for row in top / 2..(top + side) / 2 {
+            let span = row * cs + left / 2..row * cs + (left + side) / 2;
+            if let Some(px) = u_plane.get_mut(span.clone()) {
+                px.fill(u);
+            }
+            if let Some(px) = v_plane.get_mut(span) {
+                px.fill(v);
+            }
+        }
     }
 
     /// The luma plane: band, a diagonal gradient scrolling with `n` and a bouncing white box.

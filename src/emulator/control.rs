@@ -260,7 +260,7 @@ pub(crate) async fn get_data_endpoint(
             input.stream_arn.as_deref(),
         )?;
         Ok(json_response(
-            json!({ "DataEndpoint": state.settings.endpoint }),
+            json!({ "DataEndpoint": state.settings.data_endpoint }),
         ))
     })
 }

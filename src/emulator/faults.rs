@@ -33,11 +33,16 @@ pub enum Failure {
     /// HLS requests: half of the body, then the connection is reset (`GetHLSStreamingSessionURL`:
     /// like [`ServerError`](Failure::ServerError)).
     Reset,
-    /// Media fragments: HTTP 200 with the fragment's structure garbled, so that decoding it fails;
-    /// playlists: HTTP 200 without the `#EXTM3U` line, which no parser accepts (the token URLs
-    /// are still in it); init segments and `GetHLSStreamingSessionURL`: like
-    /// [`ServerError`](Failure::ServerError).
+    /// Media fragments: HTTP 200 with a fragment whose track fragment header (`tfhd`) claims
+    /// fields it lacks, which GStreamer's demuxer refuses: a decode error; playlists: HTTP 200
+    /// without the `#EXTM3U` line, which no parser accepts (the token URLs are still in it);
+    /// init segments and `GetHLSStreamingSessionURL`: like [`ServerError`](Failure::ServerError).
     Corrupt,
+    /// Media fragments: HTTP 200 with the fragment's structure intact and its media data (the
+    /// payload of `mdat`) overwritten with bytes that are no H.264: decoders conceal such data,
+    /// or fail at end-of-stream when nothing could be decoded (other requests: like
+    /// [`ServerError`](Failure::ServerError)).
+    GarbledMedia,
 }
 
 /// How far the producer clock of [`Faults::shift_producer_timestamps`] is off.
@@ -62,8 +67,9 @@ impl ClockShift {
 /// The faults active on one stream. A fault is active while `Instant::now()` is before its end.
 #[derive(Debug, Default)]
 pub(crate) struct FaultState {
-    /// One-shot faults: (request, failure, requests left to fail), applied in order.
-    next: Vec<(Request, Failure, u32)>,
+    /// One-shot faults: (request, failure, requests to let through first, requests left to
+    /// fail), applied in order.
+    next: Vec<(Request, Failure, u32, u32)>,
     clock_shift: Option<(ClockShift, Instant)>,
     offline_until: Option<Instant>,
     server_errors_until: Option<Instant>,
@@ -97,14 +103,15 @@ impl FaultState {
     /// The failure for this request of kind `request`, if a one-shot fault targets it (the
     /// fault is used up by one).
     pub fn take(&mut self, request: Request) -> Option<Failure> {
-        let i = self
-            .next
-            .iter()
-            .position(|(r, _, n)| *r == request && *n > 0)?;
+        let i = self.next.iter().position(|(r, ..)| *r == request)?;
         let entry = self.next.get_mut(i)?;
-        entry.2 -= 1;
+        if entry.2 > 0 {
+            entry.2 -= 1;
+            return None;
+        }
+        entry.3 = entry.3.saturating_sub(1);
         let failure = entry.1;
-        if entry.2 == 0 {
+        if entry.3 == 0 {
             self.next.remove(i);
         }
         Some(failure)
@@ -231,7 +238,16 @@ impl Faults {
     pub fn fail_next(&self, request: Request, failure: Failure, count: u32) {
         tracing::info!(stream = %self.stream, ?request, ?failure, count, "fault: next requests fail");
         if count > 0 {
-            self.with(|f| f.next.push((request, failure, count)));
+            self.with(|f| f.next.push((request, failure, 0, count)));
+        }
+    }
+
+    /// Like [`fail_next`](Self::fail_next) for one request, the `nth` of kind `request` from now
+    /// (1 = the next one): the `nth − 1` before it work.
+    pub fn fail_nth(&self, request: Request, nth: u32, failure: Failure) {
+        tracing::info!(stream = %self.stream, ?request, ?failure, nth, "fault: one request fails");
+        if nth > 0 {
+            self.with(|f| f.next.push((request, failure, nth - 1, 1)));
         }
     }
 

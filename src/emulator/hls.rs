@@ -323,7 +323,7 @@ pub(crate) async fn get_hls_streaming_session_url(
         state.issued_tokens.lock().push(token.clone());
         let url = format!(
             "{}/hls/v1/getHLSMasterPlaylist.m3u8?SessionToken={}",
-            state.settings.endpoint,
+            state.settings.data_endpoint,
             encode_query_value(&token)
         );
         let now = state.session_now();
@@ -360,8 +360,8 @@ pub(crate) async fn get_hls_streaming_session_url(
 
 /// The HLS request context: the session's parameters and the stream, both locked briefly.
 /// One-shot faults ([`Faults::fail_next`](super::Faults::fail_next)) that end in an error
-/// response are applied here; [`Failure::Reset`] and [`Failure::Corrupt`] are returned with
-/// the result for the handler to apply to its body.
+/// response are applied here; [`Failure::Reset`], [`Failure::Corrupt`] and
+/// [`Failure::GarbledMedia`] are returned with the result for the handler to apply to its body.
 fn with_session<T>(
     state: &State,
     kind: HlsRequest,
@@ -424,6 +424,9 @@ fn with_session<T>(
         Some(Failure::Throttled) => return Err(KvsError::throttled()),
         Some(Failure::Forbidden) => return Err(KvsError::session_expired()),
         Some(Failure::Corrupt) if kind == HlsRequest::Init => {
+            return Err(KvsError::internal());
+        }
+        Some(Failure::GarbledMedia) if kind != HlsRequest::Fragment => {
             return Err(KvsError::internal());
         }
         _ => {}
@@ -757,6 +760,7 @@ pub(crate) async fn fragment(
     })
     .map(|((media, reset, stall), failure)| match failure {
         Some(Failure::Corrupt) => with_type(mp4::garble(&media), "video/mp4"),
+        Some(Failure::GarbledMedia) => with_type(mp4::garble_media(&media), "video/mp4"),
         Some(Failure::Reset) => fragment_response(media, true, None, "video/mp4"),
         _ => fragment_response(media, reset, stall, "video/mp4"),
     });

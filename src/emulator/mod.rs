@@ -370,8 +370,16 @@ impl EmulatorBuilder {
         })?;
         let addr = listener.local_addr().map_err(Error::from)?;
         let endpoint = format!("http://{addr}");
+        // The data endpoint has a listener of its own, as on KVS (another host): a client that
+        // calls the archived-media API at the control endpoint fails.
+        let data_listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .map_err(|e| Error::new(ErrorKind::Io, format!("cannot bind 127.0.0.1:0: {e}")))?;
+        let data_endpoint = format!(
+            "http://{}",
+            data_listener.local_addr().map_err(Error::from)?
+        );
         let state = Arc::new(store::State::new(store::Settings {
-            endpoint: endpoint.clone(),
+            data_endpoint: data_endpoint.clone(),
             region: self.region.clone(),
             max_fragments_per_stream: self.max_fragments_per_stream,
             list_streams_page_limit: self.list_streams_page_limit,
@@ -379,13 +387,14 @@ impl EmulatorBuilder {
         for spec in self.streams {
             store::State::add_stream(&state, spec)?;
         }
-        let server = server::Server::start(listener, Arc::clone(&state))?;
-        tracing::info!(%endpoint, "KVS emulator listening");
+        let server = server::Server::start(listener, data_listener, Arc::clone(&state))?;
+        tracing::info!(%endpoint, %data_endpoint, "KVS emulator listening");
         Ok(Emulator {
             state,
             server: Some(server),
             addr,
             endpoint,
+            data_endpoint,
             region: self.region,
         })
     }
@@ -397,6 +406,7 @@ pub struct Emulator {
     server: Option<server::Server>,
     addr: SocketAddr,
     endpoint: String,
+    data_endpoint: String,
     region: String,
 }
 
@@ -421,9 +431,17 @@ impl Emulator {
         }
     }
 
-    /// The base URL of both the control plane and the data endpoint, e.g. `http://127.0.0.1:41234`.
+    /// The base URL of the control plane, e.g. `http://127.0.0.1:41234` (what
+    /// [`sdk_config`](Self::sdk_config) points at).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The base URL of the data endpoint that `GetDataEndpoint` returns, on a port of its own:
+    /// the archived-media API (GetHLSStreamingSessionURL, GetClip, ListFragments) and HLS are
+    /// served there only, as on KVS, so a client that skips GetDataEndpoint fails.
+    pub fn data_endpoint(&self) -> &str {
+        &self.data_endpoint
     }
 
     /// The socket address the server listens on.

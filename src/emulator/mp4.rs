@@ -280,10 +280,23 @@ fn push_run<T: PartialEq>(runs: &mut Vec<(u32, T)>, value: T) {
     }
 }
 
-/// A media segment made undecodable for fault injection: the `moof` stays (so the fragment is
-/// still recognisably fMP4), the payload of `mdat` is overwritten with a byte pattern that is no
-/// valid H.264 NAL unit stream.
+/// A media segment made undecodable for fault injection: every box keeps its size, but the
+/// flags of the track fragment header (`moof/traf/tfhd`) all get set, so that it declares fields
+/// it does not hold and GStreamer's demuxer fails on it ("This file is corrupt"). Garbled media
+/// data would not do: demuxers and decoders skip or conceal it without an error.
 pub(crate) fn garble(segment: &[u8]) -> Vec<u8> {
+    let mut out = segment.to_vec();
+    if let Some(at) = out.windows(4).position(|w| w == b"tfhd")
+        && let Some(flags) = out.get_mut(at + 5..at + 8)
+    {
+        flags.copy_from_slice(&[0xFF, 0xFF, 0xFF]);
+    }
+    out
+}
+
+/// A media segment whose box structure is intact and whose `mdat` payload is overwritten with a
+/// byte pattern that is no valid H.264 NAL unit stream.
+pub(crate) fn garble_media(segment: &[u8]) -> Vec<u8> {
     let mut out = segment.to_vec();
     let mut pos = 0usize;
     while let Some(header) = out.get(pos..pos + 8) {
@@ -294,8 +307,10 @@ pub(crate) fn garble(segment: &[u8]) -> Vec<u8> {
         }
         if &kind == b"mdat" {
             let end = (pos + size).min(out.len());
-            for (i, b) in out[pos + 8..end].iter_mut().enumerate() {
-                *b = if i % 4 == 3 { 0x65 } else { 0xFF };
+            if let Some(payload) = out.get_mut(pos + 8..end) {
+                for (i, b) in payload.iter_mut().enumerate() {
+                    *b = if i % 4 == 3 { 0x65 } else { 0xFF };
+                }
             }
             break;
         }

@@ -12,13 +12,54 @@ use super::store::State;
 use super::{control, fragments, hls};
 use crate::error::{Error, ErrorKind, Result};
 
-fn router(state: Arc<State>) -> Router {
+/// Paths of the archived-media API and HLS, served at the data endpoint only.
+const DATA_PATHS: [&str; 7] = [
+    "/getHLSStreamingSessionURL",
+    "/getClip",
+    "/listFragments",
+    "/hls/v1/getHLSMasterPlaylist.m3u8",
+    "/hls/v1/getHLSMediaPlaylist.m3u8",
+    "/hls/v1/getMP4InitFragment.mp4",
+    "/hls/v1/getMP4MediaFragment.mp4",
+];
+
+/// The answer for a request at the wrong endpoint, or for an operation the emulator lacks.
+async fn unknown(uri: axum::http::Uri) -> super::http::KvsError {
+    let path = uri.path();
+    let message = if DATA_PATHS.contains(&path) {
+        format!(
+            "{path} is served at the stream's data endpoint (GetDataEndpoint), not at the control plane"
+        )
+    } else if matches!(
+        path,
+        "/listStreams" | "/describeStream" | "/getDataEndpoint" | "/createStream" | "/deleteStream"
+    ) {
+        format!("{path} is a control plane operation, not served at the data endpoint")
+    } else {
+        "The kvs-frames emulator does not implement this operation".to_owned()
+    };
+    super::http::KvsError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "UnknownOperationException",
+        message,
+    )
+}
+
+/// The control plane, as at `kinesisvideo.<region>.amazonaws.com`.
+fn control_router(state: Arc<State>) -> Router {
     Router::new()
         .route("/listStreams", post(control::list_streams))
         .route("/describeStream", post(control::describe_stream))
         .route("/getDataEndpoint", post(control::get_data_endpoint))
         .route("/createStream", post(control::create_stream))
         .route("/deleteStream", post(control::delete_stream))
+        .fallback(unknown)
+        .with_state(state)
+}
+
+/// The data endpoint (GetDataEndpoint's answer): archived media and HLS.
+fn data_router(state: Arc<State>) -> Router {
+    Router::new()
         .route(
             "/getHLSStreamingSessionURL",
             post(hls::get_hls_streaming_session_url),
@@ -29,13 +70,7 @@ fn router(state: Arc<State>) -> Router {
         .route("/hls/v1/getHLSMediaPlaylist.m3u8", get(hls::media))
         .route("/hls/v1/getMP4InitFragment.mp4", get(hls::init))
         .route("/hls/v1/getMP4MediaFragment.mp4", get(hls::fragment))
-        .fallback(|| async {
-            super::http::KvsError::new(
-                axum::http::StatusCode::NOT_FOUND,
-                "UnknownOperationException",
-                "The kvs-frames emulator does not implement this operation",
-            )
-        })
+        .fallback(unknown)
         .with_state(state)
 }
 
@@ -46,10 +81,17 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    pub fn start(listener: std::net::TcpListener, state: Arc<State>) -> Result<Server> {
-        listener.set_nonblocking(true).map_err(|e| {
-            Error::new(ErrorKind::Io, format!("cannot configure the listener: {e}"))
-        })?;
+    /// Serves the control plane on `listener` and the data endpoint on `data_listener`.
+    pub fn start(
+        listener: std::net::TcpListener,
+        data_listener: std::net::TcpListener,
+        state: Arc<State>,
+    ) -> Result<Server> {
+        for l in [&listener, &data_listener] {
+            l.set_nonblocking(true).map_err(|e| {
+                Error::new(ErrorKind::Io, format!("cannot configure the listener: {e}"))
+            })?;
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kvs-emulator")
@@ -67,7 +109,10 @@ impl Server {
             .name("kvs-emulator-server".to_owned())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                    let listeners = tokio::net::TcpListener::from_std(listener).and_then(|c| {
+                        tokio::net::TcpListener::from_std(data_listener).map(|d| (c, d))
+                    });
+                    let (listener, data_listener) = match listeners {
                         Ok(l) => l,
                         Err(e) => {
                             let _ = ready_tx.send(Err(Error::new(
@@ -78,11 +123,17 @@ impl Server {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    let serve = axum::serve(listener, router(state));
+                    let control = axum::serve(listener, control_router(Arc::clone(&state)));
+                    let data = axum::serve(data_listener, data_router(state));
                     tokio::select! {
-                        result = serve => {
+                        result = control => {
                             if let Err(e) = result {
                                 tracing::error!(error = %e, "emulator server failed");
+                            }
+                        }
+                        result = data => {
+                            if let Err(e) = result {
+                                tracing::error!(error = %e, "emulator data endpoint failed");
                             }
                         }
                         _ = stop => {}

@@ -144,7 +144,8 @@ impl StreamState {
 }
 
 pub(crate) struct Settings {
-    pub endpoint: String,
+    /// The data endpoint's URL (archived media and HLS), on a listener of its own.
+    pub data_endpoint: String,
     pub region: String,
     pub max_fragments_per_stream: usize,
     pub list_streams_page_limit: Option<usize>,

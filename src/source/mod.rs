@@ -117,6 +117,18 @@ pub struct SourceStats {
     pub read_errors: u64,
     /// Decode errors (the pipeline was rebuilt after each).
     pub decode_errors: u64,
+    /// Fragments that left the LIVE playlist window before they were fetched (the reader was
+    /// away longer than the window lasts). Inside a session counted exactly from the media
+    /// sequence; across sessions estimated from the gap in program date time.
+    pub fragments_skipped: u64,
+    /// Steps of the producer clock between consecutive fragments: program date times that go
+    /// back, or (LIVE) forward by more than the wall time that passed. Frames are neither lost
+    /// nor repeated for them.
+    pub clock_steps: u64,
+    /// HLS sessions refused (403) before they were due to expire: revoked, or closed by KVS
+    /// because a sixth session of the stream was created (another reader). Each was replaced at
+    /// once.
+    pub sessions_lost: u64,
     /// Decode pipelines built (1 + rebuilds).
     pub pipelines_built: u64,
     /// Errors in a row without a fragment in between.
@@ -400,7 +412,8 @@ pub(crate) struct TaskGuard {
 }
 
 impl TaskGuard {
-    /// `on_end` records the error and ends the queue (the source's `fail`).
+    /// `on_end` records the error and ends the queue (the source's `fail`, unless the source
+    /// was stopped: then the task ends before `stop()` has closed the queue).
     pub fn new(core: Arc<Core>, on_end: impl FnOnce(Error) + Send + 'static) -> Self {
         TaskGuard {
             core,

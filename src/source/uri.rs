@@ -706,6 +706,18 @@ fn classify(kind: UriKind, err: &gst::message::Error) -> Error {
         if debug.is_empty() { "" } else { ": " },
         debug
     );
+    // rtspsrc could not SETUP the stream (typically 461 Unsupported Transport: a camera that
+    // serves only UDP, or only TCP); uridecodebin then reports "missing a plug-in", which would
+    // send users looking for packages. The camera may also be full for a while: transient.
+    if kind == UriKind::Rtsp && debug.contains("gst_rtspsrc_setup_streams") {
+        return Error::new(
+            ErrorKind::Network,
+            format!(
+                "the RTSP server refused to set up the stream: the transport may be unsupported \
+                 (try another rtsp_transport, e.g. RtspTransport::Auto): {message}"
+            ),
+        );
+    }
     let resource = gerr.kind::<gst::ResourceError>();
     let stream = gerr.kind::<gst::StreamError>();
     let error_kind = if matches!(resource, Some(gst::ResourceError::NotAuthorized))
@@ -975,7 +987,11 @@ fn fail(ctx: &Ctx, error: Error) {
 async fn run(ctx: Arc<Ctx>, opts: Options) {
     // Whatever ends this task (a panic, a runtime shutdown), the iterator ends too.
     let guard_ctx = Arc::clone(&ctx);
-    let _guard = TaskGuard::new(Arc::clone(&ctx.core), move |e| fail(&guard_ctx, e));
+    let _guard = TaskGuard::new(Arc::clone(&ctx.core), move |e| {
+        if !guard_ctx.stopped() {
+            fail(&guard_ctx, e);
+        }
+    });
     let mut failures: u32 = 0;
     loop {
         if ctx.stopped() {

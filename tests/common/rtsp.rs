@@ -53,13 +53,6 @@ impl Default for RtspServerBuilder {
 
 impl RtspServerBuilder {
     /// The port; 0 (default) picks a free one.
-    /// The mount offers RTP over UDP only (a client asking for TCP interleaving is refused),
-    /// as many cameras configured for multicast or UDP do.
-    pub fn udp_only(mut self) -> Self {
-        self.udp_only = true;
-        self
-    }
-
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
         self
@@ -88,6 +81,12 @@ impl RtspServerBuilder {
     /// Requires basic authentication with these credentials.
     pub fn credentials(mut self, user: &str, password: &str) -> Self {
         self.credentials = Some((user.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// Serves the mount over UDP only (a TCP SETUP gets 461 Unsupported Transport).
+    pub fn udp_only(mut self) -> Self {
+        self.udp_only = true;
         self
     }
 
@@ -150,7 +149,10 @@ fn serve(options: RtspServerBuilder, tx: mpsc::Sender<Result<(u16, glib::MainLoo
     // One encoder for every client.
     factory.set_shared(true);
     if options.udp_only {
-        factory.set_protocols(rtsp_server::gst_rtsp::RTSPLowerTrans::UDP);
+        factory.set_protocols(
+            rtsp_server::gst_rtsp::RTSPLowerTrans::UDP
+                | rtsp_server::gst_rtsp::RTSPLowerTrans::UDP_MCAST,
+        );
     }
     if let Some((user, password)) = &options.credentials {
         let auth = rtsp_server::RTSPAuth::new();
