@@ -657,6 +657,23 @@ struct Selection {
     skipped: Option<(u64, Option<Duration>)>,
 }
 
+impl Selection {
+    /// A start with nothing to continue from: LIVE at the newest fragment (lowest latency),
+    /// a range with everything listed.
+    fn start(segments: &[Segment], live: bool) -> Selection {
+        let segments = if live {
+            segments.last().cloned().into_iter().collect()
+        } else {
+            segments.to_vec()
+        };
+        Selection {
+            segments,
+            contiguous: false,
+            skipped: None,
+        }
+    }
+}
+
 struct Reader {
     ctx: Arc<Ctx>,
     decoder: Arc<Decoder>,
@@ -1335,16 +1352,7 @@ impl Reader {
         let live = matches!(self.opts.playback, PlaybackMode::Live);
         let Some(last) = self.position.last() else {
             // The first fragment ever: LIVE starts at the newest (lowest latency).
-            let segments = if live {
-                segments.last().cloned().into_iter().collect()
-            } else {
-                segments.clone()
-            };
-            return Selection {
-                segments,
-                contiguous: false,
-                skipped: None,
-            };
+            return Selection::start(segments, live);
         };
         if last.session == self.session_number() {
             let fresh: Vec<Segment> = segments
@@ -1374,16 +1382,7 @@ impl Reader {
         if !timed {
             // Without program date times fragments cannot be matched across sessions: LIVE
             // goes on at the newest fragment, a range with everything listed.
-            let segments = if live {
-                segments.last().cloned().into_iter().collect()
-            } else {
-                segments.clone()
-            };
-            return Selection {
-                segments,
-                contiguous: false,
-                skipped: None,
-            };
+            return Selection::start(segments, live);
         }
         // LIVE: the window moved past the last fragment fed (a range continues after it).
         let gap = segments.first().and_then(|first| gap_after(&last, first));
