@@ -168,7 +168,15 @@ fn soak_live_sources_with_expiring_sessions_and_faults() {
     while started.elapsed() < run_for {
         let now = Instant::now();
         if now >= next_sample {
-            rss.push((started.elapsed(), rss_kib()));
+            let kib = rss_kib();
+            if rss.len() % 30 == 0 {
+                eprintln!(
+                    "[{:>6.0}s] RSS {} MB",
+                    started.elapsed().as_secs_f64(),
+                    kib / 1024
+                );
+            }
+            rss.push((started.elapsed(), kib));
             next_sample += Duration::from_secs(10);
         }
         if now >= next_fault {
@@ -234,6 +242,29 @@ fn soak_live_sources_with_expiring_sessions_and_faults() {
         after.iter().copied().min().unwrap_or(0),
         after.iter().copied().max().unwrap_or(0),
     );
+    // Least-squares slope of RSS after warm-up, in MB per hour: a leak shows as a steady slope
+    // even when it stays inside the band.
+    let points: Vec<(f64, f64)> = rss
+        .iter()
+        .filter(|(t, _)| *t >= warm_up)
+        .map(|(t, kib)| (t.as_secs_f64() / 3600.0, *kib as f64 / 1024.0))
+        .collect();
+    let count = points.len().max(1) as f64;
+    let (mean_t, mean_m) = (
+        points.iter().map(|p| p.0).sum::<f64>() / count,
+        points.iter().map(|p| p.1).sum::<f64>() / count,
+    );
+    let var_t: f64 = points.iter().map(|p| (p.0 - mean_t).powi(2)).sum();
+    let slope = if var_t > 0.0 {
+        points
+            .iter()
+            .map(|p| (p.0 - mean_t) * (p.1 - mean_m))
+            .sum::<f64>()
+            / var_t
+    } else {
+        0.0
+    };
+    eprintln!("RSS slope after warm-up: {slope:+.1} MB/hour");
     eprintln!(
         "RSS after {warm_up:?} of warm-up: min {} MB, max {} MB, first {} MB, last {} MB ({} samples); {} faults in {:?}",
         min / 1024,
