@@ -1,10 +1,10 @@
 # kvs-frames: every setup step a fresh Debian 12 machine needs, and the project's commands.
 #
 #   make deps      install the Debian packages the crate, its tests and examples need (no-op when present)
-#   make test      deps + every test: unit, integration, doc tests, all features
-#   make lint      deps + rustfmt --check, clippy -D warnings, rustdoc -D warnings
+#   make test      deps + every test of both crates (kvs-frames, kvs-emulator): unit, integration, doc tests
+#   make lint      deps + rustfmt --check, clippy -D warnings, rustdoc -D warnings (both crates)
 #   make demo      deps + the frame-reader demo against the embedded emulator for about 20 s
-#   make emulator  run the standalone KVS emulator on 127.0.0.1:4566 (Ctrl+C stops it)
+#   make emulator  run the kvs-emulator program on 127.0.0.1:4566 (Ctrl+C stops it)
 #   make fresh-check  the README's two commands on a brand-new Debian 12 root (debootstrap + chroot; root)
 
 SHELL := /bin/bash
@@ -42,31 +42,31 @@ deps:
 
 test: deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) nextest run --all-features --lib --bins --tests --examples; \
+	  $(CARGO) nextest run --workspace --all-features --lib --bins --tests --examples; \
 	else \
-	  $(CARGO) test --all-features --lib --bins --tests --examples; \
+	  $(CARGO) test --workspace --all-features --lib --bins --tests --examples; \
 	fi
-	$(CARGO) test --all-features --doc
+	$(CARGO) test --workspace --all-features --doc
 
 lint: deps
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets --all-features -- -D warnings
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --all-features
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --all-features
 
 DEMO_ARGS ?= --emulator --duration 20 --snapshot-dir target/demo-snapshots --snapshot-every 125
 
 demo: deps
-	$(CARGO) run --features emulator --example demo_kvs_hls_reader -- $(DEMO_ARGS)
+	$(CARGO) run --example demo_kvs_hls_reader -- $(DEMO_ARGS)
 
 # Benchmarks are not part of `make test` (they measure, they do not check); `make lint` compiles them.
 bench: deps
-	$(CARGO) bench --all-features
+	$(CARGO) bench --workspace --all-features
 
 perf-memory: deps
-	$(CARGO) run --release --features emulator --example perf_memory
+	$(CARGO) run --release --example perf_memory
 
 emulator: deps
-	$(CARGO) run --features emulator --example kvs_emulator -- $(EMULATOR_ARGS)
+	$(CARGO) run -p kvs-emulator -- $(EMULATOR_ARGS)
 
 # Needs root; caches the Debian root under /var/cache/kvs-frames-fresh (FRESH_REBUILD=1 renews it).
 fresh-check:

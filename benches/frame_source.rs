@@ -1,6 +1,6 @@
 //! KvsHlsFrameSource throughput and CPU cost, beside a bare GStreamer pipeline, in one run.
 //!
-//! `cargo bench --features emulator --bench frame_source` (or `make bench`).
+//! `cargo bench --bench frame_source` (or `make bench`).
 //!
 //! Input: 20 s of 1280x720 25 fps H.264 (500 frames, 20 one-second fragments) archived in the
 //! emulator (`live(false)`: no encoder runs while measuring), read as an ON_DEMAND session and
@@ -21,7 +21,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use kvs_frames::emulator::{Emulator, StreamSpec};
+use kvs_emulator::{Emulator, StreamSpec};
 use kvs_frames::{KvsHlsFrameSource, PixelFormat, PlaybackMode};
 
 const FRAGMENTS: usize = 20;

@@ -26,8 +26,8 @@
 //! per-stream failure):
 //!
 //! ```text
-//! cargo run --features emulator --example clip_worker -- --interval 10 --out /tmp/clips
-//! cargo run --features emulator --example clip_worker -- --aws --region eu-west-1 --prefix cam-
+//! cargo run --example clip_worker -- --interval 10 --out /tmp/clips
+//! cargo run --example clip_worker -- --aws --region eu-west-1 --prefix cam-
 //! ```
 
 #[path = "support/mod.rs"]
@@ -40,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::Parser;
 use futures_util::StreamExt as _;
-use kvs_frames::emulator::{Emulator, StreamSpec};
+use kvs_emulator::{Emulator, StreamSpec};
 use kvs_frames::kvs::{
     ClipExtractor, ClipOptions, ClipRequest, Discovery, DiscoveryOptions, KvsClient,
 };

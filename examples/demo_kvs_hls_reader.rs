@@ -12,7 +12,7 @@
 //! ```
 //!
 //! `make demo` runs it for 20 s against the embedded emulator. Against AWS:
-//! `cargo run --features emulator --example demo_kvs_hls_reader -- --stream-name my-stream --region us-east-1`;
+//! `cargo run --example demo_kvs_hls_reader -- --stream-name my-stream --region us-east-1`;
 //! from a camera: `… -- --uri rtsp://user:pass@10.0.0.5/live --duration 30`; from a file at its
 //! own pace: `… -- --uri clip.mp4 --realtime`.
 
@@ -30,7 +30,7 @@ use clap::{Parser, ValueEnum};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use kvs_frames::emulator::{Emulator, StreamSpec};
+use kvs_emulator::{Emulator, StreamSpec};
 use kvs_frames::metrics::FrameSourceMetrics;
 use kvs_frames::{
     DeliveryPolicy, Frame, Frames, KvsHlsFrameSource, PixelFormat, SourceState, SourceStats,

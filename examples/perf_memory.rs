@@ -1,6 +1,6 @@
 //! Resident memory per live 720p `KvsHlsFrameSource`, with 1, 4 and 8 sources.
 //!
-//! `cargo run --release --features emulator --example perf_memory` (or `make perf-memory`)
+//! `cargo run --release --example perf_memory` (or `make perf-memory`)
 //!
 //! Each count runs in a fresh process (this program re-executes itself): an emulator with one
 //! live 1280x720 25 fps camera, its RSS measured as the baseline after warm-up, then N sources
@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kvs_frames::emulator::{Emulator, StreamSpec};
+use kvs_emulator::{Emulator, StreamSpec};
 use kvs_frames::{KvsHlsFrameSource, PixelFormat};
 
 fn rss_kib() -> u64 {

@@ -11,7 +11,8 @@
 //!
 //! [`ELEMENTS`] lists every element that the library, its examples, tests and benches create
 //! (a test scans the sources to keep it complete, and checks each package against the plugin
-//! file that provides the element and against `make deps`).
+//! file that provides the element and against `make deps`). The emulator's camera elements are
+//! in the `kvs-emulator` crate's own table.
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -37,7 +38,6 @@ const GOOD: &str = "gstreamer1.0-plugins-good";
 const BAD: &str = "gstreamer1.0-plugins-bad";
 const UGLY: &str = "gstreamer1.0-plugins-ugly";
 const LIBAV: &str = "gstreamer1.0-libav";
-const X: &str = "gstreamer1.0-x";
 
 /// Every GStreamer element created by this crate, its examples, tests and benches, with the
 /// package that provides it on Debian 12 (and Ubuntu). Elements that `decodebin` and
@@ -88,8 +88,6 @@ pub const ELEMENTS: &[ElementPackage] = &[
     // libav
     e("avdec_h264", LIBAV),
     e("avdec_h265", LIBAV),
-    // x (pango)
-    e("textoverlay", X),
 ];
 
 /// Elements that run only in other programs this crate starts (producer pipelines under

@@ -2,8 +2,9 @@
 //!
 //! Decoded video frames, with the time the camera captured them, from AWS Kinesis Video
 //! Streams (KVS), and the tools around that: stream discovery and clips, supervision of the
-//! RTSP→KVS producer processes that feed KVS, and a local KVS emulator for tests and demos
-//! without AWS.
+//! RTSP→KVS producer processes that feed KVS. Its tests and demo run against `kvs-emulator`, a
+//! local KVS on `127.0.0.1` published as a crate of its own (add it as a dev-dependency for
+//! yours).
 //!
 //! ## What is here today
 //!
@@ -27,9 +28,6 @@
 //! * [`producer`]: supervision of the RTSP→KVS producer processes (`kvs_gstreamer_sample`,
 //!   `gst-launch-1.0 … kvssink`, any command): restarts with backoff, stall watchdog, graceful
 //!   process-group stops, status, health, events, metrics, orphan cleanup and stream naming.
-//! * [`emulator`] (feature `emulator`): a local KVS on `127.0.0.1` — control plane, HLS in the
-//!   shape KVS serves it, GetClip, a synthetic live camera per stream, ground truth and fault
-//!   injection — that the AWS SDKs, HLS players and this crate's tests talk to over real HTTP.
 //!
 //! * [`UriFrameSource`]: the same frames, options and API from an RTSP camera (with the
 //!   sender's NTP time as producer time), an HLS URL or a file, decoded by GStreamer without
@@ -65,9 +63,6 @@ pub mod producer;
 pub mod redact;
 pub mod retention;
 pub mod source;
-
-#[cfg(feature = "emulator")]
-pub mod emulator;
 
 pub use error::{Error, ErrorKind, Result};
 pub use frame::{FragmentId, Frame, PixelFormat};

@@ -1,14 +1,13 @@
 //! After faults (5xx, revoked sessions, a corrupt fragment, a cut download), every `kvs_hls_*`
 //! counter equals the matching field of `stats()`, bytes, histogram counts and the last-frame
 //! gauge included (`kvs_hls_source.rs` checks `DropOldest`/`LatestOnly` accounting exactly).
-#![cfg(feature = "emulator")]
 
 mod common;
 
 use std::time::Duration;
 
+use kvs_emulator::{Failure, Request};
 use kvs_frames::backoff::{BackoffPolicy, Jitter};
-use kvs_frames::emulator::{Failure, Request};
 use kvs_frames::metrics::FrameSourceMetrics;
 use kvs_frames::{KvsHlsFrameSource, PixelFormat};
 

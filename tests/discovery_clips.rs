@@ -1,7 +1,6 @@
 //! Stream discovery, clip extraction (ListFragments + GetClip, split and joined) and retention,
 //! against the emulator over real HTTP, with clips decoded by real GStreamer and checked frame by
 //! frame against the emulator's ground truth.
-#![cfg(feature = "emulator")]
 
 mod common;
 
@@ -16,7 +15,7 @@ use common::{dt, small};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use kvs_frames::emulator::{Emulator, FragmentRecord, StreamSpec, StreamStatus, barcode};
+use kvs_emulator::{Emulator, FragmentRecord, StreamSpec, StreamStatus, barcode};
 use kvs_frames::error::ErrorKind;
 use kvs_frames::kvs::{
     ClipExtractor, ClipOptions, ClipRequest, Discovery, DiscoveryOptions, KvsClient,

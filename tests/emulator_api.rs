@@ -1,6 +1,5 @@
 //! The emulator's control plane and GetHLSStreamingSessionURL through the real AWS Rust SDK,
 //! over real HTTP on 127.0.0.1.
-#![cfg(feature = "emulator")]
 
 mod common;
 
@@ -13,7 +12,7 @@ use aws_sdk_kinesisvideoarchivedmedia::types::{
     HlsTimestampRange,
 };
 use common::{SessionParams, dt, small};
-use kvs_frames::emulator::{Emulator, StreamSpec, StreamStatus};
+use kvs_emulator::{Emulator, StreamSpec, StreamStatus};
 use kvs_frames::error::{Error, ErrorKind};
 
 fn no_camera(name: &str) -> StreamSpec {

@@ -1,5 +1,4 @@
 //! The emulator's HLS, GetClip and faults, read over real HTTP and decoded by real GStreamer.
-#![cfg(feature = "emulator")]
 
 mod common;
 
@@ -10,7 +9,7 @@ use aws_sdk_kinesisvideoarchivedmedia::types::{
     HlsFragmentSelectorType, HlsPlaybackMode,
 };
 use common::{SessionParams, dt, get, resolve, small};
-use kvs_frames::emulator::{DecodeTimeOrigin, FragmentRecord};
+use kvs_emulator::{DecodeTimeOrigin, FragmentRecord};
 use kvs_frames::error::{Error, ErrorKind};
 
 fn pdt(t: SystemTime) -> chrono::DateTime<chrono::FixedOffset> {
@@ -690,7 +689,7 @@ async fn stream_decode_time_origin_is_shared_by_sessions_and_far_from_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_shot_faults_hit_exactly_the_next_requests_of_their_kind() {
-    use kvs_frames::emulator::{Failure, Request};
+    use kvs_emulator::{Failure, Request};
     let emulator = common::start(vec![small("cam-1").history(Duration::from_secs(3))]);
     common::wait_fragments(&emulator, "cam-1", 3, Duration::from_secs(20)).await;
     let media = common::media(&emulator, "cam-1").await;
@@ -786,7 +785,7 @@ async fn one_shot_faults_hit_exactly_the_next_requests_of_their_kind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shifted_producer_clock_moves_the_program_date_times_of_its_fragments() {
-    use kvs_frames::emulator::ClockShift;
+    use kvs_emulator::ClockShift;
     let emulator = common::start(vec![small("cam-1")]);
     common::wait_fragments(&emulator, "cam-1", 2, Duration::from_secs(20)).await;
     let faults = emulator.faults("cam-1").unwrap();

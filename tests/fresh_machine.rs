@@ -1,9 +1,10 @@
 //! What a fresh machine needs, kept true by tests:
 //!
-//! * every GStreamer element named anywhere in the code (library, examples, tests, benches) is in
-//!   the element table of `kvs_frames::elements`, so a new element cannot be added without the
-//!   package that provides it;
-//! * every package of that table is installed by `make deps`, and is the package that really
+//! * every GStreamer element named anywhere in the code is in an element table: the library's
+//!   (its `src`, examples, tests, benches) in `kvs_frames::elements`, the emulator's (`emulator/`)
+//!   in `kvs_emulator::elements`, so a new element cannot be added without the package that
+//!   provides it;
+//! * every package of those tables is installed by `make deps`, and is the package that really
 //!   ships the element's plugin file here (`dpkg -S`);
 //! * the examples colour their log lines only on a terminal, and never with `NO_COLOR`.
 
@@ -13,7 +14,25 @@ use std::process::{Command, Stdio};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
-use kvs_frames::elements::{ELEMENTS, EXTERNAL_ELEMENTS, package_of};
+use kvs_frames::elements::{ELEMENTS, EXTERNAL_ELEMENTS, ElementPackage, package_of};
+
+/// The library's folders, scanned against its table.
+const LIBRARY_DIRS: &[&str] = &["src", "examples", "tests", "benches"];
+/// The emulator crate's folders, scanned against its own table.
+const EMULATOR_DIRS: &[&str] = &["emulator/src", "emulator/tests", "emulator/benches"];
+
+/// Both tables, as (element, package).
+fn all_tables() -> Vec<(&'static str, &'static str)> {
+    ELEMENTS
+        .iter()
+        .map(|p: &ElementPackage| (p.element, p.package))
+        .chain(
+            kvs_emulator::elements::ELEMENTS
+                .iter()
+                .map(|p| (p.element, p.package)),
+        )
+        .collect()
+}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -124,14 +143,16 @@ fn pipeline_elements(description: &str) -> Vec<String> {
 /// test producer's mode, an error context).
 const NOT_ELEMENTS: &[&str] = &["burn", "pipeline"];
 
-/// Every element name the code uses, with the first file that names it.
-fn elements_in_code() -> BTreeMap<String, String> {
+/// Every element name the code in `dirs` uses, with the first file that names it.
+fn elements_in_code(dirs: &[&str]) -> BTreeMap<String, String> {
     gst::init().unwrap();
     let mut files = Vec::new();
-    for dir in ["src", "examples", "tests", "benches"] {
+    for dir in dirs {
         rust_files(&root().join(dir), &mut files);
     }
     let mut found = BTreeMap::new();
+    // This file names elements only to test the scanner.
+    files.retain(|f| !f.ends_with("tests/fresh_machine.rs"));
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();
         let rel = file.strip_prefix(root()).unwrap().display().to_string();
@@ -164,9 +185,13 @@ fn elements_in_code() -> BTreeMap<String, String> {
 
 #[test]
 fn the_scanner_sees_the_code_it_must() {
-    let found = elements_in_code();
+    let found = elements_in_code(LIBRARY_DIRS);
     // One from each way of naming an element: a launch description, make(), a list.
-    for name in ["x264enc", "mp4mux", "textoverlay", "avdec_h264", "kvssink"] {
+    for name in ["x264enc", "mp4mux", "avdec_h264", "kvssink"] {
+        assert!(found.contains_key(name), "{name} not found: {found:?}");
+    }
+    let found = elements_in_code(EMULATOR_DIRS);
+    for name in ["textoverlay", "x264enc", "h264parse", "qtdemux"] {
         assert!(found.contains_key(name), "{name} not found: {found:?}");
     }
     assert_eq!(
@@ -190,7 +215,7 @@ fn the_scanner_sees_the_code_it_must() {
 
 #[test]
 fn every_element_in_the_code_has_its_package() {
-    let missing: Vec<_> = elements_in_code()
+    let missing: Vec<_> = elements_in_code(LIBRARY_DIRS)
         .into_iter()
         .filter(|(name, _)| {
             package_of(name).is_none() && !EXTERNAL_ELEMENTS.contains(&name.as_str())
@@ -200,6 +225,15 @@ fn every_element_in_the_code_has_its_package() {
     assert!(
         missing.is_empty(),
         "elements without a package in src/elements.rs ELEMENTS: {missing:?}"
+    );
+    let missing: Vec<_> = elements_in_code(EMULATOR_DIRS)
+        .into_iter()
+        .filter(|(name, _)| kvs_emulator::elements::package_of(name).is_none())
+        .map(|(name, file)| format!("{name} (in {file})"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "elements without a package in emulator/src/elements.rs ELEMENTS: {missing:?}"
     );
 }
 
@@ -231,9 +265,9 @@ fn make_deps_installs_every_package_of_the_table() {
         deps.contains("gstreamer1.0-libav"),
         "Makefile not parsed: {deps:?}"
     );
-    let absent: BTreeSet<_> = ELEMENTS
-        .iter()
-        .map(|p| p.package)
+    let absent: BTreeSet<_> = all_tables()
+        .into_iter()
+        .map(|(_, package)| package)
         .filter(|p| !deps.contains(*p))
         .collect();
     assert!(
@@ -271,9 +305,9 @@ fn every_element_of_the_table_is_here_from_its_package() {
         return;
     }
     let mut wrong = Vec::new();
-    for entry in ELEMENTS {
-        let Some(factory) = gst::ElementFactory::find(entry.element) else {
-            wrong.push(kvs_frames::elements::missing(entry.element).to_string());
+    for (element, package) in all_tables() {
+        let Some(factory) = gst::ElementFactory::find(element) else {
+            wrong.push(kvs_frames::elements::missing(element).to_string());
             continue;
         };
         let plugin = factory.plugin().expect("an element has a plugin");
@@ -282,10 +316,9 @@ fn every_element_of_the_table_is_here_from_its_package() {
         };
         let file = file.display().to_string();
         match owner(&file) {
-            Some(package) if package == entry.package => {}
+            Some(owner) if owner == package => {}
             other => wrong.push(format!(
-                "{}: the table says {}, {file} belongs to {other:?}",
-                entry.element, entry.package
+                "{element}: the table says {package}, {file} belongs to {other:?}"
             )),
         }
     }

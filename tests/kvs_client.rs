@@ -1,6 +1,5 @@
 //! `KvsClient` against the emulator: data-endpoint caching, invalidation and archived-media
 //! clients at the endpoint.
-#![cfg(feature = "emulator")]
 
 mod common;
 

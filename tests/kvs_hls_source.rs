@@ -1,13 +1,12 @@
 //! KvsHlsFrameSource against the emulator: real HTTP, real GStreamer, ground truth from the
 //! emulator's camera (every frame's number is in its barcode).
-#![cfg(feature = "emulator")]
 
 mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
+use kvs_emulator::{Emulator, barcode};
 use kvs_frames::backoff::{BackoffPolicy, Jitter};
-use kvs_frames::emulator::{Emulator, barcode};
 use kvs_frames::{
     DeliveryPolicy, ErrorKind, Frame, KvsHlsFrameSource, KvsHlsFrameSourceBuilder, PixelFormat,
     PlaybackMode, SourceState,
@@ -805,7 +804,7 @@ fn session_tokens_never_reach_logs_errors_or_debug_output() {
     // A playlist no parser accepts, its token URLs in the rest of the body (the parser's own
     // error message would print them), and a fragment download cut short.
     {
-        use kvs_frames::emulator::{Failure, Request};
+        use kvs_emulator::{Failure, Request};
         let faults = emulator.faults("cam-1").unwrap();
         faults.fail_next(Request::MediaPlaylist, Failure::Corrupt, 1);
         faults.fail_next(Request::MediaFragment, Failure::Reset, 1);
@@ -860,7 +859,7 @@ fn session_tokens_never_reach_logs_errors_or_debug_output() {
             }
         }
         assert!(
-            !output.contains(kvs_frames::emulator::SECRET_ACCESS_KEY),
+            !output.contains(kvs_emulator::SECRET_ACCESS_KEY),
             "secret leaked"
         );
     }
@@ -1067,7 +1066,7 @@ fn assert_stops_fast(
 
 #[test]
 fn stop_and_drop_return_within_a_second_in_every_state() {
-    use kvs_frames::emulator::{Failure, Request};
+    use kvs_emulator::{Failure, Request};
     let emulator = common::start(vec![
         common::small("cam-1"),
         common::small("dark").camera(false),
@@ -1200,7 +1199,7 @@ fn stop_and_drop_return_within_a_second_in_every_state() {
 
 #[test]
 fn a_range_whose_last_fragment_fails_to_decode_ends_at_once_and_counts_it() {
-    use kvs_frames::emulator::{Failure, Request};
+    use kvs_emulator::{Failure, Request};
     let emulator = history("cam-1", 4);
     let truth = emulator.ground_truth("cam-1");
     // The range's last fragment fails to decode, while the source waits for the decoder to
@@ -1283,7 +1282,7 @@ fn take_until(
 
 #[test]
 fn a_failed_request_is_recovered_inside_the_session() {
-    use kvs_frames::emulator::{Failure, Request};
+    use kvs_emulator::{Failure, Request};
     let emulator = common::start(vec![common::small("cam-1")]);
     assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
     let registry = prometheus::Registry::new();
@@ -1426,7 +1425,7 @@ fn fragments_that_leave_the_live_window_are_counted_and_ordinary_outages_lose_no
 
 #[test]
 fn producer_clock_steps_neither_skip_nor_repeat_frames() {
-    use kvs_frames::emulator::ClockShift;
+    use kvs_emulator::ClockShift;
     let emulator = common::start(vec![common::small("cam-1")]);
     assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
     let registry = prometheus::Registry::new();

@@ -20,7 +20,6 @@
 //! producer clock 60 s behind for 6 s, five sessions of other readers (the sixth of a stream
 //! closes the oldest), and the camera offline for 15 s (its frames never exist, so they are not
 //! expected).
-#![cfg(feature = "emulator")]
 
 mod common;
 
@@ -28,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kvs_frames::emulator::{ClockShift, Emulator, Failure, Request, StreamSpec, barcode};
+use kvs_emulator::{ClockShift, Emulator, Failure, Request, StreamSpec, barcode};
 use kvs_frames::{DeliveryPolicy, KvsHlsFrameSource, PixelFormat};
 
 fn env(name: &str, default: u64) -> u64 {
@@ -169,7 +168,7 @@ fn soak_live_sources_with_expiring_sessions_and_faults() {
         let now = Instant::now();
         if now >= next_sample {
             let kib = rss_kib();
-            if rss.len() % 30 == 0 {
+            if rss.len().is_multiple_of(30) {
                 eprintln!(
                     "[{:>6.0}s] RSS {} MB",
                     started.elapsed().as_secs_f64(),

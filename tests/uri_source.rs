@@ -557,10 +557,9 @@ fn jpeg_output_decodes_with_the_frame_size_and_key_flags() {
     assert!(q.video_format().is_none() && !q.is_raw());
 }
 
-#[cfg(feature = "emulator")]
 #[test]
 fn a_kvs_source_delivers_jpeg_too() {
-    use kvs_frames::emulator::{Emulator, StreamSpec, barcode};
+    use kvs_emulator::{Emulator, StreamSpec, barcode};
     use kvs_frames::{KvsHlsFrameSource, PlaybackMode};
     let emulator = Emulator::builder()
         .stream(
@@ -617,7 +616,6 @@ fn a_kvs_source_delivers_jpeg_too() {
 }
 
 /// Decodes one JPEG to GRAY8: (pixels, stride).
-#[cfg(feature = "emulator")]
 fn decode_jpeg_gray(data: &[u8]) -> (Vec<u8>, usize) {
     let pipeline = gst::parse::launch(
         "appsrc name=src caps=image/jpeg ! jpegdec ! videoconvert ! video/x-raw,format=GRAY8 ! appsink name=sink sync=false",
@@ -649,13 +647,11 @@ fn decode_jpeg_gray(data: &[u8]) -> (Vec<u8>, usize) {
 }
 
 /// Serves the files of `dir` over HTTP on 127.0.0.1 (axum, from the `emulator` feature).
-#[cfg(feature = "emulator")]
 struct StaticServer {
     port: u16,
     _runtime: tokio::runtime::Runtime,
 }
 
-#[cfg(feature = "emulator")]
 impl StaticServer {
     fn start(dir: PathBuf) -> StaticServer {
         use axum::http::{StatusCode, Uri, header};
@@ -697,7 +693,6 @@ impl StaticServer {
     }
 }
 
-#[cfg(feature = "emulator")]
 #[test]
 fn hls_vod_from_a_static_directory_over_http() {
     let dir = Scratch::new("hls");

@@ -16,7 +16,7 @@ use aws_sdk_kinesisvideoarchivedmedia::types::{
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use kvs_frames::emulator::{Emulator, StreamSpec, barcode};
+use kvs_emulator::{Emulator, StreamSpec, barcode};
 
 /// A small, cheap stream: 320x240, 25 fps, 1 s fragments.
 pub fn small(name: &str) -> StreamSpec {

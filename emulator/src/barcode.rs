@@ -23,7 +23,7 @@
 //! numbers you read against what you expect (they should be consecutive).
 //!
 //! ```
-//! # use kvs_frames::emulator::barcode;
+//! # use kvs_emulator::barcode;
 //! let (width, height) = (320, 240);
 //! let mut luma = vec![128u8; width * height];
 //! barcode::draw_i420(&mut luma, width, width, height, 12345);

@@ -32,8 +32,8 @@ use parking_lot::{Condvar, Mutex};
 use tracing::{debug, error, info, warn};
 
 use super::barcode;
-use crate::emulator::mp4::{Sample, VideoTrack};
 use crate::error::{Error, ErrorKind, Result};
+use crate::mp4::{Sample, VideoTrack};
 
 /// Longest wait between two checks of the wall clock while pacing (a stop wakes it at once).
 const MAX_SLEEP: Duration = Duration::from_millis(20);

@@ -1,4 +1,6 @@
-//! A local Kinesis Video Streams emulator (feature `emulator`).
+//! # kvs-emulator
+//!
+//! A local Kinesis Video Streams emulator, for tests, demos and development without AWS.
 //!
 //! The emulator is a real HTTP server on `127.0.0.1` that speaks the parts of the KVS API this
 //! crate (and most KVS consumers) use, the way AWS speaks them:
@@ -20,9 +22,9 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use kvs_frames::emulator::{Emulator, StreamSpec};
+//! use kvs_emulator::{Emulator, StreamSpec};
 //!
-//! # fn main() -> kvs_frames::error::Result<()> {
+//! # fn main() -> kvs_emulator::Result<()> {
 //! let emulator = Emulator::builder()
 //!     .stream(StreamSpec::new("cam-1").resolution(640, 360).fps(25).fragment_duration(Duration::from_secs(2)))
 //!     .start()?;
@@ -42,9 +44,14 @@
 //! for the `kinesisvideo` service, like AWS requires, but any access key and signature is
 //! accepted so that any client configuration works).
 
+#![deny(missing_docs)]
+#![forbid(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod barcode;
 mod camera;
 mod control;
+pub mod elements;
+mod error;
 mod faults;
 mod fragments;
 mod hls;
@@ -61,7 +68,7 @@ use std::time::{Duration, SystemTime};
 pub use faults::{ClockShift, Failure, Faults, Request};
 pub use store::{FragmentRecord, RequestStats, StreamStatus};
 
-use crate::error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Result};
 
 /// Access key id of the credentials returned by [`Emulator::sdk_config`].
 pub const ACCESS_KEY_ID: &str = "AKIDKVSFRAMESEMULATOR";
