@@ -1,0 +1,255 @@
+//! [`KvsHlsFrameSource`]: live (or archived) KVS video as decoded frames with producer
+//! timestamps.
+//!
+//! ```text
+//!            ┌──────────────── control task (tokio) ────────────────┐
+//!  KVS  ◀──  │ GetDataEndpoint (cached) → GetHLSStreamingSessionURL │  refresh before expiry / on 403
+//!            │ master → media playlist, polled ~1/s                  │  backoff + reconnect on errors
+//!  HLS  ◀──  │ new fragments, in order, once: init + fMP4            │  stall watchdog
+//!            │ tfdt rebased: fragment PDT − first PDT                │
+//!            └───────────────────────────┬──────────────────────────┘
+//!                                        ▼ (2 fragments in flight)
+//!            decoder thread: appsrc → decodebin → videoconvert → videoscale → appsink
+//!                                        ▼ zero-copy Frame, producer time = epoch + PTS
+//!            bounded queue (Block | DropOldest | LatestOnly) → frames() / stream()
+//! ```
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_kinesisvideo::types::ApiName;
+use aws_sdk_kinesisvideoarchivedmedia::types as am;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::{CommonOptions, common_setters};
+use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats, TaskGuard};
+use crate::backoff::BackoffPolicy;
+use crate::decode::{Decoder, DecoderDrop, FragmentInput, FrameSink};
+use crate::error::{Error, ErrorKind, Result};
+use crate::frame::{FragmentId, Frame, PixelFormat};
+use crate::hls::{self, MediaPlaylist, Segment, fmp4};
+use crate::kvs::{KvsClient, StreamId};
+use crate::metrics::FrameSourceMetrics;
+use crate::source::{DeliveryPolicy, DropReason};
+
+mod options;
+mod reader;
+
+use options::ClientSource;
+pub use options::{
+    Container, DiscontinuityMode, KvsHlsFrameSourceBuilder, PlaybackMode, TimestampSelector,
+};
+use reader::run;
+
+/// Live (or archived) video of one KVS stream as decoded frames with producer timestamps.
+///
+/// ```no_run
+/// use kvs_frames::{KvsHlsFrameSource, PixelFormat};
+///
+/// let source = KvsHlsFrameSource::builder("front-entrance", "my-kvs-stream")
+///     .region("us-east-1")
+///     .pixel_format(PixelFormat::Bgr)
+///     .build()?;
+/// for item in source.frames() {
+///     let (frame, ts) = item?; // ts: producer time (camera clock) when the playlist has it
+///     tracing::info!("{}x{} at {:?}", frame.width(), frame.height(), ts);
+/// }
+/// # Ok::<(), kvs_frames::Error>(())
+/// ```
+///
+/// What it does: GetDataEndpoint (cached) → GetHLSStreamingSessionURL → follows the media
+/// playlist itself (about once a second) → downloads each new fragment once, in order → decodes
+/// with GStreamer → a bounded queue. Sessions are replaced `refresh_margin` before they expire,
+/// and at once after a 403, without restarting the decoder; fragments are matched across
+/// sessions by their program date time, so nothing is lost or repeated. Transient errors and
+/// stalls reconnect with jittered exponential backoff; fatal ones (stream deleted, not
+/// authorized, invalid argument, unsupported media) end the iterator with that error.
+///
+/// Timestamps: a frame's producer time is its fragment's `EXT-X-PROGRAM-DATE-TIME` plus the
+/// frame's offset inside the fragment. The iterator's timestamp is that producer time, or the
+/// emit (wall) time when the playlist carries no program date time
+/// (`display_timestamps(false)`).
+pub struct KvsHlsFrameSource {
+    ctx: Arc<Ctx>,
+    core: Arc<Core>,
+    decoder: Arc<Decoder>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for KvsHlsFrameSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvsHlsFrameSource")
+            .field("camera_id", &self.ctx.camera_id)
+            .field("state", &self.core.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvsHlsFrameSource {
+    /// A builder for camera `camera_id` (the metrics label) reading KVS stream `stream` (a name,
+    /// or an ARN starting with `arn:`).
+    pub fn builder(camera_id: &str, stream: impl Into<StreamId>) -> KvsHlsFrameSourceBuilder {
+        KvsHlsFrameSourceBuilder::new(camera_id, stream.into())
+    }
+
+    /// Blocking iterator of `Result<(Frame, timestamp)>`.
+    pub fn frames(&self) -> Frames<'_> {
+        Frames { core: &self.core }
+    }
+
+    /// Async stream of the same items (share the source between an iterator and a stream and
+    /// each frame goes to one of them).
+    pub fn stream(&self) -> FrameStream {
+        FrameStream {
+            core: Arc::clone(&self.core),
+        }
+    }
+
+    /// The camera id.
+    pub fn camera_id(&self) -> &str {
+        &self.ctx.camera_id
+    }
+
+    /// Current state.
+    pub fn state(&self) -> SourceState {
+        self.core.state()
+    }
+
+    /// Counters and state.
+    pub fn stats(&self) -> SourceStats {
+        let mut stats = self.core.snapshot();
+        stats.pipelines_built = self.decoder.pipelines_built();
+        stats
+    }
+
+    /// Healthy = connected and a frame delivered within the last 30 s (or none expected yet).
+    pub fn is_healthy(&self) -> bool {
+        self.core.is_healthy()
+    }
+
+    /// Stops reading: the task ends, the pipeline is released, iterators end. Also done on drop.
+    pub fn stop(&self) {
+        self.ctx.stop.store(true, Ordering::SeqCst);
+        self.core.queue.close();
+        self.ctx.stop_notify.notify_waiters();
+        if let Some(task) = self.task.lock().take() {
+            task.abort();
+        }
+        self.decoder.stop();
+        if self.core.state() != SourceState::Error {
+            self.ctx.set_state(SourceState::Disconnected);
+        }
+    }
+}
+
+impl Drop for KvsHlsFrameSource {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// State shared by the source handle, its task and the decoder callbacks.
+struct Ctx {
+    camera_id: String,
+    core: Arc<Core>,
+    metrics: Option<FrameSourceMetrics>,
+    stop: AtomicBool,
+    stop_notify: Notify,
+    sequence: AtomicU64,
+    /// Last time a frame was decoded (or the watch was reset).
+    last_progress: Mutex<Instant>,
+    decode_failed: Mutex<Option<Error>>,
+    /// Wakes the control task early (decode error).
+    wake: Notify,
+    /// Set by the stall watchdog when it fired: the error it caused is a stall.
+    stalled: AtomicBool,
+}
+
+impl Ctx {
+    fn set_state(&self, state: SourceState) {
+        if self.core.state() != state {
+            tracing::debug!(camera = %self.camera_id, state = state.as_str(), "state");
+        }
+        self.core.set_state(state);
+        if let Some(m) = &self.metrics {
+            m.state(&self.camera_id, state);
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn reset_progress(&self) {
+        *self.last_progress.lock() = Instant::now();
+    }
+
+    async fn sleep(&self, d: Duration) -> Result<()> {
+        let notified = self.stop_notify.notified();
+        if self.stopped() {
+            return Err(stopped());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => Ok(()),
+            _ = notified => Err(stopped()),
+        }
+    }
+}
+
+fn stopped() -> Error {
+    Error::new(ErrorKind::Stopped, "the source was stopped")
+}
+
+struct Sink(Arc<Ctx>);
+
+impl FrameSink for Sink {
+    fn frame(&self, mut frame: Frame) {
+        let ctx = &self.0;
+        ctx.reset_progress();
+        frame.sequence = ctx.sequence.fetch_add(1, Ordering::Relaxed);
+        let producer_time = frame.producer_time;
+        let emitted = frame.emitted;
+        let age = frame.age();
+        {
+            // Noted before the frame becomes visible to the reader (who counts it delivered).
+            let mut stats = ctx.core.stats.lock();
+            stats.last_frame_producer_time = producer_time.or(stats.last_frame_producer_time);
+            stats.last_frame_at = Some(emitted);
+        }
+        if let Some(m) = &ctx.metrics {
+            m.frame(&ctx.camera_id, producer_time, age);
+        }
+        match ctx.core.queue.push(frame) {
+            Pushed::Queued { evicted } if evicted > 0 => {
+                ctx.core.stats.lock().frames_dropped_queue_full += evicted;
+                if let Some(m) = &ctx.metrics {
+                    m.dropped(&ctx.camera_id, DropReason::QueueFull, evicted);
+                }
+            }
+            Pushed::Queued { .. } | Pushed::Closed => {}
+        }
+    }
+
+    fn dropped(&self, why: DecoderDrop) {
+        let ctx = &self.0;
+        ctx.reset_progress();
+        match why {
+            DecoderDrop::TargetFps => {
+                ctx.core.stats.lock().frames_dropped_target_fps += 1;
+                if let Some(m) = &ctx.metrics {
+                    m.dropped(&ctx.camera_id, DropReason::TargetFps, 1);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: Error) {
+        let ctx = &self.0;
+        *ctx.decode_failed.lock() = Some(error);
+        ctx.wake.notify_one();
+    }
+}

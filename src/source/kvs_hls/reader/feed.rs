@@ -1,0 +1,111 @@
+//! Feeding one fragment to the decoder: its init segment, the fetch, the `tfdt` rebasing onto
+//! the decoder timeline.
+
+use super::*;
+
+impl Reader {
+    pub(super) async fn feed(&mut self, segment: &Segment, contiguous: bool) -> Result<()> {
+        let init = match &segment.map_url {
+            Some(url) => Some(self.init(url).await?),
+            None => None,
+        };
+        match &init {
+            // A new codec configuration may bring a new timescale: parse each init once.
+            Some(init) if self.position.init.as_ref() != Some(init) => {
+                self.position.timescale = Some(fmp4::init_timescale(init)?);
+                self.position.init = Some(init.clone());
+            }
+            Some(_) => {}
+            None if self.position.timescale.is_none() => {
+                return Err(Error::new(
+                    ErrorKind::UnsupportedMedia,
+                    "the playlist has no EXT-X-MAP (fMP4 init segment)",
+                ));
+            }
+            None => {}
+        }
+        let started = Instant::now();
+        let data = self.get_retrying(&segment.url, "media fragment").await?;
+        let fetch = started.elapsed();
+        if contiguous {
+            self.note_clock_step(segment);
+        }
+        let mut data = data.to_vec();
+        // The decoder's timeline: program date time − the first one, which keeps gaps and makes
+        // producer time = first program date time + PTS; but never backwards (a producer clock
+        // that stepped back): then right after the previous fragment.
+        let natural = match (segment.program_date_time, self.position.epoch) {
+            (Some(pdt), Some(epoch)) => pdt.duration_since(epoch).ok(),
+            (Some(pdt), None) => {
+                self.position.epoch = Some(pdt);
+                self.decoder.set_epoch(pdt);
+                Some(Duration::ZERO)
+            }
+            (None, _) => None,
+        };
+        let start = match natural {
+            Some(n) if n + TIMELINE_SLACK >= self.position.cursor => n,
+            _ => self.position.cursor,
+        };
+        let timescale = u128::from(self.position.timescale.unwrap_or(90_000));
+        let ticks = u64::try_from(start.as_nanos() * timescale / 1_000_000_000).map_err(|_| {
+            Error::new(
+                ErrorKind::Protocol,
+                format!("a fragment starts {start:?} into the stream: beyond the decode timeline"),
+            )
+        })?;
+        fmp4::rebase(&mut data, ticks)?;
+        self.position.cursor = start.checked_add(segment.duration).unwrap_or(start);
+        let bytes = data.len();
+        {
+            let mut stats = self.ctx.core.stats.lock();
+            stats.fragments_fetched += 1;
+            stats.bytes_fetched += bytes as u64;
+        }
+        if let Some(m) = &self.ctx.metrics {
+            m.fragment(self.camera(), bytes, fetch);
+        }
+        let session = self.session_number();
+        if !self.position.fed_any() {
+            self.ctx.reset_progress();
+        }
+        self.decoder
+            .push(FragmentInput {
+                init,
+                data: Bytes::from(data),
+                start,
+                id: FragmentId {
+                    program_date_time: segment.program_date_time,
+                    media_sequence: segment.sequence,
+                    session,
+                },
+            })
+            .await?;
+        self.position.fed.push_back(Fed {
+            session,
+            sequence: segment.sequence,
+            pdt: segment.program_date_time,
+            duration: segment.duration,
+        });
+        while self.position.fed.len() > FED_HISTORY {
+            self.position.fed.pop_front();
+        }
+        self.position.fed_at = Some(Instant::now());
+        Ok(())
+    }
+
+    pub(super) async fn init(&mut self, url: &str) -> Result<Bytes> {
+        if let Some(b) = self.session.as_ref().and_then(|s| s.inits.get(url)) {
+            return Ok(b.clone());
+        }
+        let bytes = self.get_retrying(url, "init segment").await?;
+        self.ctx.core.stats.lock().bytes_fetched += bytes.len() as u64;
+        if let Some(m) = &self.ctx.metrics {
+            m.init_segment(self.camera(), bytes.len());
+        }
+        if let Some(s) = self.session.as_mut() {
+            s.inits.insert(url.to_owned(), bytes.clone());
+        }
+        Ok(bytes)
+    }
+}
