@@ -1,0 +1,199 @@
+//! The GStreamer decode pipeline: heads that bring encoded video, one shared tail.
+//!
+//! ```text
+//!  KVS head (Decoder, one thread per source):
+//!  fragments (init + fMP4, tfdt rebased)
+//!  appsrc ──▶ decodebin (qtdemux/tsdemux → h264parse/h265parse → avdec_*) ─┐
+//!                                                                          │
+//!  URI head (source::uri):                                                 │
+//!  uridecodebin (rtspsrc → depay | souphttpsrc → hlsdemux | filesrc → demux → parse → decoder) ─┤
+//!                                                                          ▼
+//!  tail (add_tail):     target-fps probe ─▶ videoconvert ─▶ videoscale ─▶ appsink (format [, width, height])
+//!                                                                  └──▶ capsfilter ─▶ jpegenc ─▶ appsink (image/jpeg)
+//! ```
+//!
+//! * `decodebin` picks the demuxer, parser and decoder from the bytes (fMP4 or MPEG-TS, H.264 or
+//!   H.265) and follows resolution changes (a new init segment).
+//! * Key-frame-only mode drops delta units *before* the decoder (an IDR decodes alone), so it
+//!   costs one decode per fragment. `target_fps` drops decoded frames *before* colour conversion.
+//! * Frames leave the appsink without a copy: the [`Frame`] owns the mapped `gst::Buffer`. The
+//!   head's [`Stamp`] gives each its producer time (KVS: program date time + PTS; RTSP: the
+//!   sender's NTP time).
+//! * KVS head: a bus error rebuilds the pipeline (and re-sends the init segment); the source is
+//!   told. The URI source handles its own errors (reconnect with backoff).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+use parking_lot::Mutex;
+
+use crate::elements::make as element;
+use crate::error::{Error, ErrorKind, Result};
+use crate::frame::{FragmentId, Frame, PixelFormat};
+
+mod kvs;
+mod tail;
+
+pub(crate) use kvs::{Decoder, KVS_HEAD_ELEMENTS};
+#[cfg(test)]
+pub(crate) use tail::ntp_to_system_time;
+pub(crate) use tail::{Stamp, TailHooks, add_tail, ntp_reference, tail_elements};
+
+/// What the decoder produces and how.
+#[derive(Clone, Debug)]
+pub(crate) struct DecodeConfig {
+    pub name: String,
+    pub pixel_format: PixelFormat,
+    pub resize: Option<(u32, u32)>,
+    pub target_fps: Option<f64>,
+    pub key_frames_only: bool,
+}
+
+/// One fragment to decode.
+pub(crate) struct FragmentInput {
+    /// The init segment in effect (fMP4); pushed again whenever it changes.
+    pub init: Option<Bytes>,
+    /// The media fragment, decode times already on the source's timeline.
+    pub data: Bytes,
+    /// Where the fragment starts on the source's timeline.
+    pub start: Duration,
+    pub id: FragmentId,
+}
+
+/// Why frames were dropped before delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DecoderDrop {
+    TargetFps,
+}
+
+/// Callbacks from the decoder into the source.
+pub(crate) trait FrameSink: Send + Sync + 'static {
+    /// A decoded frame (without sequence number yet).
+    fn frame(&self, frame: Frame);
+    /// A frame dropped inside the pipeline.
+    fn dropped(&self, why: DecoderDrop);
+    /// The pipeline failed; it will be rebuilt before the next fragment.
+    fn error(&self, error: Error);
+}
+
+/// (PTS, key frame) of the buffers that entered a video decoder, oldest first.
+type KeyFlags = Arc<Mutex<VecDeque<(gst::ClockTime, bool)>>>;
+
+/// Links the video pads `bin` adds (decodebin, uridecodebin) to `target`, replacing the
+/// previous link (a new stream group); other pads (audio, subtitles) go to a fakesink so that
+/// they never stop the pipeline with not-linked.
+fn link_decoded_video(pipeline: &gst::Pipeline, bin: &gst::Element, target: gst::Pad) {
+    let pipeline = pipeline.downgrade();
+    bin.connect_pad_added(move |_, pad| {
+        let is_video = pad
+            .current_caps()
+            .and_then(|c| c.structure(0).map(|s| s.name().starts_with("video/")))
+            .unwrap_or(true);
+        if !is_video {
+            let Some(pipeline) = pipeline.upgrade() else {
+                return;
+            };
+            let Ok(fakesink) = gst::ElementFactory::make("fakesink")
+                .property("sync", false)
+                .property("async", false)
+                .build()
+            else {
+                return;
+            };
+            if pipeline.add(&fakesink).is_ok() {
+                let _ = fakesink.sync_state_with_parent();
+                if let Some(sinkpad) = fakesink.static_pad("sink") {
+                    let _ = pad.link(&sinkpad);
+                }
+            }
+            return;
+        }
+        if let Some(old) = target.peer() {
+            let _ = old.unlink(&target);
+        }
+        if let Err(e) = pad.link(&target) {
+            tracing::warn!(error = ?e, "cannot link the decoder to the converter");
+        }
+    });
+}
+
+/// Watches every video decoder that `bin` (or a bin inside it) creates: notes the key flag
+/// of each buffer entering it in `keys` and, with `key_frames_only`, drops delta units there so
+/// that only key frames are decoded.
+fn watch_decoders(bin: &gst::Element, keys: KeyFlags, key_frames_only: bool) {
+    bin.connect("deep-element-added", false, move |values| {
+        let element = values.get(2).and_then(|v| v.get::<gst::Element>().ok())?;
+        let is_decoder = element
+            .factory()
+            .is_some_and(|f| f.klass().contains("Decoder") && f.klass().contains("Video"));
+        if is_decoder && let Some(pad) = element.static_pad("sink") {
+            let keys = Arc::clone(&keys);
+            pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                let Some(buffer) = info.buffer() else {
+                    return gst::PadProbeReturn::Ok;
+                };
+                let delta = buffer.flags().contains(gst::BufferFlags::DELTA_UNIT);
+                if delta && key_frames_only {
+                    return discard(info);
+                }
+                if let Some(pts) = buffer.pts() {
+                    let mut keys = keys.lock();
+                    keys.push_back((pts, !delta));
+                    while keys.len() > 64 {
+                        keys.pop_front();
+                    }
+                }
+                gst::PadProbeReturn::Ok
+            });
+        }
+        None
+    });
+}
+
+/// Calls `on_error` (on the posting streaming thread) for every error message of the
+/// pipeline; other messages are dropped.
+pub(crate) fn on_bus_error(
+    pipeline: &gst::Pipeline,
+    on_error: impl Fn(&gst::message::Error) + Send + Sync + 'static,
+) -> Result<()> {
+    let bus = pipeline
+        .bus()
+        .ok_or_else(|| Error::new(ErrorKind::Pipeline, "the pipeline has no bus"))?;
+    bus.set_sync_handler(move |_, message| {
+        if let gst::MessageView::Error(err) = message.view() {
+            on_error(err);
+        }
+        gst::BusSyncReply::Drop
+    });
+    Ok(())
+}
+
+/// The path of the element that posted `err`.
+pub(crate) fn error_source(err: &gst::message::Error) -> String {
+    err.src()
+        .map(|s| s.path_string().to_string())
+        .unwrap_or_default()
+}
+
+/// The debug text of `err`, redacted (it may quote a URL).
+pub(crate) fn error_debug(err: &gst::message::Error) -> String {
+    err.debug()
+        .map(|d| crate::redact::redact_text(d.as_str()).into_owned())
+        .unwrap_or_default()
+}
+
+/// Drops the buffer of a probe: it is released here and the probe reports it handled.
+/// (Returning `PadProbeReturn::Drop` makes GStreamer 1.22 log a critical
+/// `gst_mini_object_unref: assertion 'mini_object != NULL'` per dropped buffer with these
+/// bindings.)
+fn discard(info: &mut gst::PadProbeInfo<'_>) -> gst::PadProbeReturn {
+    drop(info.data.take());
+    gst::PadProbeReturn::Handled
+}
