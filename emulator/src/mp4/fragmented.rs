@@ -1,0 +1,135 @@
+//! Fragmented MP4 as KVS serves it over HLS: the init segment, the media segments, the rewrite
+//! of a segment's decode time and the garbled segments of fault injection.
+
+use bytes::BufMut;
+
+use super::boxes::{
+    mdat_header_len, sample_flags, saturating_u32, write_box, write_ftyp, write_full_box,
+    write_mdat, write_moov,
+};
+use super::{Layout, Sample, TRACK_ID, VideoTrack};
+
+/// `tfhd` flag: offsets are relative to the first byte of the enclosing `moof`.
+const TFHD_DEFAULT_BASE_IS_MOOF: u32 = 0x02_0000;
+
+/// `trun` flags: data-offset, then per-sample duration, size, flags and composition offset.
+const TRUN_FLAGS: u32 = 0x00_0001 | 0x00_0100 | 0x00_0200 | 0x00_0400 | 0x00_0800;
+
+/// Bytes of one `trun` sample entry with [`TRUN_FLAGS`].
+pub(super) const TRUN_ENTRY_LEN: usize = 16;
+
+/// ftyp + moov (mvhd, trak{tkhd, mdia{mdhd, hdlr 'vide', minf{vmhd, dinf/dref, stbl{stsd
+/// avc1+avcC, empty stts/stsc/stsz/stco}}}}, mvex{trex}).
+///
+/// Durations are 0: the samples and their timing come in [`media_segment`]s.
+pub(crate) fn init_segment(track: &VideoTrack) -> Vec<u8> {
+    let mut out = Vec::with_capacity(768 + track.avcc.len());
+    write_ftyp(
+        &mut out,
+        b"iso5",
+        &[b"iso5", b"iso6", b"mp41", b"avc1", b"dash"],
+    );
+    write_moov(&mut out, track, &Layout::Fragmented);
+    out
+}
+
+/// moof{mfhd(sequence_number), traf{tfhd (track 1, default-base-is-moof), tfdt version 1
+/// (base_media_decode_time), trun (data-offset, per-sample duration, size, flags (sync vs
+/// non-sync, depends-on), composition offset)}} + mdat.
+///
+/// `trun` is version 0 (unsigned offsets) unless some composition offset is negative.
+pub(crate) fn media_segment(
+    sequence_number: u32,
+    base_media_decode_time: u64,
+    samples: &[Sample],
+) -> Vec<u8> {
+    let payload_len: u64 = samples.iter().map(|s| s.data.len() as u64).sum();
+    let trun_version = u8::from(samples.iter().any(|s| s.composition_offset < 0));
+    let mut out = Vec::with_capacity(128 + TRUN_ENTRY_LEN * samples.len() + payload_len as usize);
+    write_box(&mut out, b"moof", |o| {
+        write_full_box(o, b"mfhd", 0, 0, |o| o.put_u32(sequence_number));
+        write_box(o, b"traf", |o| {
+            write_full_box(o, b"tfhd", 0, TFHD_DEFAULT_BASE_IS_MOOF, |o| {
+                o.put_u32(TRACK_ID)
+            });
+            write_full_box(o, b"tfdt", 1, 0, |o| o.put_u64(base_media_decode_time));
+            write_full_box(o, b"trun", trun_version, TRUN_FLAGS, |o| {
+                o.put_u32(saturating_u32(samples.len()));
+                o.put_i32(0); // data_offset, patched below once the moof size is known
+                for s in samples {
+                    o.put_u32(s.duration);
+                    o.put_u32(saturating_u32(s.data.len()));
+                    o.put_u32(sample_flags(s.is_sync));
+                    // Same bits in version 0 (unsigned), where all offsets are >= 0.
+                    o.put_i32(s.composition_offset);
+                }
+            });
+        });
+    });
+    // `trun` ends the `moof`: its data_offset sits just before the sample entries.
+    let moof_len = out.len();
+    let data_offset = moof_len + mdat_header_len(payload_len);
+    let at = moof_len - TRUN_ENTRY_LEN * samples.len() - 4;
+    let data_offset = i32::try_from(data_offset).unwrap_or(i32::MAX);
+    out[at..at + 4].copy_from_slice(&data_offset.to_be_bytes());
+    write_mdat(&mut out, samples, payload_len);
+    out
+}
+
+/// Where [`media_segment`] puts the 64-bit `tfdt` value: moof header (8) + mfhd (16) + traf
+/// header (8) + tfhd (16) + tfdt header and version/flags (12).
+pub(super) const TFDT_VALUE_AT: usize = 60;
+
+/// Rewrites the `baseMediaDecodeTime` of a segment made by [`media_segment`] (the emulator
+/// serves each HLS session its own decode-time origin). Returns false, changing nothing, when
+/// the bytes are not laid out as [`media_segment`] writes them.
+pub(crate) fn set_base_media_decode_time(segment: &mut [u8], base_media_decode_time: u64) -> bool {
+    let tfdt_ok = segment.get(TFDT_VALUE_AT - 8..TFDT_VALUE_AT - 4) == Some(b"tfdt".as_slice())
+        && segment.get(TFDT_VALUE_AT - 4) == Some(&1);
+    match segment.get_mut(TFDT_VALUE_AT..TFDT_VALUE_AT + 8) {
+        Some(value) if tfdt_ok => {
+            value.copy_from_slice(&base_media_decode_time.to_be_bytes());
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A media segment made undecodable for fault injection: every box keeps its size, but the
+/// flags of the track fragment header (`moof/traf/tfhd`) all get set, so that it declares fields
+/// it does not hold and GStreamer's demuxer fails on it ("This file is corrupt"). Garbled media
+/// data would not do: demuxers and decoders skip or conceal it without an error.
+pub(crate) fn garble(segment: &[u8]) -> Vec<u8> {
+    let mut out = segment.to_vec();
+    if let Some(at) = out.windows(4).position(|w| w == b"tfhd")
+        && let Some(flags) = out.get_mut(at + 5..at + 8)
+    {
+        flags.copy_from_slice(&[0xFF, 0xFF, 0xFF]);
+    }
+    out
+}
+
+/// A media segment whose box structure is intact and whose `mdat` payload is overwritten with a
+/// byte pattern that is no valid H.264 NAL unit stream.
+pub(crate) fn garble_media(segment: &[u8]) -> Vec<u8> {
+    let mut out = segment.to_vec();
+    let mut pos = 0usize;
+    while let Some(header) = out.get(pos..pos + 8) {
+        let size = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = [header[4], header[5], header[6], header[7]];
+        if size < 8 {
+            break;
+        }
+        if &kind == b"mdat" {
+            let end = (pos + size).min(out.len());
+            if let Some(payload) = out.get_mut(pos + 8..end) {
+                for (i, b) in payload.iter_mut().enumerate() {
+                    *b = if i % 4 == 3 { 0x65 } else { 0xFF };
+                }
+            }
+            break;
+        }
+        pos += size;
+    }
+    out
+}
