@@ -1691,3 +1691,63 @@ fn drop_oldest_keeps_the_newest_frames_and_counts_every_other() {
         );
     }
 }
+
+/// Version-0 `tfdt` fragments (32-bit decode times) and a producer clock 14 h ahead: the
+/// reader's timeline passes 2^32 ticks at 90 kHz (13.25 h), so rebasing must rewrite the
+/// fragments' `tfdt` as version 1; the real demuxer and decoder then give every frame, before,
+/// during and after the step, its camera's producer time, none lost or repeated.
+#[test]
+fn version_0_fragments_decode_past_the_32_bit_timeline() {
+    use kvs_emulator::ClockShift;
+    let emulator = common::start(vec![common::small("cam-1").tfdt_version_0(true)]);
+    assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
+    // What the emulator serves is version 0 (tfdt's version byte, after moof/mfhd/traf/tfhd).
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let served = runtime.block_on(async {
+        let media = common::media(&emulator, "cam-1").await;
+        let url = common::session(&media, "cam-1", &common::SessionParams::default())
+            .await
+            .unwrap();
+        let playlist_url = common::media_playlist_url(&url).await;
+        let text = common::get(&playlist_url).await.unwrap().body;
+        let playlist = common::parse_media(&String::from_utf8(text).unwrap());
+        let uri = &playlist.segments.last().unwrap().uri;
+        common::get(&common::resolve(&playlist_url, uri))
+            .await
+            .unwrap()
+            .body
+    });
+    assert_eq!(&served[52..56], b"tfdt");
+    assert_eq!(served[56], 0, "version 0 served");
+
+    let source = source(&emulator, "cam-1")
+        .delivery(DeliveryPolicy::Block)
+        .build()
+        .unwrap();
+    let mut frames = take(&source, 25, Duration::from_secs(10));
+    let step = Duration::from_secs(14 * 3600);
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .shift_producer_timestamps(ClockShift::Ahead(step), Duration::from_secs(4));
+    frames.extend(take(&source, 200, Duration::from_secs(15)));
+    frames.extend(take(&source, 50, Duration::from_secs(15)));
+    assert_exact(&emulator, "cam-1", &frames);
+    let first = frames[0].producer_time().unwrap();
+    let ahead = frames
+        .iter()
+        .filter(|f| f.producer_time().unwrap() > first + step)
+        .count();
+    assert!(ahead >= 50, "frames with the clock 14 h ahead: {ahead}");
+    let stats = source.stats();
+    assert_eq!(stats.clock_steps, 2, "forward, and back again: {stats:?}");
+    assert_eq!(
+        (
+            stats.decode_errors,
+            stats.fragments_skipped,
+            stats.pipelines_built
+        ),
+        (0, 0, 1),
+        "{stats:?}"
+    );
+}

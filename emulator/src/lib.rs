@@ -126,6 +126,7 @@ pub struct StreamSpec {
     pub(crate) media_type: String,
     pub(crate) device_name: Option<String>,
     pub(crate) decode_time_origin: DecodeTimeOrigin,
+    pub(crate) tfdt_version_0: bool,
     pub(crate) live: bool,
 }
 
@@ -147,6 +148,7 @@ impl StreamSpec {
             media_type: "video/h264".to_owned(),
             device_name: None,
             decode_time_origin: DecodeTimeOrigin::Session,
+            tfdt_version_0: false,
             live: true,
         }
     }
@@ -164,6 +166,15 @@ impl StreamSpec {
     #[must_use]
     pub fn decode_time_origin(mut self, origin: DecodeTimeOrigin) -> Self {
         self.decode_time_origin = origin;
+        self
+    }
+    /// Whether media fragments are served with version-0 `tfdt` boxes (a 32-bit decode time, 4
+    /// bytes shorter) instead of version 1 (default false). KVS does not document the version
+    /// it writes; a client must read both. Where a decode time does not fit 32 bits (13.25 h
+    /// at 90 kHz from the origin, e.g. with [`DecodeTimeOrigin::Stream`]) version 1 is served.
+    #[must_use]
+    pub fn tfdt_version_0(mut self, version_0: bool) -> Self {
+        self.tfdt_version_0 = version_0;
         self
     }
     /// Picture size in pixels (even numbers, 16x16 up to 3840x2160).

@@ -126,6 +126,8 @@ pub(crate) struct StreamState {
     pub fps: u32,
     pub ingest_delay: Duration,
     pub decode_time_origin: super::DecodeTimeOrigin,
+    /// Serve media fragments with version-0 `tfdt` boxes where the decode time fits.
+    pub tfdt_version_0: bool,
     pub camera_start: SystemTime,
     pub fragments: VecDeque<Arc<StoredFragment>>,
     pub ground_truth: Vec<FragmentRecord>,
@@ -275,6 +277,7 @@ impl State {
                 fps,
                 ingest_delay,
                 decode_time_origin,
+                tfdt_version_0: false,
                 camera_start: SystemTime::now(),
                 fragments: VecDeque::new(),
                 ground_truth: Vec::new(),
@@ -299,6 +302,9 @@ impl State {
             spec.retention_hours,
         );
         state.insert_stream(info, spec.fps, spec.ingest_delay, spec.decode_time_origin)?;
+        if let Some(stream) = state.streams.lock().get_mut(&spec.name) {
+            stream.tfdt_version_0 = spec.tfdt_version_0;
+        }
         if !spec.camera {
             return Ok(());
         }

@@ -94,6 +94,10 @@ pub(crate) async fn fragment(
             }
             None => fragment.media.clone(),
         };
+        let media = match stream.tfdt_version_0 {
+            true => mp4::tfdt_as_version_0(&media).map_or(media, Bytes::from),
+            false => media,
+        };
         Ok((
             media,
             stream.faults.reset_fragments(),

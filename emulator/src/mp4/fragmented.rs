@@ -95,6 +95,39 @@ pub(crate) fn set_base_media_decode_time(segment: &mut [u8], base_media_decode_t
     }
 }
 
+/// A segment made by [`media_segment`] with its version-1 `tfdt` rewritten as version 0 (a
+/// 32-bit decode time, as some muxers write): 4 bytes shorter, with `moof`, `traf` and the
+/// `trun` data offset shrunk to match. `None`, for the caller to serve version 1, when the
+/// decode time does not fit 32 bits or the bytes are not laid out as [`media_segment`] writes
+/// them.
+pub(crate) fn tfdt_as_version_0(segment: &[u8]) -> Option<Vec<u8>> {
+    let tfdt = TFDT_VALUE_AT - 12;
+    if segment.get(tfdt + 4..tfdt + 8)? != b"tfdt" || *segment.get(tfdt + 8)? != 1 {
+        return None;
+    }
+    let value = segment.get(TFDT_VALUE_AT..TFDT_VALUE_AT + 8)?;
+    let value = u32::try_from(u64::from_be_bytes(value.try_into().ok()?)).ok()?;
+    let mut out = Vec::with_capacity(segment.len().saturating_sub(4));
+    out.extend_from_slice(&segment[..tfdt]);
+    out.extend_from_slice(&16u32.to_be_bytes());
+    out.extend_from_slice(b"tfdt");
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&value.to_be_bytes());
+    out.extend_from_slice(&segment[TFDT_VALUE_AT + 8..]);
+    // The trun follows the tfdt; its data offset follows version/flags and the sample count.
+    let trun = tfdt + 16;
+    if out.get(trun + 4..trun + 8)? != b"trun" {
+        return None;
+    }
+    // moof at 0, traf after the moof header (8) and mfhd (16), the trun's data offset.
+    for at in [0, 24, trun + 16] {
+        let field: &mut [u8] = out.get_mut(at..at + 4)?;
+        let shrunk = u32::from_be_bytes((&*field).try_into().ok()?).checked_sub(4)?;
+        field.copy_from_slice(&shrunk.to_be_bytes());
+    }
+    Some(out)
+}
+
 /// A media segment made undecodable for fault injection: every box keeps its size, but the
 /// flags of the track fragment header (`moof/traf/tfhd`) all get set, so that it declares fields
 /// it does not hold and GStreamer's demuxer fails on it ("This file is corrupt"). Garbled media

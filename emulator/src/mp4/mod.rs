@@ -21,6 +21,7 @@ use bytes::Bytes;
 
 pub(crate) use self::fragmented::{
     garble, garble_media, init_segment, media_segment, set_base_media_decode_time,
+    tfdt_as_version_0,
 };
 use self::progressive::SampleTables;
 pub(crate) use self::progressive::progressive_mp4;

@@ -316,6 +316,30 @@ fn fragmented_mp4_decodes_every_frame() {
     );
 }
 
+/// Version-0 `tfdt` segments (what `StreamSpec::tfdt_version_0` serves) decode to the same
+/// frames and times; a decode time beyond 32 bits stays version 1.
+#[test]
+fn version_0_tfdt_segments_decode_every_frame() {
+    let enc = zerolatency();
+    let mut segments = vec![init_segment(&enc.track)];
+    let mut decode_time = 0u64;
+    for (i, fragment) in enc.samples.chunk_by(|_, b| !b.is_sync).enumerate() {
+        let v1 = media_segment(i as u32 + 1, decode_time, fragment);
+        let v0 = tfdt_as_version_0(&v1).expect("a 32-bit decode time");
+        assert_eq!(v0.len(), v1.len() - 4);
+        check_tree(&v0);
+        segments.push(v0);
+        decode_time += fragment.iter().map(|s| u64::from(s.duration)).sum::<u64>();
+    }
+    let pts = sorted_pts(&decode(&segments));
+    assert_eq!(pts.len(), FRAMES);
+    assert_steps_of_one_frame(&pts);
+    assert!(pts[0] <= 1_000, "first PTS {}", pts[0]);
+    let far = media_segment(1, 1 << 32, &enc.samples[..1]);
+    assert_eq!(tfdt_as_version_0(&far), None);
+    assert_eq!(tfdt_as_version_0(&far[..40]), None);
+}
+
 #[test]
 fn progressive_mp4_decodes_every_frame_with_its_duration() {
     let enc = zerolatency();
