@@ -12,9 +12,14 @@
 //!
 //! Environment: `SOAK_MINUTES` (default 60), `SOAK_SOURCES` (8), `SOAK_FAULT_EVERY` seconds
 //! (60), `SOAK_EXPIRES` seconds (300: KVS's minimum; sessions are replaced 30 s before they
-//! expire), `SOAK_RSS_BAND_MB` (10: the allowed max − min after warm-up, i.e. ±5 MB). The
-//! emulator runs in the same process and keeps the last 60 fragments (2 min) per stream, so that
-//! its archive does not grow; warm-up is a tenth of the run, at least 150 s.
+//! expire), `SOAK_RSS_BAND_MB` (10: the allowed max − min after warm-up, i.e. ±5 MB). Warm-up is
+//! a tenth of the run, at least 150 s.
+//!
+//! Two processes: the emulator (with its cameras, its archive of the last 60 fragments per
+//! stream, its ground truth and the fault schedule) runs in a child process (this test binary,
+//! test `soak_emulator_process`), so that the resident memory measured is the readers' alone —
+//! what a service embedding the library pays — and not the test server's, whose ground truth
+//! grows by design. The child's RSS is printed beside it.
 //! Faults, in turn, on every stream: HTTP 500s, throttling, connection resets, a stalled
 //! download, revoked sessions, a 403 on one fragment GET, two 500s on the playlist, the
 //! producer clock 60 s behind for 6 s, five sessions of other readers (the sixth of a stream
@@ -23,6 +28,8 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -38,7 +45,11 @@ fn env(name: &str, default: u64) -> u64 {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    rss_kib_of("self")
+}
+
+fn rss_kib_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -87,21 +98,36 @@ fn inject(emulator: &Emulator, stream: &str, fault: &str, runtime: &tokio::runti
     }
 }
 
-#[test]
-#[ignore = "a soak run of an hour by default: run it on purpose (see the module docs)"]
-fn soak_live_sources_with_expiring_sessions_and_faults() {
+struct Settings {
+    run_for: Duration,
+    names: Vec<String>,
+    fault_every: Duration,
+}
+
+fn settings() -> Settings {
     let minutes = env("SOAK_MINUTES", 60);
     let n = env("SOAK_SOURCES", 8) as usize;
-    let fault_every = Duration::from_secs(env("SOAK_FAULT_EVERY", 60).max(5));
-    let expires = Duration::from_secs(env("SOAK_EXPIRES", 300));
-    let band_kib = env("SOAK_RSS_BAND_MB", 10) * 1024;
-    let run_for = Duration::from_secs(minutes * 60);
-    // The emulator keeps 2 minutes of video per stream (in this process): memory is flat once
-    // its archive is full and every source has refreshed its session once.
-    let warm_up = (run_for / 10)
-        .max(Duration::from_secs(150))
-        .min(run_for / 2);
-    let names: Vec<String> = (0..n).map(|i| format!("soak-{i}")).collect();
+    Settings {
+        run_for: Duration::from_secs(minutes * 60),
+        names: (0..n).map(|i| format!("soak-{i}")).collect(),
+        fault_every: Duration::from_secs(env("SOAK_FAULT_EVERY", 60).max(5)),
+    }
+}
+
+/// The emulator's side, in a child process started by the soak test (it does nothing when run
+/// on its own): prints `ENDPOINT url`, injects the faults for the run, and once a line arrives
+/// on stdin prints the ground truth (`TRUTH stream first_frame frame_count` per fragment).
+#[test]
+#[ignore = "the emulator process of the soak run, started by it"]
+fn soak_emulator_process() {
+    if std::env::var_os("SOAK_ROLE").is_none() {
+        return;
+    }
+    let Settings {
+        run_for,
+        names,
+        fault_every,
+    } = settings();
     let mut builder = Emulator::builder().max_fragments_per_stream(60);
     for name in &names {
         builder = builder.stream(
@@ -117,13 +143,93 @@ fn soak_live_sources_with_expiring_sessions_and_faults() {
         assert!(emulator.wait_for_fragments(name, 1, Duration::from_secs(20)));
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    println!("ENDPOINT {}", emulator.endpoint());
+    let started = Instant::now();
+    let mut fault = 0usize;
+    let mut next_fault = started + fault_every;
+    while started.elapsed() < run_for {
+        if Instant::now() >= next_fault {
+            let name = FAULTS[fault % FAULTS.len()];
+            eprintln!("[{:>6.0}s] fault: {name}", started.elapsed().as_secs_f64());
+            for stream in &names {
+                inject(&emulator, stream, name, &runtime);
+            }
+            fault += 1;
+            next_fault += fault_every;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("FAULTS {fault}");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    for name in &names {
+        for r in emulator.ground_truth(name) {
+            println!("TRUTH {name} {} {}", r.first_frame, r.frame_count);
+        }
+    }
+    println!("END");
+}
+
+#[test]
+#[ignore = "a soak run of an hour by default: run it on purpose (see the module docs)"]
+fn soak_live_sources_with_expiring_sessions_and_faults() {
+    let Settings { run_for, names, .. } = settings();
+    let expires = Duration::from_secs(env("SOAK_EXPIRES", 300));
+    let band_kib = env("SOAK_RSS_BAND_MB", 10) * 1024;
+    // Memory is flat once every source has refreshed its session once.
+    let warm_up = (run_for / 10)
+        .max(Duration::from_secs(150))
+        .min(run_for / 2);
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "soak_emulator_process",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("SOAK_ROLE", "emulator")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the emulator process starts");
+    let child_pid = child.id().to_string();
+    let mut child_out = BufReader::new(child.stdout.take().unwrap());
+    let mut child_in = child.stdin.take().unwrap();
+    let mut line = String::new();
+    let endpoint = loop {
+        line.clear();
+        assert!(
+            child_out.read_line(&mut line).unwrap() > 0,
+            "the emulator process ended"
+        );
+        if let Some(url) = line.trim().strip_prefix("ENDPOINT ") {
+            break url.to_owned();
+        }
+    };
+    let config = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(&endpoint)
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(
+                aws_credential_types::Credentials::new(
+                    kvs_emulator::ACCESS_KEY_ID,
+                    kvs_emulator::SECRET_ACCESS_KEY,
+                    None,
+                    None,
+                    "soak",
+                ),
+            ),
+        )
+        .build();
     let stop = Arc::new(AtomicBool::new(false));
     let sources: Vec<Arc<KvsHlsFrameSource>> = names
         .iter()
         .map(|name| {
             Arc::new(
                 KvsHlsFrameSource::builder(name, name.as_str())
-                    .sdk_config(&emulator.sdk_config())
+                    .sdk_config(&config)
                     .pixel_format(PixelFormat::Gray8)
                     .delivery(DeliveryPolicy::Block)
                     .expires(expires)
@@ -161,31 +267,23 @@ fn soak_live_sources_with_expiring_sessions_and_faults() {
         .collect();
     let started = Instant::now();
     let mut rss: Vec<(Duration, u64)> = Vec::new();
-    let mut next_fault = started + fault_every;
     let mut next_sample = started;
-    let mut fault = 0usize;
+    let mut child_rss = Vec::new();
     while started.elapsed() < run_for {
-        let now = Instant::now();
-        if now >= next_sample {
+        if Instant::now() >= next_sample {
             let kib = rss_kib();
             if rss.len().is_multiple_of(30) {
+                let emulator_kib = rss_kib_of(&child_pid);
+                child_rss.push(emulator_kib);
                 eprintln!(
-                    "[{:>6.0}s] RSS {} MB",
+                    "[{:>6.0}s] RSS {} MB (emulator process {} MB)",
                     started.elapsed().as_secs_f64(),
-                    kib / 1024
+                    kib / 1024,
+                    emulator_kib / 1024
                 );
             }
             rss.push((started.elapsed(), kib));
             next_sample += Duration::from_secs(10);
-        }
-        if now >= next_fault {
-            let name = FAULTS[fault % FAULTS.len()];
-            eprintln!("[{:>6.0}s] fault: {name}", started.elapsed().as_secs_f64());
-            for stream in &names {
-                inject(&emulator, stream, name, &runtime);
-            }
-            fault += 1;
-            next_fault += fault_every;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -193,6 +291,25 @@ fn soak_live_sources_with_expiring_sessions_and_faults() {
     std::thread::sleep(Duration::from_secs(20));
     stop.store(true, Ordering::SeqCst);
     let delivered: Vec<Vec<u32>> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    writeln!(child_in, "done").unwrap();
+    let mut truth: std::collections::HashMap<String, Vec<(u64, u32)>> = Default::default();
+    let mut faults = 0u64;
+    loop {
+        line.clear();
+        if child_out.read_line(&mut line).unwrap() == 0 || line.trim() == "END" {
+            break;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["TRUTH", name, first, count] => truth
+                .entry((*name).to_owned())
+                .or_default()
+                .push((first.parse().unwrap(), count.parse().unwrap())),
+            ["FAULTS", n] => faults = n.parse().unwrap(),
+            _ => {}
+        }
+    }
+    let _ = child.wait();
     let mut failed = Vec::new();
     for ((name, source), numbers) in names.iter().zip(&sources).zip(&delivered) {
         let stats = source.stats();
@@ -201,11 +318,13 @@ fn soak_live_sources_with_expiring_sessions_and_faults() {
             failed.push(format!("{name}: no frame"));
             continue;
         };
-        let expected: Vec<u32> = emulator
-            .ground_truth(name)
+        let expected: Vec<u32> = truth
+            .get(name.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default()
             .iter()
-            .flat_map(|r| {
-                (r.first_frame..r.first_frame + u64::from(r.frame_count)).map(|f| f as u32)
+            .flat_map(|&(first_frame, frame_count)| {
+                (first_frame..first_frame + u64::from(frame_count)).map(|f| f as u32)
             })
             .filter(|f| (first..=last).contains(f))
             .collect();
@@ -271,8 +390,12 @@ fn soak_live_sources_with_expiring_sessions_and_faults() {
         after.first().copied().unwrap_or(0) / 1024,
         after.last().copied().unwrap_or(0) / 1024,
         after.len(),
-        fault,
+        faults,
         run_for
+    );
+    eprintln!(
+        "emulator process RSS (not checked): {:?} MB",
+        child_rss.iter().map(|k| k / 1024).collect::<Vec<_>>()
     );
     if max - min > band_kib {
         failed.push(format!(
