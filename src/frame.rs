@@ -6,6 +6,9 @@ use std::time::{Duration, SystemTime};
 use gstreamer as gst;
 use gstreamer_video as gst_video;
 
+#[cfg(any(feature = "ndarray", feature = "image"))]
+mod views;
+
 /// Pixel layout of delivered frames, or JPEG.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PixelFormat {

@@ -244,3 +244,56 @@ fn gray_and_yuv_formats_have_their_planes_in_order() {
         assert!((100..=160).contains(&grey_y), "{format}: grey Y {grey_y}");
     }
 }
+
+/// `Frame::as_ndarray` sees each pixel where the rows really are (HWC, the 968-byte stride),
+/// in the frame's channel order, without copying; planar formats have no such view.
+#[cfg(feature = "ndarray")]
+#[test]
+fn ndarray_views_follow_the_stride_and_channel_order() {
+    for format in [PixelFormat::Bgr, PixelFormat::Rgb, PixelFormat::Gray8] {
+        let frames = decode(format);
+        let f = &frames[FRAMES as usize / 2];
+        let view = f.as_ndarray().unwrap();
+        let channels = format.bytes_per_pixel().unwrap();
+        assert_eq!(view.dim(), (H, W, channels), "{format}");
+        assert_eq!(view.strides(), [f.stride() as isize, channels as isize, 1]);
+        assert_eq!(view.as_ptr(), f.data().as_ptr(), "{format}: no copy");
+        for (x, y) in points() {
+            let got: Vec<u8> = (0..channels).map(|c| view[[y, x, c]]).collect();
+            let [r, g, b] = colour(x, y);
+            let what = format!("{format} at ({x}, {y})");
+            match format {
+                PixelFormat::Rgb => close(&got, &[r, g, b], &what),
+                PixelFormat::Bgr => close(&got, &[b, g, r], &what),
+                _ => assert_eq!(got, [f.row(y as u32).unwrap()[x]], "{what}"),
+            }
+        }
+    }
+    assert!(decode(PixelFormat::I420)[0].as_ndarray().is_none());
+}
+
+/// `Frame::to_rgb_image` and `to_luma_image` give `image` buffers with the right pixels:
+/// copied without the padding of 322-pixel rows, and only for their own format.
+#[cfg(feature = "image")]
+#[test]
+fn image_buffers_have_the_pixels_without_the_padding() {
+    let frames = decode(PixelFormat::Rgb);
+    let f = &frames[FRAMES as usize / 2];
+    let picture = f.to_rgb_image().unwrap();
+    assert_eq!(picture.dimensions(), (W as u32, H as u32));
+    for (x, y) in points() {
+        let pixel = picture.get_pixel(x as u32, y as u32);
+        close(&pixel.0, &colour(x, y), &format!("rgb image at ({x}, {y})"));
+    }
+    assert!(f.to_luma_image().is_none() && f.to_rgba_image().is_none());
+    let frames = decode(PixelFormat::Gray8);
+    let f = &frames[FRAMES as usize / 2];
+    let luma = f.to_luma_image().unwrap();
+    for (x, y) in points() {
+        assert_eq!(
+            luma.get_pixel(x as u32, y as u32).0[0],
+            f.row(y as u32).unwrap()[x]
+        );
+    }
+    assert!(decode(PixelFormat::Bgr)[0].to_rgb_image().is_none());
+}
