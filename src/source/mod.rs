@@ -156,6 +156,9 @@ impl SourceStats {
 }
 
 /// The options every frame source has, validated in one place.
+/// The default bound of a source's queue in bytes (see `queue_bytes`).
+pub(crate) const DEFAULT_QUEUE_BYTES: usize = 32 << 20;
+
 #[derive(Clone)]
 pub(crate) struct CommonOptions {
     pub camera_id: String,
@@ -164,6 +167,7 @@ pub(crate) struct CommonOptions {
     pub target_fps: Option<f64>,
     pub key_frames_only: bool,
     pub queue_capacity: usize,
+    pub queue_bytes: usize,
     pub backoff: BackoffPolicy,
     pub metrics: Option<FrameSourceMetrics>,
     pub runtime: Option<tokio::runtime::Handle>,
@@ -178,6 +182,7 @@ impl CommonOptions {
             target_fps: None,
             key_frames_only: false,
             queue_capacity: 30,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
             backoff: BackoffPolicy::default(),
             metrics: None,
             runtime: None,
@@ -222,6 +227,13 @@ impl CommonOptions {
                 "queue_capacity",
                 self.queue_capacity,
                 "must be between 1 and 10000",
+            ));
+        }
+        if !(1 << 20..=1 << 34).contains(&self.queue_bytes) {
+            return Err(Error::invalid_config(
+                "queue_bytes",
+                self.queue_bytes,
+                "must be between 1 MiB and 16 GiB",
             ));
         }
         self.backoff.validate("backoff")
@@ -310,6 +322,15 @@ macro_rules! common_setters {
         #[must_use]
         pub fn queue_capacity(mut self, capacity: usize) -> Self {
             self.common.queue_capacity = capacity;
+            self
+        }
+        /// Bytes of frames the queue holds at most, 1 MiB–16 GiB (default 32 MiB; one frame
+        /// always fits), whichever of this and [`queue_capacity`](Self::queue_capacity) is
+        /// reached first. The default keeps a reader that falls behind from holding 187 MB of
+        /// 1080p BGR frames: 30 frames at 360p, 12 at 720p, 5 at 1080p, 1 at 4K (BGR).
+        #[must_use]
+        pub fn queue_bytes(mut self, bytes: usize) -> Self {
+            self.common.queue_bytes = bytes;
             self
         }
         /// Reconnect backoff (default: 5 s, ×2, cap 60 s, jitter 0.8–1.2, retried for as long as
@@ -547,7 +568,11 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let core = Arc::new(Core::new(Queue::new(4, DeliveryPolicy::Block)));
+        let core = Arc::new(Core::new(Queue::new(
+            4,
+            DEFAULT_QUEUE_BYTES,
+            DeliveryPolicy::Block,
+        )));
         let guarded = |core: &Arc<Core>| {
             let c = Arc::clone(core);
             TaskGuard::new(Arc::clone(core), move |e| c.queue.fail(e))
@@ -570,7 +595,11 @@ mod tests {
         assert!(matches!(core.queue.pop(Some(Duration::ZERO)), Ok(None)));
 
         // A task dropped by its runtime's shutdown.
-        let core = Arc::new(Core::new(Queue::new(4, DeliveryPolicy::Block)));
+        let core = Arc::new(Core::new(Queue::new(
+            4,
+            DEFAULT_QUEUE_BYTES,
+            DeliveryPolicy::Block,
+        )));
         let guard = guarded(&core);
         runtime.spawn(async move {
             let _guard = guard;
@@ -583,7 +612,11 @@ mod tests {
         }
 
         // A task that ended the queue itself (or a stopped source): nothing is added.
-        let core = Arc::new(Core::new(Queue::new(4, DeliveryPolicy::Block)));
+        let core = Arc::new(Core::new(Queue::new(
+            4,
+            DEFAULT_QUEUE_BYTES,
+            DeliveryPolicy::Block,
+        )));
         core.queue.finish();
         drop(guarded(&core));
         assert!(matches!(core.queue.pop(Some(Duration::ZERO)), Ok(None)));

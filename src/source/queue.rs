@@ -36,6 +36,8 @@ impl DeliveryPolicy {
 
 struct Inner {
     items: VecDeque<Frame>,
+    /// Bytes of the queued frames.
+    bytes: usize,
     terminal: Option<Error>,
     closed: bool,
     wakers: Vec<Waker>,
@@ -47,6 +49,8 @@ pub(crate) struct Queue {
     readable: Condvar,
     writable: Condvar,
     capacity: usize,
+    /// At most this many bytes of frames are queued (one frame always fits).
+    max_bytes: usize,
     policy: DeliveryPolicy,
 }
 
@@ -60,7 +64,7 @@ pub(crate) enum Pushed {
 }
 
 impl Queue {
-    pub fn new(capacity: usize, policy: DeliveryPolicy) -> Self {
+    pub fn new(capacity: usize, max_bytes: usize, policy: DeliveryPolicy) -> Self {
         let capacity = if policy == DeliveryPolicy::LatestOnly {
             1
         } else {
@@ -69,6 +73,7 @@ impl Queue {
         Queue {
             inner: Mutex::new(Inner {
                 items: VecDeque::with_capacity(capacity),
+                bytes: 0,
                 terminal: None,
                 closed: false,
                 wakers: Vec::new(),
@@ -76,8 +81,22 @@ impl Queue {
             readable: Condvar::new(),
             writable: Condvar::new(),
             capacity,
+            max_bytes,
             policy,
         }
+    }
+
+    /// Whether `inner` has no room for `incoming` more bytes: `capacity` frames, or (with at
+    /// least one frame queued) `max_bytes`.
+    fn full(&self, inner: &Inner, incoming: usize) -> bool {
+        inner.items.len() >= self.capacity
+            || (!inner.items.is_empty() && inner.bytes.saturating_add(incoming) > self.max_bytes)
+    }
+
+    fn pop_front(inner: &mut Inner) -> Option<Frame> {
+        let frame = inner.items.pop_front()?;
+        inner.bytes = inner.bytes.saturating_sub(frame.data().len());
+        Some(frame)
     }
 
     fn wake(inner: &mut Inner) {
@@ -88,23 +107,25 @@ impl Queue {
 
     /// Adds a frame according to the policy (with `Block`, waits while the queue is full).
     pub fn push(&self, frame: Frame) -> Pushed {
+        let size = frame.data().len();
         let mut inner = self.inner.lock();
         let mut evicted = 0;
         loop {
             if inner.closed || inner.terminal.is_some() {
                 return Pushed::Closed;
             }
-            if inner.items.len() < self.capacity {
+            if !self.full(&inner, size) {
                 break;
             }
             match self.policy {
                 DeliveryPolicy::Block => self.writable.wait(&mut inner),
                 DeliveryPolicy::DropOldest | DeliveryPolicy::LatestOnly => {
-                    inner.items.pop_front();
+                    Self::pop_front(&mut inner);
                     evicted += 1;
                 }
             }
         }
+        inner.bytes = inner.bytes.saturating_add(size);
         inner.items.push_back(frame);
         self.readable.notify_one();
         Self::wake(&mut inner);
@@ -136,6 +157,7 @@ impl Queue {
         let mut inner = self.inner.lock();
         inner.closed = true;
         inner.items.clear();
+        inner.bytes = 0;
         inner.terminal = None;
         self.readable.notify_all();
         self.writable.notify_all();
@@ -143,7 +165,7 @@ impl Queue {
     }
 
     fn take(&self, inner: &mut Inner) -> Option<Option<Result<Frame, Error>>> {
-        if let Some(frame) = inner.items.pop_front() {
+        if let Some(frame) = Self::pop_front(inner) {
             self.writable.notify_one();
             return Some(Some(Ok(frame)));
         }
@@ -202,8 +224,94 @@ impl Queue {
         self.inner.lock().items.len()
     }
 
-    /// Whether the queue holds as many frames as it can (the reader is behind).
+    /// Whether the queue holds as many frames as it can (the reader is behind): no room for
+    /// one more frame of the queued frames' average size.
     pub fn is_full(&self) -> bool {
-        self.len() >= self.capacity
+        let inner = self.inner.lock();
+        let average = inner.bytes.checked_div(inner.items.len()).unwrap_or(0);
+        self.full(&inner, average)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::PixelFormat;
+    use gstreamer as gst;
+
+    /// A GRAY8 frame of `bytes` bytes (`bytes` × 1 pixels), numbered `sequence`.
+    fn frame(bytes: usize, sequence: u64) -> Frame {
+        gst::init().unwrap();
+        let map = gst::Buffer::from_slice(vec![0u8; bytes])
+            .into_mapped_buffer_readable()
+            .unwrap();
+        Frame {
+            map,
+            info: None,
+            width: bytes as u32,
+            height: 1,
+            format: PixelFormat::Gray8,
+            producer_time: None,
+            pts: None,
+            emitted: std::time::SystemTime::now(),
+            sequence,
+            fragment: None,
+            key_frame: false,
+        }
+    }
+
+    fn sequences(queue: &Queue) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Ok(Some(Ok(f))) = queue.pop(Some(Duration::ZERO)) {
+            out.push(f.sequence());
+        }
+        out
+    }
+
+    #[test]
+    fn the_byte_bound_drops_the_oldest_and_one_frame_always_fits() {
+        // 10 frames of 3 MiB into 30 frames / 10 MiB: three stay, the newest.
+        let queue = Queue::new(30, 10 << 20, DeliveryPolicy::DropOldest);
+        let mut evicted = 0;
+        for i in 0..10 {
+            if let Pushed::Queued { evicted: e } = queue.push(frame(3 << 20, i)) {
+                evicted += e;
+            }
+        }
+        assert!(queue.is_full());
+        assert_eq!(evicted, 7);
+        assert_eq!(sequences(&queue), [7, 8, 9]);
+        // A frame larger than the bound still fits, alone.
+        queue.push(frame(1, 10));
+        queue.push(frame(20 << 20, 11));
+        assert_eq!(sequences(&queue), [11]);
+        // The count bound still holds for small frames.
+        for i in 0..50 {
+            queue.push(frame(100, i));
+        }
+        assert_eq!(queue.len(), 30);
+    }
+
+    #[test]
+    fn a_blocked_push_waits_for_bytes_to_be_taken() {
+        let queue = Arc::new(Queue::new(30, 5 << 20, DeliveryPolicy::Block));
+        queue.push(frame(3 << 20, 0));
+        let pusher = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || queue.push(frame(3 << 20, 1)))
+        };
+        // The second frame waits: 6 MiB would exceed 5 MiB. Taking the first lets it in.
+        assert_eq!(sequences_one(&queue), Some(0));
+        assert_eq!(pusher.join().unwrap(), Pushed::Queued { evicted: 0 });
+        assert_eq!(sequences_one(&queue), Some(1));
+    }
+
+    fn sequences_one(queue: &Queue) -> Option<u64> {
+        match queue.pop(Some(Duration::from_secs(10))) {
+            Ok(Some(Ok(f))) => Some(f.sequence()),
+            _ => None,
+        }
+    }
+
+    use std::sync::Arc;
 }

@@ -232,8 +232,12 @@ impl UriFrameSourceBuilder {
             EndOfStream::Finish | EndOfStream::Loop => DeliveryPolicy::Block,
         });
         let core = Arc::new(
-            Core::new(Queue::new(self.common.queue_capacity, policy))
-                .counting_into(self.common.metrics.clone(), &self.common.camera_id),
+            Core::new(Queue::new(
+                self.common.queue_capacity,
+                self.common.queue_bytes,
+                policy,
+            ))
+            .counting_into(self.common.metrics.clone(), &self.common.camera_id),
         );
         let ctx = Arc::new(Ctx {
             camera_id: self.common.camera_id.clone(),
