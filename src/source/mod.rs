@@ -470,6 +470,27 @@ const TEARDOWN_WAIT: Duration = Duration::from_millis(700);
 /// that it never blocks a tokio worker; outside a runtime, waits for it for at most
 /// [`TEARDOWN_WAIT`] (it normally takes milliseconds), so that `stop()` and `Drop` always
 /// return within a second.
+/// The error of an operation cut short by `stop()`.
+pub(crate) fn stopped() -> Error {
+    Error::new(ErrorKind::Stopped, "the source was stopped")
+}
+
+/// Sleeps `d`, unless the source is stopped first (`stop` set, or `notify` woken by `stop()`).
+pub(crate) async fn sleep_unless_stopped(
+    stop: &std::sync::atomic::AtomicBool,
+    notify: &tokio::sync::Notify,
+    d: Duration,
+) -> Result<()> {
+    let notified = notify.notified();
+    if stop.load(Ordering::SeqCst) {
+        return Err(stopped());
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => Ok(()),
+        _ = notified => Err(stopped()),
+    }
+}
+
 pub(crate) fn teardown(name: &str, work: impl FnOnce() + Send + 'static) {
     let (done, wait) = std::sync::mpsc::channel::<()>();
     let spawned = std::thread::Builder::new()

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::{CommonOptions, common_setters};
+use super::{CommonOptions, common_setters, sleep_unless_stopped, stopped};
 use super::{Core, FrameStream, Frames, Pushed, Queue, SourceState, SourceStats, TaskGuard};
 use crate::backoff::BackoffPolicy;
 use crate::decode::{Decoder, DecoderDrop, FragmentInput, FrameSink};
@@ -189,19 +189,8 @@ impl Ctx {
     }
 
     async fn sleep(&self, d: Duration) -> Result<()> {
-        let notified = self.stop_notify.notified();
-        if self.stopped() {
-            return Err(stopped());
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(d) => Ok(()),
-            _ = notified => Err(stopped()),
-        }
+        sleep_unless_stopped(&self.stop, &self.stop_notify, d).await
     }
-}
-
-fn stopped() -> Error {
-    Error::new(ErrorKind::Stopped, "the source was stopped")
 }
 
 struct Sink(Arc<Ctx>);
