@@ -39,6 +39,11 @@ stream=$1
 url=$2
 interval=${FAKE_ACK_INTERVAL:-0.2}
 [ "${FAKE_IGNORE_PIPE:-0}" = 1 ] && trap '' PIPE
+# Die of SIGINT/SIGTERM whenever one arrives, as the sample does. Without a trap, bash keeps
+# running when a signal lands just as its foreground `sleep` exits normally (it assumes the
+# child handled it), and a graceful stop would need SIGKILL: a race a loaded machine hits.
+trap 'trap - INT; kill -INT $$' INT
+trap 'trap - TERM; kill -TERM $$' TERM
 
 if [ "${FAKE_START:-normal}" = fail ]; then
     echo "[ERROR] createStream(): Failed to create stream $stream: NotAuthorizedException: invalid security token" >&2
