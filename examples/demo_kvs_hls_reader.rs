@@ -95,6 +95,13 @@ struct Args {
     /// Pixel format: bgr, rgb, rgba, bgra, gray8, i420, nv12, jpeg or jpeg:QUALITY.
     #[arg(long, default_value = "bgr")]
     pixel_format: String,
+    /// How YUV becomes BGR/RGB/BGRA/RGBA: simd (default) or gstreamer (`videoconvert`).
+    #[arg(long, default_value = "simd")]
+    color_conversion: String,
+    /// Threads of each video decoder: auto (default: one per decoder once streams outnumber
+    /// cores), libav (libav's own choice), or a number 1-64.
+    #[arg(long, default_value = "auto")]
+    decoder_threads: String,
     /// Never open a window (default when there is no display).
     #[arg(long)]
     no_display: bool,
@@ -146,6 +153,14 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let pixel_format: PixelFormat = args.pixel_format.parse()?;
+    let color_conversion: kvs_frames::ColorConversion = args.color_conversion.parse()?;
+    let decoder_threads = match args.decoder_threads.as_str() {
+        "auto" => kvs_frames::DecoderThreads::Auto,
+        "libav" => kvs_frames::DecoderThreads::Libav,
+        n => kvs_frames::DecoderThreads::Fixed(n.parse().map_err(|_| {
+            anyhow::anyhow!("--decoder-threads: {n:?} is not auto, libav or a number")
+        })?),
+    };
     if args.snapshot_every == 0 {
         bail!("--snapshot-every must be at least 1");
     }
@@ -176,6 +191,8 @@ fn run(args: Args) -> Result<()> {
             .unwrap_or_else(|| "uri-camera".to_owned());
         let mut builder = UriFrameSource::builder(&camera_id, uri)
             .pixel_format(pixel_format)
+            .color_conversion(color_conversion)
+            .decoder_threads(decoder_threads)
             .realtime(args.realtime)
             .metrics(metrics)
             .runtime(runtime.handle().clone());
@@ -212,6 +229,8 @@ fn run(args: Args) -> Result<()> {
         let camera_id = args.camera_id.clone().unwrap_or_else(|| stream.clone());
         let mut builder = KvsHlsFrameSource::builder(&camera_id, stream.as_str())
             .pixel_format(pixel_format)
+            .color_conversion(color_conversion)
+            .decoder_threads(decoder_threads)
             .metrics(metrics)
             .runtime(runtime.handle().clone());
         if let Some(emulator) = &emulator {

@@ -9,6 +9,8 @@ use gstreamer_video as gst_video;
 #[cfg(any(feature = "ndarray", feature = "image"))]
 mod views;
 
+pub use crate::decode::ColorConversion;
+
 /// Pixel layout of delivered frames, or JPEG.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PixelFormat {

@@ -64,8 +64,9 @@ pub mod redact;
 pub mod retention;
 pub mod source;
 
+pub use decode::DecoderThreads;
 pub use error::{Error, ErrorKind, Result};
-pub use frame::{FragmentId, Frame, PixelFormat};
+pub use frame::{ColorConversion, FragmentId, Frame, PixelFormat};
 pub use source::{
     DeliveryPolicy, EndOfStream, FrameStream, Frames, KvsHlsFrameSource, KvsHlsFrameSourceBuilder,
     PlaybackMode, RtspTransport, SourceState, SourceStats, UriFrameSource, UriFrameSourceBuilder,

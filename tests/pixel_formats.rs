@@ -13,7 +13,7 @@ use std::time::Duration;
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use kvs_frames::{Frame, PixelFormat, UriFrameSource};
+use kvs_frames::{ColorConversion, Frame, PixelFormat, UriFrameSource};
 
 const W: usize = 322;
 const H: usize = 180;
@@ -34,10 +34,11 @@ fn colour(x: usize, y: usize) -> [u8; 3] {
 
 /// Encodes the picture as a near-lossless H.264 MP4 (pushed as RGB with GStreamer's own padded
 /// stride, so the test also writes what it later reads).
-fn make_file(path: &Path) {
+fn make_file(path: &Path, colorimetry: &str) {
     gst::init().unwrap();
     let pipeline = gst::parse::launch(&format!(
-        "appsrc name=src format=time ! videoconvert ! video/x-raw,format=I420 \
+        "appsrc name=src format=time ! videoconvert \
+         ! video/x-raw,format=I420,colorimetry={colorimetry} \
          ! x264enc pass=quant quantizer=5 speed-preset=ultrafast bframes=0 key-int-max=5 \
          ! h264parse ! mp4mux ! filesink location={}",
         path.display()
@@ -92,23 +93,31 @@ fn make_file(path: &Path) {
     }
 }
 
-/// The test file, made once per process (removed by the OS's temp cleaning; a few kB).
-fn file() -> PathBuf {
-    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    FILE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("kvs-frames-pixels-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("bars.mp4");
-        make_file(&path);
-        path
-    })
-    .clone()
+/// The test file with the YUV of `colorimetry` (`bt601`, `bt709`: the decoder's caps carry it
+/// from the stream's VUI), made once per process (removed by the OS's temp cleaning; a few kB).
+fn file(colorimetry: &str) -> PathBuf {
+    static FILES: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut files = FILES.lock().unwrap();
+    if let Some((_, path)) = files.iter().find(|(c, _)| c == colorimetry) {
+        return path.clone();
+    }
+    let dir = std::env::temp_dir().join(format!("kvs-frames-pixels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("bars-{colorimetry}.mp4"));
+    make_file(&path, colorimetry);
+    files.push((colorimetry.to_owned(), path.clone()));
+    path
 }
 
 fn decode(format: PixelFormat) -> Vec<Frame> {
-    let path = file();
+    decode_with("bt601", format, ColorConversion::Simd)
+}
+
+fn decode_with(colorimetry: &str, format: PixelFormat, conversion: ColorConversion) -> Vec<Frame> {
+    let path = file(colorimetry);
     let source = UriFrameSource::builder("pixels", path.to_str().unwrap())
         .pixel_format(format)
+        .color_conversion(conversion)
         .build()
         .unwrap();
     let frames =
@@ -132,31 +141,50 @@ fn points() -> Vec<(usize, usize)> {
     ]
 }
 
+/// Both converters land within 3 (SIMD) and 5 (GStreamer) of the picture at the points; the
+/// wrong matrix (BT.601 for BT.709 video) is 20 or more off.
+const TOLERANCE: u8 = 6;
+
 fn close(got: &[u8], want: &[u8], what: &str) {
     for (g, w) in got.iter().zip(want) {
-        assert!(g.abs_diff(*w) <= 12, "{what}: got {got:?}, want {want:?}");
+        assert!(
+            g.abs_diff(*w) <= TOLERANCE,
+            "{what}: got {got:?}, want {want:?}"
+        );
     }
 }
 
+/// Every packed format, by both converters, from BT.601 and BT.709 video: a converter that
+/// used the wrong matrix would be 20 or more off in red or green.
 #[test]
 fn packed_rgb_formats_have_their_channel_order_and_stride() {
-    for format in [
-        PixelFormat::Rgb,
-        PixelFormat::Bgr,
-        PixelFormat::Rgba,
-        PixelFormat::Bgra,
-    ] {
-        let frames = decode(format);
+    let cases = ["bt601", "bt709"].into_iter().flat_map(|c| {
+        [ColorConversion::Simd, ColorConversion::Gstreamer]
+            .into_iter()
+            .flat_map(move |conv| {
+                [
+                    PixelFormat::Rgb,
+                    PixelFormat::Bgr,
+                    PixelFormat::Rgba,
+                    PixelFormat::Bgra,
+                ]
+                .map(|f| (c, conv, f))
+            })
+    });
+    for (colorimetry, conversion, format) in cases {
+        let frames = decode_with(colorimetry, format, conversion);
         let f = &frames[FRAMES as usize / 2];
+        let name = format!("{format} ({colorimetry}, {conversion})");
         assert_eq!(
             (f.width(), f.height(), f.format()),
-            (W as u32, H as u32, format)
+            (W as u32, H as u32, format),
+            "{name}"
         );
         let bpp = format.bytes_per_pixel().unwrap();
         if bpp == 3 {
             assert!(
                 f.stride() > W * 3,
-                "{format}: rows are padded (stride {})",
+                "{name}: rows are padded (stride {})",
                 f.stride()
             );
         }
@@ -171,7 +199,7 @@ fn packed_rgb_formats_have_their_channel_order_and_stride() {
                 _ => vec![b, g, r, 255],
             };
             let row = f.row(y as u32).unwrap();
-            let what = format!("{format} at ({x}, {y})");
+            let what = format!("{name} at ({x}, {y})");
             close(&row[x * bpp..x * bpp + bpp], &want, &what);
             let at = (y * W + x) * bpp;
             close(

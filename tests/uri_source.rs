@@ -771,6 +771,15 @@ fn bad_uris_and_options_are_typed_errors_naming_them() {
             rtsp_source("rtsp://127.0.0.1/x").queue_capacity(0),
         ),
         (
+            "decoder_threads",
+            rtsp_source("rtsp://127.0.0.1/x").decoder_threads(kvs_frames::DecoderThreads::Fixed(0)),
+        ),
+        (
+            "decoder_threads",
+            rtsp_source("rtsp://127.0.0.1/x")
+                .decoder_threads(kvs_frames::DecoderThreads::Fixed(65)),
+        ),
+        (
             "backoff.initial",
             rtsp_source("rtsp://127.0.0.1/x")
                 .backoff(BackoffPolicy::default().initial(Duration::ZERO)),
@@ -784,6 +793,9 @@ fn bad_uris_and_options_are_typed_errors_naming_them() {
     }
     let err = "jpeg:0".parse::<PixelFormat>().unwrap_err();
     assert_eq!(err.invalid_option(), Some("pixel_format"));
+    let err = "opencl".parse::<kvs_frames::ColorConversion>().unwrap_err();
+    assert_eq!(err.invalid_option(), Some("color_conversion"));
+    assert!(err.to_string().contains("opencl"), "{err}");
 
     // A file that is not video: a fatal UnsupportedMedia error ends the iterator.
     let text = dir.path("notes.mp4");

@@ -24,7 +24,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -38,13 +38,73 @@ use crate::elements::make as element;
 use crate::error::{Error, ErrorKind, Result};
 use crate::frame::{FragmentId, Frame, PixelFormat};
 
+mod convert;
 mod kvs;
 mod tail;
+
+pub use convert::ColorConversion;
 
 pub(crate) use kvs::{Decoder, KVS_HEAD_ELEMENTS};
 #[cfg(test)]
 pub(crate) use tail::ntp_to_system_time;
 pub(crate) use tail::{Stamp, TailHooks, add_tail, ntp_reference, tail_elements};
+
+/// How many threads each source's video decoder (libav) uses.
+///
+/// Frame threading lowers one stream's decode latency by spending more CPU per frame (thread
+/// hand-offs, one extra picture buffer and one frame of delay per thread); when the process
+/// decodes as many streams as it has cores, the cores are busy with the other streams and the
+/// threads only add that overhead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DecoderThreads {
+    /// One thread per decoder once the process decodes at least as many streams as it has cores
+    /// (counted over every source of the crate); libav's own choice (one per core) below that.
+    /// Decided when a decoder is created: at start and at each pipeline rebuild. The default.
+    #[default]
+    Auto,
+    /// Always libav's own choice (one thread per core, frame threading).
+    Libav,
+    /// Exactly this many threads (1–64).
+    Fixed(u32),
+}
+
+/// Decode pipelines alive in the process (for [`DecoderThreads::Auto`]).
+static ACTIVE_DECODERS: AtomicUsize = AtomicUsize::new(0);
+
+/// One decode pipeline in [`ACTIVE_DECODERS`] while it lives.
+pub(crate) struct ActiveDecoder(());
+
+impl ActiveDecoder {
+    pub(crate) fn new() -> Self {
+        ACTIVE_DECODERS.fetch_add(1, Ordering::SeqCst);
+        ActiveDecoder(())
+    }
+}
+
+impl Drop for ActiveDecoder {
+    fn drop(&mut self) {
+        ACTIVE_DECODERS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl DecoderThreads {
+    /// libav's `max-threads` for a decoder created now (0 = libav's own choice).
+    pub(crate) fn max_threads(self) -> u32 {
+        match self {
+            DecoderThreads::Fixed(n) => n,
+            DecoderThreads::Libav => 0,
+            DecoderThreads::Auto => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                if ACTIVE_DECODERS.load(Ordering::SeqCst) >= cores {
+                    1
+                } else {
+                    0
+                }
+            }
+        }
+    }
+}
 
 /// What the decoder produces and how.
 #[derive(Clone, Debug)]
@@ -54,6 +114,8 @@ pub(crate) struct DecodeConfig {
     pub resize: Option<(u32, u32)>,
     pub target_fps: Option<f64>,
     pub key_frames_only: bool,
+    pub conversion: ColorConversion,
+    pub decoder_threads: DecoderThreads,
 }
 
 /// One fragment to decode.
@@ -127,12 +189,22 @@ fn link_decoded_video(pipeline: &gst::Pipeline, bin: &gst::Element, target: gst:
 /// Watches every video decoder that `bin` (or a bin inside it) creates: notes the key flag
 /// of each buffer entering it in `keys` and, with `key_frames_only`, drops delta units there so
 /// that only key frames are decoded.
-fn watch_decoders(bin: &gst::Element, keys: KeyFlags, key_frames_only: bool) {
+fn watch_decoders(
+    bin: &gst::Element,
+    keys: KeyFlags,
+    key_frames_only: bool,
+    threads: DecoderThreads,
+) {
     bin.connect("deep-element-added", false, move |values| {
         let element = values.get(2).and_then(|v| v.get::<gst::Element>().ok())?;
         let is_decoder = element
             .factory()
             .is_some_and(|f| f.klass().contains("Decoder") && f.klass().contains("Video"));
+        if is_decoder && element.has_property("max-threads") {
+            let n = threads.max_threads();
+            element.set_property("max-threads", i32::try_from(n).unwrap_or(1));
+            tracing::debug!(decoder = %element.name(), max_threads = n, "decoder threads");
+        }
         if is_decoder && let Some(pad) = element.static_pad("sink") {
             let keys = Arc::clone(&keys);
             pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
@@ -196,4 +268,22 @@ pub(crate) fn error_debug(err: &gst::message::Error) -> String {
 fn discard(info: &mut gst::PadProbeInfo<'_>) -> gst::PadProbeReturn {
     drop(info.data.take());
     gst::PadProbeReturn::Handled
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With as many decoders alive as cores, a new automatic decoder gets one thread; fixed and
+    /// libav counts are as given. (Other tests of the process may hold decoders too, which only
+    /// adds to the count: "fewer than cores" is not asserted here.)
+    #[test]
+    fn automatic_threads_drop_to_one_when_decoders_fill_the_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let guards: Vec<ActiveDecoder> = (0..cores).map(|_| ActiveDecoder::new()).collect();
+        assert_eq!(DecoderThreads::Auto.max_threads(), 1);
+        assert_eq!(DecoderThreads::Libav.max_threads(), 0);
+        assert_eq!(DecoderThreads::Fixed(3).max_threads(), 3);
+        drop(guards);
+    }
 }

@@ -93,7 +93,18 @@ pub(crate) fn add_tail(
     let convert = element("videoconvert")?;
     let scale = element("videoscale")?;
     let mut chain = vec![convert.clone(), scale];
+    // The RGB family converted here (SIMD, pooled): the appsink takes the decoder's 4:2:0 as
+    // is (videoconvert in passthrough; scaling happens in YUV).
+    let converter = convert::converts(config.conversion, config.pixel_format)
+        .then(|| convert::Converter::new(config.pixel_format));
     let appsink_caps = match (config.pixel_format, config.pixel_format.video_format()) {
+        (_, Some(_)) if converter.is_some() => {
+            let mut caps = gst_video::VideoCapsBuilder::new().format_list(convert::NATIVE_FORMATS);
+            if let Some((w, h)) = config.resize {
+                caps = caps.width(w as i32).height(h as i32);
+            }
+            caps.build()
+        }
         (_, Some(format)) => {
             let mut caps = gst_video::VideoCapsBuilder::new().format(format);
             if let Some((w, h)) = config.resize {
@@ -142,7 +153,13 @@ pub(crate) fn add_tail(
     // Decoders (avdec_* in GStreamer 1.22) do not mark their output as key or delta: the
     // flag is noted, by PTS, where the demuxer or depayloader set it.
     let keys: KeyFlags = Arc::new(Mutex::new(VecDeque::new()));
-    watch_decoders(head, Arc::clone(&keys), config.key_frames_only);
+    watch_decoders(
+        head,
+        Arc::clone(&keys),
+        config.key_frames_only,
+        config.decoder_threads,
+    );
+    let active = ActiveDecoder::new();
 
     // target_fps: keep a frame when at least 1/fps has passed (in stream time) since the last
     // kept. Then note what the appsink cannot see any more (key flag, NTP time).
@@ -202,6 +219,8 @@ pub(crate) fn add_tail(
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |appsink| {
+                // Counted while the pipeline (and so this callback) lives.
+                let _ = &active;
                 let sample = appsink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
                 let Some(caps) = sample.caps() else {
                     return Ok(gst::FlowSuccess::Ok);
@@ -242,6 +261,19 @@ pub(crate) fn add_tail(
                     |s| s.key_frame,
                 );
                 let reference = ntp_reference(&buffer).or(noted.and_then(|s| s.reference));
+                let (buffer, info, width, height) = match &converter {
+                    Some(converter) => match converter.convert(caps, &buffer) {
+                        Ok((out, info)) => {
+                            let (w, h) = (info.width(), info.height());
+                            (out, Some(info), w, h)
+                        }
+                        Err(convert::ConvertError(why)) => {
+                            tracing::warn!(%why, "colour conversion failed: frame dropped");
+                            return Ok(gst::FlowSuccess::Ok);
+                        }
+                    },
+                    None => (buffer, info, width, height),
+                };
                 let Ok(map) = buffer.into_mapped_buffer_readable() else {
                     return Ok(gst::FlowSuccess::Ok);
                 };

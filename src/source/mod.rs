@@ -24,9 +24,9 @@ pub(crate) use queue::{Pushed, Queue};
 pub use uri::{EndOfStream, RtspTransport, UriFrameSource, UriFrameSourceBuilder, UriKind};
 
 use crate::backoff::BackoffPolicy;
-use crate::decode::DecodeConfig;
+use crate::decode::{DecodeConfig, DecoderThreads};
 use crate::error::{Error, ErrorKind, Result};
-use crate::frame::{Frame, PixelFormat};
+use crate::frame::{ColorConversion, Frame, PixelFormat};
 use crate::metrics::FrameSourceMetrics;
 
 /// Connection state of a source. The numbers are the values of the
@@ -166,6 +166,8 @@ pub(crate) struct CommonOptions {
     pub resize: Option<(u32, u32)>,
     pub target_fps: Option<f64>,
     pub key_frames_only: bool,
+    pub conversion: ColorConversion,
+    pub decoder_threads: DecoderThreads,
     pub queue_capacity: usize,
     pub queue_bytes: usize,
     pub backoff: BackoffPolicy,
@@ -181,6 +183,8 @@ impl CommonOptions {
             resize: None,
             target_fps: None,
             key_frames_only: false,
+            conversion: ColorConversion::Simd,
+            decoder_threads: DecoderThreads::Auto,
             queue_capacity: 30,
             queue_bytes: DEFAULT_QUEUE_BYTES,
             backoff: BackoffPolicy::default(),
@@ -222,6 +226,15 @@ impl CommonOptions {
                 "must be more than 0 and at most 240",
             ));
         }
+        if let DecoderThreads::Fixed(n) = self.decoder_threads
+            && !(1..=64).contains(&n)
+        {
+            return Err(Error::invalid_config(
+                "decoder_threads",
+                n,
+                "must be between 1 and 64",
+            ));
+        }
         if !(1..=10_000).contains(&self.queue_capacity) {
             return Err(Error::invalid_config(
                 "queue_capacity",
@@ -254,6 +267,8 @@ impl CommonOptions {
             resize: self.resize,
             target_fps: self.target_fps,
             key_frames_only: self.key_frames_only,
+            conversion: self.conversion,
+            decoder_threads: self.decoder_threads,
         }
     }
 
@@ -316,6 +331,22 @@ macro_rules! common_setters {
         #[must_use]
         pub fn key_frames_only(mut self, enabled: bool) -> Self {
             self.common.key_frames_only = enabled;
+            self
+        }
+        /// How YUV becomes BGR, RGB, BGRA or RGBA (default [`ColorConversion::Simd`]: SIMD
+        /// kernels into pooled buffers, several times cheaper than GStreamer's `videoconvert`,
+        /// which stays the fallback for what they do not cover and is available as
+        /// [`ColorConversion::Gstreamer`]).
+        #[must_use]
+        pub fn color_conversion(mut self, conversion: $crate::frame::ColorConversion) -> Self {
+            self.common.conversion = conversion;
+            self
+        }
+        /// Threads of each video decoder (default [`DecoderThreads::Auto`](crate::DecoderThreads::Auto):
+        /// one per decoder once the process decodes as many streams as it has cores).
+        #[must_use]
+        pub fn decoder_threads(mut self, threads: $crate::DecoderThreads) -> Self {
+            self.common.decoder_threads = threads;
             self
         }
         /// Frames the queue holds, 1–10000 (default 30). `LatestOnly` always holds one.

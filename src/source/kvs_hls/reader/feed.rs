@@ -25,12 +25,11 @@ impl Reader {
             None => {}
         }
         let started = Instant::now();
-        let data = self.get_retrying(&segment.url, "media fragment").await?;
+        let mut data = self.get_retrying(&segment.url, "media fragment").await?;
         let fetch = started.elapsed();
         if contiguous {
             self.note_clock_step(segment);
         }
-        let mut data = data.to_vec();
         // The decoder's timeline: program date time − the first one, which keeps gaps and makes
         // producer time = first program date time + PTS; but never backwards (a producer clock
         // that stepped back): then right after the previous fragment.
@@ -98,7 +97,7 @@ impl Reader {
         if let Some(b) = self.session.as_ref().and_then(|s| s.inits.get(url)) {
             return Ok(b.clone());
         }
-        let bytes = self.get_retrying(url, "init segment").await?;
+        let bytes = Bytes::from(self.get_retrying(url, "init segment").await?);
         self.ctx.core.stats.lock().bytes_fetched += bytes.len() as u64;
         if let Some(m) = &self.ctx.metrics {
             m.init_segment(self.camera(), bytes.len());

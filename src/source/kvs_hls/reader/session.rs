@@ -118,8 +118,10 @@ impl Reader {
         Ok(())
     }
 
-    /// GET with the request timeout and the stall watchdog; HTTP errors classified.
-    pub(super) async fn get(&self, url: &str) -> Result<Bytes> {
+    /// GET with the request timeout and the stall watchdog; HTTP errors classified. The body is
+    /// an owned buffer, so a fragment is rebased in place and handed to the decoder without a
+    /// copy.
+    pub(super) async fn get(&self, url: &str) -> Result<Vec<u8>> {
         let fetch = async {
             let response = self
                 .http
@@ -142,7 +144,7 @@ impl Reader {
                     &body,
                 ));
             }
-            response.bytes().await.map_err(Error::from_reqwest)
+            read_body(response).await
         };
         tokio::select! {
             r = fetch => r,
@@ -153,7 +155,7 @@ impl Reader {
 
     /// [`get`](Self::get), retried quickly inside the session ([`QUICK_RETRIES`]) when the
     /// service or the network hiccuped; each failed attempt is a read error.
-    pub(super) async fn get_retrying(&self, url: &str, what: &str) -> Result<Bytes> {
+    pub(super) async fn get_retrying(&self, url: &str, what: &str) -> Result<Vec<u8>> {
         let mut attempt = 0;
         loop {
             let error = match self.get(url).await {
@@ -224,4 +226,20 @@ impl Reader {
         self.refresh_pending = true;
         Ok(())
     }
+}
+
+/// The most a `Content-Length` reserves up front: a larger (or hostile) length is not trusted
+/// with an allocation before its bytes arrive; the buffer grows as they do.
+const MAX_BODY_RESERVE: u64 = 64 << 20;
+
+/// A response body assembled once, chunk by chunk, into one owned buffer sized from
+/// `Content-Length` (where it is sane). `reqwest::Response::bytes` would hand back a shared
+/// buffer, which the reader then had to copy to rebase it.
+async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>> {
+    let reserve = response.content_length().unwrap_or(0).min(MAX_BODY_RESERVE);
+    let mut body = Vec::with_capacity(usize::try_from(reserve).unwrap_or(0));
+    while let Some(chunk) = response.chunk().await.map_err(Error::from_reqwest)? {
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }

@@ -1,0 +1,433 @@
+//! YUV → RGB-family conversion outside GStreamer: SIMD kernels (`yuvutils-rs`) writing into
+//! pooled buffers, honouring the stream's colorimetry.
+//!
+//! `videoconvert` is the dearest step of the pipeline at 720p (about as much CPU as decoding);
+//! the SIMD kernels do the same conversion several times cheaper. The tail asks the decoder for
+//! its native 4:2:0 layout (I420, or NV12 from hardware decoders; `videoconvert` stays in
+//! front, in passthrough, and converts anything else to I420) and converts each delivered frame
+//! here, after target-fps drops and after scaling, so a resized frame is scaled in YUV
+//! (1.5 bytes per pixel instead of 3 or 4).
+//!
+//! Output buffers come from a small pool per source: a 720p BGR frame is 2.7 MB, and a fresh
+//! allocation of that size per frame costs page faults and heap growth. A buffer returns to the
+//! pool when the last [`Frame`](crate::Frame) (or GStreamer buffer) holding it is dropped.
+
+use std::sync::{Arc, Weak};
+
+use gstreamer as gst;
+use gstreamer_video as gst_video;
+use gstreamer_video::prelude::*;
+use parking_lot::Mutex;
+use yuvutils_rs::{
+    YuvBiPlanarImage, YuvConversionMode, YuvPlanarImage, YuvRange, YuvStandardMatrix,
+};
+
+use crate::frame::PixelFormat;
+
+/// How decoded YUV frames become the requested RGB-family format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ColorConversion {
+    /// SIMD kernels (`yuvutils-rs`, SSE/AVX2 or NEON, chosen at run time) into pooled buffers,
+    /// for BGR, RGB, BGRA and RGBA from 8-bit 4:2:0 video (I420 or NV12) with BT.601, BT.709
+    /// or BT.2020 matrices, limited or full range. Anything else (other formats, 10-bit or
+    /// 4:2:2/4:4:4 video) goes through GStreamer's `videoconvert`, as with
+    /// [`Gstreamer`](Self::Gstreamer). The default.
+    #[default]
+    Simd,
+    /// GStreamer's `videoconvert` for every format (what releases before 0.2 did).
+    Gstreamer,
+}
+
+impl ColorConversion {
+    /// Lower-case name: `simd`, `gstreamer`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ColorConversion::Simd => "simd",
+            ColorConversion::Gstreamer => "gstreamer",
+        }
+    }
+}
+
+impl std::fmt::Display for ColorConversion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ColorConversion {
+    type Err = crate::Error;
+    /// `simd` or `gstreamer` (ASCII case-insensitive).
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "simd" => Ok(ColorConversion::Simd),
+            "gstreamer" => Ok(ColorConversion::Gstreamer),
+            _ => Err(crate::Error::invalid_config(
+                "color_conversion",
+                format!("{s:?}"),
+                "must be simd or gstreamer",
+            )),
+        }
+    }
+}
+
+/// Whether the tail converts `format` itself with `conversion`: the RGB family with
+/// [`ColorConversion::Simd`].
+pub(crate) fn converts(conversion: ColorConversion, format: PixelFormat) -> bool {
+    conversion == ColorConversion::Simd
+        && matches!(
+            format,
+            PixelFormat::Bgr | PixelFormat::Rgb | PixelFormat::Bgra | PixelFormat::Rgba
+        )
+}
+
+/// The formats the appsink accepts when the tail converts: the decoders' own 4:2:0 layouts.
+pub(crate) const NATIVE_FORMATS: [gst_video::VideoFormat; 2] =
+    [gst_video::VideoFormat::I420, gst_video::VideoFormat::Nv12];
+
+/// Why a frame could not be converted (it is then dropped with a warning; never a panic).
+#[derive(Debug)]
+pub(crate) struct ConvertError(pub String);
+
+/// Buffers kept for reuse per pool: what the queue and the reader usually hold at once. More
+/// frames alive at a time are allocated and freed as they come.
+const POOL_KEEP: usize = 8;
+
+/// Free output buffers of one size.
+struct Pool {
+    size: usize,
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+/// An output buffer that goes back to its pool when GStreamer frees the buffer holding it.
+struct Pooled {
+    data: Vec<u8>,
+    pool: Weak<Pool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl AsMut<[u8]> for Pooled {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.upgrade()
+            && self.data.len() == pool.size
+        {
+            let mut free = pool.free.lock();
+            if free.len() < POOL_KEEP {
+                free.push(std::mem::take(&mut self.data));
+            }
+        }
+    }
+}
+
+/// The input layout and output layout for one caps object.
+struct Layout {
+    input: gst_video::VideoInfo,
+    output: gst_video::VideoInfo,
+    range: YuvRange,
+    matrix: YuvStandardMatrix,
+}
+
+/// Converts decoded 4:2:0 frames into one RGB-family format, into pooled buffers.
+pub(crate) struct Converter {
+    format: PixelFormat,
+    pool: Mutex<Arc<Pool>>,
+    layout: Mutex<Option<(gst::Caps, Arc<Layout>)>>,
+}
+
+impl Converter {
+    pub(crate) fn new(format: PixelFormat) -> Self {
+        Converter {
+            format,
+            pool: Mutex::new(Arc::new(Pool {
+                size: 0,
+                free: Mutex::new(Vec::new()),
+            })),
+            layout: Mutex::new(None),
+        }
+    }
+
+    fn layout(&self, caps: &gst::CapsRef) -> Result<Arc<Layout>, ConvertError> {
+        let mut cached = self.layout.lock();
+        if let Some((c, layout)) = cached.as_ref()
+            && c.as_ptr() == caps.as_ptr()
+        {
+            return Ok(Arc::clone(layout));
+        }
+        let input = gst_video::VideoInfo::from_caps(caps)
+            .map_err(|e| ConvertError(format!("unusable caps {caps}: {e}")))?;
+        let format = self
+            .format
+            .video_format()
+            .ok_or_else(|| ConvertError(format!("{} is not a raw format", self.format)))?;
+        let output = gst_video::VideoInfo::builder(format, input.width(), input.height())
+            .fps(input.fps())
+            .par(input.par())
+            .build()
+            .map_err(|e| ConvertError(format!("no layout for {format:?}: {e}")))?;
+        let colorimetry = input.colorimetry();
+        let range = match colorimetry.range() {
+            gst_video::VideoColorRange::Range0_255 => YuvRange::Full,
+            _ => YuvRange::Limited,
+        };
+        let matrix = match colorimetry.matrix() {
+            gst_video::VideoColorMatrix::Bt709 => YuvStandardMatrix::Bt709,
+            gst_video::VideoColorMatrix::Bt2020 => YuvStandardMatrix::Bt2020,
+            gst_video::VideoColorMatrix::Smpte240m => YuvStandardMatrix::Smpte240,
+            gst_video::VideoColorMatrix::Bt601 | gst_video::VideoColorMatrix::Fcc => {
+                YuvStandardMatrix::Bt601
+            }
+            // Unknown: GStreamer's own default, BT.709 for HD and BT.601 below.
+            _ if input.height() >= 720 => YuvStandardMatrix::Bt709,
+            _ => YuvStandardMatrix::Bt601,
+        };
+        let layout = Arc::new(Layout {
+            input,
+            output,
+            range,
+            matrix,
+        });
+        let size = layout.output.size();
+        let mut pool = self.pool.lock();
+        if pool.size != size {
+            *pool = Arc::new(Pool {
+                size,
+                free: Mutex::new(Vec::new()),
+            });
+        }
+        *cached = Some((caps.to_owned(), Arc::clone(&layout)));
+        Ok(layout)
+    }
+
+    fn take_buffer(&self, size: usize) -> Pooled {
+        let pool = Arc::clone(&self.pool.lock());
+        let data = pool
+            .free
+            .lock()
+            .pop()
+            .filter(|b| b.len() == size)
+            .unwrap_or_else(|| vec![0; size]);
+        Pooled {
+            data,
+            pool: Arc::downgrade(&pool),
+        }
+    }
+
+    /// `input` (with `caps`: I420 or NV12) converted to the target format: a new buffer with
+    /// the input's timestamps and flags, and its layout. Metas are not copied (the tail reads
+    /// what it needs from the input first).
+    pub(crate) fn convert(
+        &self,
+        caps: &gst::CapsRef,
+        input: &gst::BufferRef,
+    ) -> Result<(gst::Buffer, gst_video::VideoInfo), ConvertError> {
+        let layout = self.layout(caps)?;
+        let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(input, &layout.input)
+            .map_err(|e| ConvertError(format!("cannot map the decoded frame: {e}")))?;
+        let out_info = &layout.output;
+        let mut out = self.take_buffer(out_info.size());
+        let stride = u32::try_from(out_info.stride()[0])
+            .map_err(|_| ConvertError("negative output stride".into()))?;
+        let plane = |i: u32| {
+            frame
+                .plane_data(i)
+                .map_err(|e| ConvertError(format!("plane {i}: {e}")))
+        };
+        let in_stride = |i: usize| {
+            frame
+                .plane_stride()
+                .get(i)
+                .and_then(|s| u32::try_from(*s).ok())
+                .ok_or_else(|| ConvertError(format!("plane {i} has no usable stride")))
+        };
+        let (width, height) = (frame.width(), frame.height());
+        let dst = out.data.as_mut_slice();
+        let (range, matrix) = (layout.range, layout.matrix);
+        let result = match frame.format() {
+            gst_video::VideoFormat::I420 => {
+                let image = YuvPlanarImage {
+                    y_plane: plane(0)?,
+                    y_stride: in_stride(0)?,
+                    u_plane: plane(1)?,
+                    u_stride: in_stride(1)?,
+                    v_plane: plane(2)?,
+                    v_stride: in_stride(2)?,
+                    width,
+                    height,
+                };
+                match self.format {
+                    PixelFormat::Bgr => {
+                        yuvutils_rs::yuv420_to_bgr(&image, dst, stride, range, matrix)
+                    }
+                    PixelFormat::Rgb => {
+                        yuvutils_rs::yuv420_to_rgb(&image, dst, stride, range, matrix)
+                    }
+                    PixelFormat::Bgra => {
+                        yuvutils_rs::yuv420_to_bgra(&image, dst, stride, range, matrix)
+                    }
+                    PixelFormat::Rgba => {
+                        yuvutils_rs::yuv420_to_rgba(&image, dst, stride, range, matrix)
+                    }
+                    other => return Err(ConvertError(format!("cannot convert to {other}"))),
+                }
+            }
+            gst_video::VideoFormat::Nv12 => {
+                let image = YuvBiPlanarImage {
+                    y_plane: plane(0)?,
+                    y_stride: in_stride(0)?,
+                    uv_plane: plane(1)?,
+                    uv_stride: in_stride(1)?,
+                    width,
+                    height,
+                };
+                let mode = YuvConversionMode::Balanced;
+                match self.format {
+                    PixelFormat::Bgr => {
+                        yuvutils_rs::yuv_nv12_to_bgr(&image, dst, stride, range, matrix, mode)
+                    }
+                    PixelFormat::Rgb => {
+                        yuvutils_rs::yuv_nv12_to_rgb(&image, dst, stride, range, matrix, mode)
+                    }
+                    PixelFormat::Bgra => {
+                        yuvutils_rs::yuv_nv12_to_bgra(&image, dst, stride, range, matrix, mode)
+                    }
+                    PixelFormat::Rgba => {
+                        yuvutils_rs::yuv_nv12_to_rgba(&image, dst, stride, range, matrix, mode)
+                    }
+                    other => return Err(ConvertError(format!("cannot convert to {other}"))),
+                }
+            }
+            other => return Err(ConvertError(format!("unexpected decoded format {other:?}"))),
+        };
+        result.map_err(|e| ConvertError(format!("{width}x{height} frame: {e}")))?;
+        let mut buffer = gst::Buffer::from_mut_slice(out);
+        if let Some(b) = buffer.get_mut() {
+            b.set_pts(input.pts());
+            b.set_dts(input.dts());
+            b.set_duration(input.duration());
+            b.set_flags(input.flags() & gst::BufferFlags::DELTA_UNIT);
+        }
+        Ok((buffer, out_info.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// I420 of one colour (BT.601 limited), `w` × `h`, in GStreamer's default layout.
+    fn i420(w: u32, h: u32, yuv: [u8; 3]) -> (gst::Caps, gst::Buffer) {
+        let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::I420, w, h)
+            .colorimetry(&"bt601".parse().unwrap())
+            .build()
+            .unwrap();
+        let mut data = vec![0u8; info.size()];
+        for (plane, value) in yuv.into_iter().enumerate() {
+            let offset = info.offset()[plane];
+            let stride = info.stride()[plane] as usize;
+            let rows = if plane == 0 { h } else { h.div_ceil(2) } as usize;
+            data[offset..offset + stride * rows].fill(value);
+        }
+        (info.to_caps().unwrap(), gst::Buffer::from_mut_slice(data))
+    }
+
+    #[test]
+    fn converts_into_the_default_layout_and_reuses_buffers() {
+        gst::init().unwrap();
+        // BT.601 limited (81, 90, 240) is pure red.
+        let (caps, input) = i420(322, 10, [81, 90, 240]);
+        let converter = Converter::new(PixelFormat::Bgr);
+        let (out, info) = converter.convert(&caps, &input).unwrap();
+        assert_eq!(info.stride()[0], 968, "GStreamer's padded BGR stride");
+        let map = out.map_readable().unwrap();
+        let px = &map[968 * 5 + 3 * 321..968 * 5 + 3 * 322];
+        assert!(px[0] < 4 && px[1] < 4 && px[2] > 250, "{px:?}");
+        let first = map.as_ptr();
+        drop(map);
+        drop(out);
+        let (again, _) = converter.convert(&caps, &input).unwrap();
+        assert_eq!(
+            again.map_readable().unwrap().as_ptr(),
+            first,
+            "the freed buffer is reused"
+        );
+    }
+
+    #[test]
+    fn the_matrix_and_range_come_from_the_caps() {
+        gst::init().unwrap();
+        let converter = Converter::new(PixelFormat::Rgb);
+        for (colorimetry, want) in [
+            ("bt601", YuvStandardMatrix::Bt601),
+            ("bt709", YuvStandardMatrix::Bt709),
+            ("bt2020", YuvStandardMatrix::Bt2020),
+        ] {
+            let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::I420, 64, 64)
+                .colorimetry(&colorimetry.parse().unwrap())
+                .build()
+                .unwrap();
+            let layout = converter.layout(&info.to_caps().unwrap()).unwrap();
+            assert_eq!(layout.matrix, want, "{colorimetry}");
+            assert_eq!(layout.range, YuvRange::Limited, "{colorimetry}");
+        }
+        let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::I420, 64, 64)
+            .colorimetry(&"1:4:0:0".parse().unwrap())
+            .build()
+            .unwrap();
+        let layout = converter.layout(&info.to_caps().unwrap()).unwrap();
+        assert_eq!(layout.range, YuvRange::Full);
+    }
+
+    /// Limited range puts black at 16 and white at 235; full range at 0 and 255. A converter that
+    /// ignored the range would be 16–20 off at both ends.
+    #[test]
+    fn full_and_limited_range_map_black_and_white() {
+        gst::init().unwrap();
+        let converter = Converter::new(PixelFormat::Rgb);
+        for (colorimetry, y, want) in [
+            ("bt601", 16, 0),
+            ("bt601", 235, 255),
+            ("1:4:0:0", 16, 16),
+            ("1:4:0:0", 235, 235),
+            ("1:4:0:0", 255, 255),
+        ] {
+            let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::I420, 34, 8)
+                .colorimetry(&colorimetry.parse().unwrap())
+                .build()
+                .unwrap();
+            let mut data = vec![128u8; info.size()];
+            let y_size = info.stride()[0] as usize * 8;
+            data[..y_size].fill(y);
+            let input = gst::Buffer::from_mut_slice(data);
+            let (out, out_info) = converter.convert(&info.to_caps().unwrap(), &input).unwrap();
+            let map = out.map_readable().unwrap();
+            let row = out_info.stride()[0] as usize;
+            for px in [0, 3 * 33, row * 7 + 3 * 17] {
+                let got = &map[px..px + 3];
+                assert!(
+                    got.iter().all(|c| c.abs_diff(want) <= 1),
+                    "{colorimetry} Y={y}: got {got:?}, want {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_short_buffer_is_an_error_not_a_panic() {
+        gst::init().unwrap();
+        let (caps, _) = i420(64, 64, [16, 128, 128]);
+        let converter = Converter::new(PixelFormat::Rgba);
+        let short = gst::Buffer::from_mut_slice(vec![0u8; 100]);
+        assert!(converter.convert(&caps, &short).is_err());
+    }
+}
