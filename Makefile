@@ -26,7 +26,7 @@ DEB_PACKAGES := $(BUILD_PACKAGES) $(RUNTIME_PACKAGES)
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps test lint demo bench perf-memory emulator fresh-check fmt clean
+.PHONY: deps test lint demo bench bench-compare perf-memory emulator fresh-check fmt clean
 
 deps:
 	@missing=""; \
@@ -61,6 +61,12 @@ demo: deps
 # Benchmarks are not part of `make test` (they measure, they do not check); `make lint` compiles them.
 bench: deps
 	$(CARGO) bench --workspace --all-features
+
+# CPU per frame beside ffmpeg and Python OpenCV (needs the ffmpeg package; OpenCV is installed
+# from PyPI into a venv under target/compare/).
+bench-compare: deps
+	$(CARGO) build --release --example demo_kvs_hls_reader
+	python3 benches/compare.py
 
 perf-memory: deps
 	$(CARGO) run --release --example perf_memory

@@ -1,4 +1,4 @@
-//! Resident memory per live 720p `KvsHlsFrameSource`, with 1, 4 and 8 sources.
+//! Resident memory per live 720p `KvsHlsFrameSource`, with 1, 4, 8 and 16 sources.
 //!
 //! `cargo run --release --example perf_memory` (or `make perf-memory`)
 //!
@@ -81,11 +81,13 @@ fn measure(n: usize, run_for: Duration) -> Result<()> {
         .collect();
     std::thread::sleep(Duration::from_secs(5));
     let cpu0 = cpu_seconds();
+    let frames0: u64 = sources.iter().map(|s| s.stats().frames_delivered).sum();
     let t0 = Instant::now();
     std::thread::sleep(run_for);
     let cpu = (cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64();
     let rss = rss_kib();
     let frames: u64 = sources.iter().map(|s| s.stats().frames_delivered).sum();
+    let frames_per_second = frames.saturating_sub(frames0) as f64 / t0.elapsed().as_secs_f64();
     for s in &sources {
         s.stop();
     }
@@ -93,7 +95,7 @@ fn measure(n: usize, run_for: Duration) -> Result<()> {
         let _ = r.join();
     }
     println!(
-        "{{\"sources\":{n},\"baseline_kib\":{baseline},\"rss_kib\":{rss},\"per_source_kib\":{},\"cpu_cores\":{cpu:.3},\"frames\":{frames}}}",
+        "{{\"sources\":{n},\"baseline_kib\":{baseline},\"rss_kib\":{rss},\"per_source_kib\":{},\"cpu_cores\":{cpu:.3},\"frames\":{frames},\"frames_per_second\":{frames_per_second:.1}}}",
         rss.saturating_sub(baseline) / n as u64
     );
     Ok(())
@@ -111,10 +113,10 @@ fn main() -> Result<()> {
     }
     let exe = std::env::current_exe()?;
     println!(
-        "| live 720p sources | RSS above baseline | per source | process CPU (cores, incl. the emulator's encoder) |"
+        "| live 720p sources | RSS above baseline | per source | process CPU (cores, incl. the emulator's encoder) | frames/s per source |"
     );
-    println!("|---|---|---|---|");
-    for n in [1, 4, 8] {
+    println!("|---|---|---|---|---|");
+    for n in [1, 4, 8, 16] {
         let out = std::process::Command::new(&exe)
             .args(["--only", &n.to_string()])
             .stderr(std::process::Stdio::inherit())
@@ -127,10 +129,11 @@ fn main() -> Result<()> {
         let v: serde_json::Value = serde_json::from_str(line)?;
         let mib = |k: &str| v[k].as_u64().unwrap_or(0) as f64 / 1024.0;
         println!(
-            "| {n} | {:.0} MiB | {:.0} MiB | {:.2} |",
+            "| {n} | {:.0} MiB | {:.0} MiB | {:.2} | {:.1} |",
             mib("rss_kib") - mib("baseline_kib"),
             mib("per_source_kib"),
-            v["cpu_cores"].as_f64().unwrap_or(0.0)
+            v["cpu_cores"].as_f64().unwrap_or(0.0),
+            v["frames_per_second"].as_f64().unwrap_or(0.0) / n as f64
         );
     }
     Ok(())

@@ -188,6 +188,9 @@ fn soak_live_sources_with_expiring_sessions_and_faults() {
             "--nocapture",
         ])
         .env("SOAK_ROLE", "emulator")
+        // A heap profiler preloaded into the readers' process (heaptrack) stays out of the
+        // emulator's.
+        .env_remove("LD_PRELOAD")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
