@@ -230,6 +230,17 @@ fn gray_and_yuv_formats_have_their_planes_in_order() {
         "the last column of the bars"
     );
 
+    // Both converters give GRAY8 the luma plane unchanged: the same bytes.
+    let gst = decode_with("bt601", PixelFormat::Gray8, ColorConversion::Gstreamer);
+    let g = &gst[FRAMES as usize / 2];
+    for y in 0..H as u32 {
+        assert_eq!(
+            f.row(y),
+            g.row(y),
+            "GRAY8 row {y}: SIMD path vs videoconvert"
+        );
+    }
+
     // I420: Y, U, V planes; NV12: Y, then UV interleaved. Red has V (Cr) high and U (Cb) low,
     // blue the other way round.
     for format in [PixelFormat::I420, PixelFormat::Nv12] {

@@ -1,4 +1,4 @@
-//! YUV → RGB-family conversion outside GStreamer: SIMD kernels (`yuvutils-rs`) writing into
+//! YUV → RGB-family (and GRAY8) conversion outside GStreamer: SIMD kernels (`yuvutils-rs`) writing into
 //! pooled buffers, honouring the stream's colorimetry.
 //!
 //! `videoconvert` is the dearest step of the pipeline at 720p (about as much CPU as decoding);
@@ -17,6 +17,7 @@ use std::sync::{Arc, Weak};
 use gstreamer as gst;
 use gstreamer_video as gst_video;
 use gstreamer_video::prelude::*;
+use memmap2::MmapMut;
 use parking_lot::Mutex;
 use yuvutils_rs::{
     YuvBiPlanarImage, YuvConversionMode, YuvPlanarImage, YuvRange, YuvStandardMatrix,
@@ -77,7 +78,11 @@ pub(crate) fn converts(conversion: ColorConversion, format: PixelFormat) -> bool
     conversion == ColorConversion::Simd
         && matches!(
             format,
-            PixelFormat::Bgr | PixelFormat::Rgb | PixelFormat::Bgra | PixelFormat::Rgba
+            PixelFormat::Bgr
+                | PixelFormat::Rgb
+                | PixelFormat::Bgra
+                | PixelFormat::Rgba
+                | PixelFormat::Gray8
         )
 }
 
@@ -96,35 +101,42 @@ const POOL_KEEP: usize = 8;
 /// Free output buffers of one size.
 struct Pool {
     size: usize,
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Vec<MmapMut>>,
 }
 
 /// An output buffer that goes back to its pool when GStreamer frees the buffer holding it.
+///
+/// The memory is an anonymous mapping of its own, not the heap: when a burst (a reader catching
+/// up after an outage fills its queue) needs more frames than the pool keeps, the extra ones
+/// are unmapped when they are dropped and the process's resident memory goes back down. Heap
+/// chunks of frame size would stay in the allocator's arenas at the burst's high-water mark
+/// (what GStreamer's own buffer pools do too: they never shrink while the pipeline lives).
 struct Pooled {
-    data: Vec<u8>,
+    data: Option<MmapMut>,
     pool: Weak<Pool>,
 }
 
 impl AsRef<[u8]> for Pooled {
     fn as_ref(&self) -> &[u8] {
-        &self.data
+        self.data.as_deref().unwrap_or_default()
     }
 }
 
 impl AsMut<[u8]> for Pooled {
     fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.data
+        self.data.as_deref_mut().unwrap_or_default()
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.upgrade()
-            && self.data.len() == pool.size
+            && let Some(data) = self.data.take()
+            && data.len() == pool.size
         {
             let mut free = pool.free.lock();
             if free.len() < POOL_KEEP {
-                free.push(std::mem::take(&mut self.data));
+                free.push(data);
             }
         }
     }
@@ -209,18 +221,18 @@ impl Converter {
         Ok(layout)
     }
 
-    fn take_buffer(&self, size: usize) -> Pooled {
+    fn take_buffer(&self, size: usize) -> Result<Pooled, ConvertError> {
         let pool = Arc::clone(&self.pool.lock());
-        let data = pool
-            .free
-            .lock()
-            .pop()
-            .filter(|b| b.len() == size)
-            .unwrap_or_else(|| vec![0; size]);
-        Pooled {
-            data,
+        let reused = pool.free.lock().pop().filter(|b| b.len() == size);
+        let data = match reused {
+            Some(data) => data,
+            None => MmapMut::map_anon(size)
+                .map_err(|e| ConvertError(format!("cannot map {size} bytes for a frame: {e}")))?,
+        };
+        Ok(Pooled {
+            data: Some(data),
             pool: Arc::downgrade(&pool),
-        }
+        })
     }
 
     /// `input` (with `caps`: I420 or NV12) converted to the target format: a new buffer with
@@ -235,7 +247,7 @@ impl Converter {
         let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(input, &layout.input)
             .map_err(|e| ConvertError(format!("cannot map the decoded frame: {e}")))?;
         let out_info = &layout.output;
-        let mut out = self.take_buffer(out_info.size());
+        let mut out = self.take_buffer(out_info.size())?;
         let stride = u32::try_from(out_info.stride()[0])
             .map_err(|_| ConvertError("negative output stride".into()))?;
         let plane = |i: u32| {
@@ -251,8 +263,30 @@ impl Converter {
                 .ok_or_else(|| ConvertError(format!("plane {i} has no usable stride")))
         };
         let (width, height) = (frame.width(), frame.height());
-        let dst = out.data.as_mut_slice();
+        let dst = out.as_mut();
         let (range, matrix) = (layout.range, layout.matrix);
+        if self.format == PixelFormat::Gray8 {
+            // The luma plane as it is, row by row (what videoconvert's I420/NV12 → GRAY8 does:
+            // no range change).
+            let y = plane(0)?;
+            let in_stride = in_stride(0)? as usize;
+            let row = width as usize;
+            for (r, out_row) in dst
+                .chunks_mut(stride as usize)
+                .take(height as usize)
+                .enumerate()
+            {
+                let from = r
+                    .checked_mul(in_stride)
+                    .and_then(|start| y.get(start..start.checked_add(row)?))
+                    .ok_or_else(|| ConvertError(format!("luma row {r} is outside the plane")))?;
+                out_row
+                    .get_mut(..row)
+                    .ok_or_else(|| ConvertError(format!("output row {r} is short")))?
+                    .copy_from_slice(from);
+            }
+            return Ok(Self::wrap(out, input, out_info));
+        }
         let result = match frame.format() {
             gst_video::VideoFormat::I420 => {
                 let image = YuvPlanarImage {
@@ -310,6 +344,15 @@ impl Converter {
             other => return Err(ConvertError(format!("unexpected decoded format {other:?}"))),
         };
         result.map_err(|e| ConvertError(format!("{width}x{height} frame: {e}")))?;
+        Ok(Self::wrap(out, input, out_info))
+    }
+
+    /// `out` as a GStreamer buffer with `input`'s timestamps and key flag, and its layout.
+    fn wrap(
+        out: Pooled,
+        input: &gst::BufferRef,
+        info: &gst_video::VideoInfo,
+    ) -> (gst::Buffer, gst_video::VideoInfo) {
         let mut buffer = gst::Buffer::from_mut_slice(out);
         if let Some(b) = buffer.get_mut() {
             b.set_pts(input.pts());
@@ -317,7 +360,7 @@ impl Converter {
             b.set_duration(input.duration());
             b.set_flags(input.flags() & gst::BufferFlags::DELTA_UNIT);
         }
-        Ok((buffer, out_info.clone()))
+        (buffer, info.clone())
     }
 }
 
@@ -386,6 +429,50 @@ mod tests {
             .unwrap();
         let layout = converter.layout(&info.to_caps().unwrap()).unwrap();
         assert_eq!(layout.range, YuvRange::Full);
+    }
+
+    /// A burst of frames alive at once gets buffers of its own; when they drop, the pool keeps
+    /// `POOL_KEEP` and unmaps the rest.
+    #[test]
+    fn the_pool_keeps_a_few_buffers_and_lets_a_burst_go() {
+        gst::init().unwrap();
+        let (caps, input) = i420(64, 32, [128, 128, 128]);
+        let converter = Converter::new(PixelFormat::Gray8);
+        let burst: Vec<_> = (0..3 * POOL_KEEP)
+            .map(|_| converter.convert(&caps, &input).unwrap())
+            .collect();
+        assert_eq!(converter.pool.lock().free.lock().len(), 0);
+        drop(burst);
+        assert_eq!(converter.pool.lock().free.lock().len(), POOL_KEEP);
+    }
+
+    #[test]
+    fn gray8_is_the_luma_plane_row_by_row() {
+        gst::init().unwrap();
+        let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::I420, 33, 5)
+            .build()
+            .unwrap();
+        let mut data = vec![128u8; info.size()];
+        let stride = info.stride()[0] as usize;
+        for r in 0..5 {
+            for x in 0..33 {
+                data[r * stride + x] = (r * 40 + x) as u8;
+            }
+        }
+        let input = gst::Buffer::from_mut_slice(data);
+        let converter = Converter::new(PixelFormat::Gray8);
+        let (out, out_info) = converter.convert(&info.to_caps().unwrap(), &input).unwrap();
+        let map = out.map_readable().unwrap();
+        let out_stride = out_info.stride()[0] as usize;
+        assert!(out_stride >= 33);
+        for r in 0..5 {
+            let want: Vec<u8> = (0..33).map(|x| (r * 40 + x) as u8).collect();
+            assert_eq!(
+                &map[r * out_stride..r * out_stride + 33],
+                &want[..],
+                "row {r}"
+            );
+        }
     }
 
     /// Limited range puts black at 16 and white at 235; full range at 0 and 255. A converter that
