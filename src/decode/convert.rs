@@ -31,9 +31,9 @@ use crate::frame::PixelFormat;
 pub enum ColorConversion {
     /// SIMD kernels (`yuvutils-rs`, SSE/AVX2 or NEON, chosen at run time) into pooled buffers,
     /// for BGR, RGB, BGRA and RGBA from 8-bit 4:2:0 video (I420 or NV12) with BT.601, BT.709
-    /// or BT.2020 matrices, limited or full range. Anything else (other formats, 10-bit or
-    /// 4:2:2/4:4:4 video) goes through GStreamer's `videoconvert`, as with
-    /// [`Gstreamer`](Self::Gstreamer). The default.
+    /// or BT.2020 matrices, limited or full range; GRAY8 is the luma plane copied into the
+    /// same pool. Anything else (I420/NV12 output, JPEG, 10-bit or 4:2:2/4:4:4 video) goes
+    /// through GStreamer's `videoconvert`, as with [`Gstreamer`](Self::Gstreamer). The default.
     #[default]
     Simd,
     /// GStreamer's `videoconvert` for every format (what releases before 0.2 did).
