@@ -59,12 +59,24 @@ demo: deps
 	$(CARGO) run --example demo_kvs_hls_reader -- $(DEMO_ARGS)
 
 # Benchmarks are not part of `make test` (they measure, they do not check); `make lint` compiles them.
+# `make bench` runs the criterion benches and then the side-by-side comparison.
 bench: deps
 	$(CARGO) bench --workspace --all-features
+	$(MAKE) bench-compare
 
-# CPU per frame beside ffmpeg and Python OpenCV (needs the ffmpeg package; OpenCV is installed
-# from PyPI into a venv under target/compare/).
+# CPU per frame beside the ffmpeg CLI and Python OpenCV: installs Debian's ffmpeg and python3-venv
+# (only for this target), OpenCV from PyPI into a venv under target/compare/.
+COMPARE_PACKAGES := ffmpeg python3-venv
 bench-compare: deps
+	@missing=""; \
+	for p in $(COMPARE_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make bench-compare: installing$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 	$(CARGO) build --release --example demo_kvs_hls_reader
 	python3 benches/compare.py
 
