@@ -333,10 +333,11 @@ macro_rules! common_setters {
             self.common.key_frames_only = enabled;
             self
         }
-        /// How YUV becomes BGR, RGB, BGRA or RGBA (default [`ColorConversion::Simd`]: SIMD
-        /// kernels into pooled buffers, several times cheaper than GStreamer's `videoconvert`,
-        /// which stays the fallback for what they do not cover and is available as
-        /// [`ColorConversion::Gstreamer`]).
+        /// How YUV becomes BGR, RGB, BGRA, RGBA or GRAY8 (default
+        /// [`ColorConversion::Simd`](crate::ColorConversion::Simd): SIMD kernels into pooled
+        /// buffers, a third cheaper per frame than GStreamer's `videoconvert`, which stays the
+        /// fallback for what they do not cover and is available as
+        /// [`ColorConversion::Gstreamer`](crate::ColorConversion::Gstreamer)).
         #[must_use]
         pub fn color_conversion(mut self, conversion: $crate::frame::ColorConversion) -> Self {
             self.common.conversion = conversion;
