@@ -26,18 +26,23 @@ DEB_PACKAGES := $(BUILD_PACKAGES) $(RUNTIME_PACKAGES)
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
+# $(call install_missing,TARGET,PACKAGES): apt-get installs those of PACKAGES not installed yet.
+define install_missing
+missing=""; \
+for p in $(2); do \
+  dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+done; \
+if [ -n "$$missing" ]; then \
+  echo "make $(1): installing$$missing"; \
+  $(SUDO) apt-get update -qq && \
+  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+fi
+endef
+
 .PHONY: deps test lint demo bench bench-compare perf-memory emulator fresh-check fmt clean
 
 deps:
-	@missing=""; \
-	for p in $(DEB_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "make deps: installing$$missing"; \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	@$(call install_missing,deps,$(DEB_PACKAGES))
 	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo not found: install Rust >= 1.94.1 with rustup"; exit 1; }
 
 test: deps
@@ -68,15 +73,7 @@ bench: deps
 # (only for this target), OpenCV from PyPI into a venv under target/compare/.
 COMPARE_PACKAGES := ffmpeg python3-venv
 bench-compare: deps
-	@missing=""; \
-	for p in $(COMPARE_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "make bench-compare: installing$$missing"; \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	@$(call install_missing,bench-compare,$(COMPARE_PACKAGES))
 	$(CARGO) build --release --example demo_kvs_hls_reader
 	python3 benches/compare.py
 
