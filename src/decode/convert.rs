@@ -13,6 +13,7 @@
 //! pool when the last [`Frame`](crate::Frame) (or GStreamer buffer) holding it is dropped.
 
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use gstreamer as gst;
 use gstreamer_video as gst_video;
@@ -94,14 +95,45 @@ pub(crate) const NATIVE_FORMATS: [gst_video::VideoFormat; 2] =
 #[derive(Debug)]
 pub(crate) struct ConvertError(pub String);
 
-/// Buffers kept for reuse per pool: what the queue and the reader usually hold at once. More
-/// frames alive at a time are allocated and freed as they come.
+/// Free buffers a pool always keeps: what the queue and the reader usually hold at once.
 const POOL_KEEP: usize = 8;
+
+/// Free buffers beyond [`POOL_KEEP`] are kept while they are reused within this time (a reader
+/// that stays behind holds a full queue, and its frames should not be mapped and unmapped one
+/// by one), and unmapped once idle for longer (a burst is over).
+const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Free buffers a pool keeps at most, however busy.
+const POOL_MAX: usize = 64;
 
 /// Free output buffers of one size.
 struct Pool {
     size: usize,
-    free: Mutex<Vec<MmapMut>>,
+    /// Free buffers with the time each was returned, most recent last.
+    free: Mutex<Vec<(MmapMut, Instant)>>,
+}
+
+impl Pool {
+    fn new(size: usize) -> Arc<Self> {
+        Arc::new(Pool {
+            size,
+            free: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Takes back `data` (returned at `now`) and unmaps what a burst left over: free buffers
+    /// beyond [`POOL_KEEP`] idle for more than `idle`, and any beyond [`POOL_MAX`].
+    fn give_back(&self, data: MmapMut, now: Instant, idle: std::time::Duration) {
+        let mut free = self.free.lock();
+        free.push((data, now));
+        let stale = free
+            .iter()
+            .take(free.len().saturating_sub(POOL_KEEP))
+            .take_while(|(_, at)| now.saturating_duration_since(*at) > idle)
+            .count();
+        let over = free.len().saturating_sub(POOL_MAX);
+        free.drain(..stale.max(over));
+    }
 }
 
 /// An output buffer that goes back to its pool when GStreamer frees the buffer holding it.
@@ -134,10 +166,7 @@ impl Drop for Pooled {
             && let Some(data) = self.data.take()
             && data.len() == pool.size
         {
-            let mut free = pool.free.lock();
-            if free.len() < POOL_KEEP {
-                free.push(data);
-            }
+            pool.give_back(data, Instant::now(), POOL_IDLE);
         }
     }
 }
@@ -161,10 +190,7 @@ impl Converter {
     pub(crate) fn new(format: PixelFormat) -> Self {
         Converter {
             format,
-            pool: Mutex::new(Arc::new(Pool {
-                size: 0,
-                free: Mutex::new(Vec::new()),
-            })),
+            pool: Mutex::new(Pool::new(0)),
             layout: Mutex::new(None),
         }
     }
@@ -212,10 +238,7 @@ impl Converter {
         let size = layout.output.size();
         let mut pool = self.pool.lock();
         if pool.size != size {
-            *pool = Arc::new(Pool {
-                size,
-                free: Mutex::new(Vec::new()),
-            });
+            *pool = Pool::new(size);
         }
         *cached = Some((caps.to_owned(), Arc::clone(&layout)));
         Ok(layout)
@@ -223,7 +246,12 @@ impl Converter {
 
     fn take_buffer(&self, size: usize) -> Result<Pooled, ConvertError> {
         let pool = Arc::clone(&self.pool.lock());
-        let reused = pool.free.lock().pop().filter(|b| b.len() == size);
+        let reused = pool
+            .free
+            .lock()
+            .pop()
+            .map(|(b, _)| b)
+            .filter(|b| b.len() == size);
         let data = match reused {
             Some(data) => data,
             None => MmapMut::map_anon(size)
@@ -431,19 +459,30 @@ mod tests {
         assert_eq!(layout.range, YuvRange::Full);
     }
 
-    /// A burst of frames alive at once gets buffers of its own; when they drop, the pool keeps
-    /// `POOL_KEEP` and unmaps the rest.
+    /// A burst of frames alive at once gets buffers of its own; the pool keeps them while they
+    /// are reused, and unmaps all but `POOL_KEEP` once they have been idle for `POOL_IDLE`.
     #[test]
-    fn the_pool_keeps_a_few_buffers_and_lets_a_burst_go() {
+    fn the_pool_keeps_a_busy_burst_and_lets_an_idle_one_go() {
         gst::init().unwrap();
         let (caps, input) = i420(64, 32, [128, 128, 128]);
         let converter = Converter::new(PixelFormat::Gray8);
         let burst: Vec<_> = (0..3 * POOL_KEEP)
             .map(|_| converter.convert(&caps, &input).unwrap())
             .collect();
-        assert_eq!(converter.pool.lock().free.lock().len(), 0);
+        let pool = Arc::clone(&converter.pool.lock());
+        assert_eq!(pool.free.lock().len(), 0);
         drop(burst);
-        assert_eq!(converter.pool.lock().free.lock().len(), POOL_KEEP);
+        assert_eq!(pool.free.lock().len(), 3 * POOL_KEEP, "kept while busy");
+        // One more return, as if POOL_IDLE later: the idle extras go, POOL_KEEP stay.
+        let later = Instant::now() + POOL_IDLE + std::time::Duration::from_secs(1);
+        let spare = MmapMut::map_anon(pool.size).unwrap();
+        pool.give_back(spare, later, POOL_IDLE);
+        assert_eq!(pool.free.lock().len(), POOL_KEEP);
+        // Never more than POOL_MAX, however busy.
+        for _ in 0..POOL_MAX + 5 {
+            pool.give_back(MmapMut::map_anon(pool.size).unwrap(), later, POOL_IDLE);
+        }
+        assert_eq!(pool.free.lock().len(), POOL_MAX);
     }
 
     #[test]
