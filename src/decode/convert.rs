@@ -434,6 +434,30 @@ mod tests {
         );
     }
 
+    /// Odd sizes (a chroma sample covers the last column and row alone) convert in every
+    /// packed format, up to the last pixel.
+    #[test]
+    fn odd_sizes_convert_to_the_last_pixel() {
+        gst::init().unwrap();
+        // BT.601 limited (81, 90, 240) is pure red.
+        let (caps, input) = i420(33, 7, [81, 90, 240]);
+        for (format, red) in [
+            (PixelFormat::Bgr, 2),
+            (PixelFormat::Rgb, 0),
+            (PixelFormat::Bgra, 2),
+            (PixelFormat::Rgba, 0),
+        ] {
+            let converter = Converter::new(format);
+            let (out, info) = converter.convert(&caps, &input).unwrap();
+            let bpp = format.bytes_per_pixel().unwrap();
+            let map = out.map_readable().unwrap();
+            let last = info.stride()[0] as usize * 6 + bpp * 32;
+            let px = &map[last..last + bpp];
+            assert!(px[red] > 250, "{format}: {px:?}");
+            assert!(px[2 - red] < 4 && px[1] < 4, "{format}: {px:?}");
+        }
+    }
+
     #[test]
     fn the_matrix_and_range_come_from_the_caps() {
         gst::init().unwrap();
