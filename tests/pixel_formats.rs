@@ -109,6 +109,14 @@ fn file(colorimetry: &str) -> PathBuf {
     path
 }
 
+/// Whether `frame` came from the crate's own converter: its buffers are anonymous mappings, so
+/// their pixels start on a page boundary; GStreamer's buffers come from the heap (a malloc
+/// chunk plus alignment padding), never on one. Without this, a test of the SIMD path would
+/// also pass on `videoconvert`.
+fn from_the_crates_converter(frame: &Frame) -> bool {
+    (frame.data().as_ptr() as usize).is_multiple_of(4096)
+}
+
 fn decode(format: PixelFormat) -> Vec<Frame> {
     decode_with("bt601", format, ColorConversion::Simd)
 }
@@ -175,6 +183,9 @@ fn packed_rgb_formats_have_their_channel_order_and_stride() {
         let frames = decode_with(colorimetry, format, conversion);
         let f = &frames[FRAMES as usize / 2];
         let name = format!("{format} ({colorimetry}, {conversion})");
+        if conversion == ColorConversion::Simd {
+            assert!(from_the_crates_converter(f), "{name}: not the SIMD path");
+        }
         assert_eq!(
             (f.width(), f.height(), f.format()),
             (W as u32, H as u32, format),
@@ -233,6 +244,10 @@ fn gray_and_yuv_formats_have_their_planes_in_order() {
     // Both converters give GRAY8 the luma plane unchanged: the same bytes.
     let gst = decode_with("bt601", PixelFormat::Gray8, ColorConversion::Gstreamer);
     let g = &gst[FRAMES as usize / 2];
+    assert!(
+        from_the_crates_converter(f),
+        "GRAY8 takes the SIMD path by default"
+    );
     for y in 0..H as u32 {
         assert_eq!(
             f.row(y),

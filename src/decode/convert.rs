@@ -164,25 +164,25 @@ impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.upgrade()
             && let Some(data) = self.data.take()
-            && data.len() == pool.size
         {
             pool.give_back(data, Instant::now(), POOL_IDLE);
         }
     }
 }
 
-/// The input layout and output layout for one caps object.
+/// The input and output layouts for one caps object, and the pool of output buffers of that
+/// layout (a new layout, a new pool: the old one's buffers are freed as their frames drop).
 struct Layout {
     input: gst_video::VideoInfo,
     output: gst_video::VideoInfo,
     range: YuvRange,
     matrix: YuvStandardMatrix,
+    pool: Arc<Pool>,
 }
 
-/// Converts decoded 4:2:0 frames into one RGB-family format, into pooled buffers.
+/// Converts decoded 4:2:0 frames into one RGB-family format (or GRAY8), into pooled buffers.
 pub(crate) struct Converter {
     format: PixelFormat,
-    pool: Mutex<Arc<Pool>>,
     layout: Mutex<Option<(gst::Caps, Arc<Layout>)>>,
 }
 
@@ -190,12 +190,13 @@ impl Converter {
     pub(crate) fn new(format: PixelFormat) -> Self {
         Converter {
             format,
-            pool: Mutex::new(Pool::new(0)),
             layout: Mutex::new(None),
         }
     }
 
-    fn layout(&self, caps: &gst::CapsRef) -> Result<Arc<Layout>, ConvertError> {
+    /// The layout for `caps`, cached per caps object (a reference, not a copy: a copied caps
+    /// object has another address, and the cache would never hit).
+    fn layout(&self, caps: &gst::Caps) -> Result<Arc<Layout>, ConvertError> {
         let mut cached = self.layout.lock();
         if let Some((c, layout)) = cached.as_ref()
             && c.as_ptr() == caps.as_ptr()
@@ -229,37 +230,31 @@ impl Converter {
             _ if input.height() >= 720 => YuvStandardMatrix::Bt709,
             _ => YuvStandardMatrix::Bt601,
         };
+        tracing::debug!(%caps, ?matrix, ?range, "frame layout for new caps");
+        let pool = Pool::new(output.size());
         let layout = Arc::new(Layout {
             input,
             output,
             range,
             matrix,
+            pool,
         });
-        let size = layout.output.size();
-        let mut pool = self.pool.lock();
-        if pool.size != size {
-            *pool = Pool::new(size);
-        }
-        *cached = Some((caps.to_owned(), Arc::clone(&layout)));
+        *cached = Some((caps.clone(), Arc::clone(&layout)));
         Ok(layout)
     }
 
-    fn take_buffer(&self, size: usize) -> Result<Pooled, ConvertError> {
-        let pool = Arc::clone(&self.pool.lock());
-        let reused = pool
-            .free
-            .lock()
-            .pop()
-            .map(|(b, _)| b)
-            .filter(|b| b.len() == size);
+    /// A free buffer of `pool`, or a new mapping.
+    fn take_buffer(pool: &Arc<Pool>) -> Result<Pooled, ConvertError> {
+        let reused = pool.free.lock().pop().map(|(b, _)| b);
         let data = match reused {
             Some(data) => data,
-            None => MmapMut::map_anon(size)
-                .map_err(|e| ConvertError(format!("cannot map {size} bytes for a frame: {e}")))?,
+            None => MmapMut::map_anon(pool.size).map_err(|e| {
+                ConvertError(format!("cannot map {} bytes for a frame: {e}", pool.size))
+            })?,
         };
         Ok(Pooled {
             data: Some(data),
-            pool: Arc::downgrade(&pool),
+            pool: Arc::downgrade(pool),
         })
     }
 
@@ -268,14 +263,14 @@ impl Converter {
     /// what it needs from the input first).
     pub(crate) fn convert(
         &self,
-        caps: &gst::CapsRef,
+        caps: &gst::Caps,
         input: &gst::BufferRef,
     ) -> Result<(gst::Buffer, gst_video::VideoInfo), ConvertError> {
         let layout = self.layout(caps)?;
         let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(input, &layout.input)
             .map_err(|e| ConvertError(format!("cannot map the decoded frame: {e}")))?;
         let out_info = &layout.output;
-        let mut out = self.take_buffer(out_info.size())?;
+        let mut out = Self::take_buffer(&layout.pool)?;
         let stride = u32::try_from(out_info.stride()[0])
             .map_err(|_| ConvertError("negative output stride".into()))?;
         let plane = |i: u32| {
@@ -458,6 +453,18 @@ mod tests {
         }
     }
 
+    /// The layout (and its pool) is parsed once per caps object, not per frame.
+    #[test]
+    fn the_layout_is_parsed_once_per_caps_object() {
+        gst::init().unwrap();
+        let (caps, _) = i420(64, 32, [128, 128, 128]);
+        let converter = Converter::new(PixelFormat::Bgr);
+        let first = converter.layout(&caps).unwrap();
+        assert!(Arc::ptr_eq(&first, &converter.layout(&caps).unwrap()));
+        let (other, _) = i420(64, 32, [128, 128, 128]);
+        assert!(!Arc::ptr_eq(&first, &converter.layout(&other).unwrap()));
+    }
+
     #[test]
     fn the_matrix_and_range_come_from_the_caps() {
         gst::init().unwrap();
@@ -493,7 +500,7 @@ mod tests {
         let burst: Vec<_> = (0..3 * POOL_KEEP)
             .map(|_| converter.convert(&caps, &input).unwrap())
             .collect();
-        let pool = Arc::clone(&converter.pool.lock());
+        let pool = Arc::clone(&converter.layout(&caps).unwrap().pool);
         assert_eq!(pool.free.lock().len(), 0);
         drop(burst);
         assert_eq!(pool.free.lock().len(), 3 * POOL_KEEP, "kept while busy");

@@ -214,31 +214,19 @@ pub(crate) fn add_tail(
     let frame_sink = Arc::clone(sink);
     let format = config.pixel_format;
     let TailHooks { stamp, on_eos } = hooks;
-    // The caps change only on renegotiation: parse them once per caps object, not per frame.
+    // Without the converter (which keeps its own layout per caps), the frame's layout: parsed
+    // once per caps object, not per frame.
     let parsed: Mutex<Option<(gst::Caps, Layout)>> = Mutex::new(None);
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |appsink| {
-                // Counted while the pipeline (and so this callback) lives.
-                let _ = &active;
+                // The pipeline counts as a live decoder while this callback lives.
+                let _alive = &active;
                 let sample = appsink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                let Some(caps) = sample.caps() else {
+                // A reference to the sample's caps (same object): the layout caches compare it
+                // by address. (`CapsRef::to_owned` would copy it, and never match.)
+                let Some(caps) = sample.caps_owned() else {
                     return Ok(gst::FlowSuccess::Ok);
-                };
-                let (info, width, height) = {
-                    let mut parsed = parsed.lock();
-                    match parsed.as_ref() {
-                        Some((c, (info, w, h))) if c.as_ptr() == caps.as_ptr() => {
-                            (info.clone(), *w, *h)
-                        }
-                        _ => {
-                            let Some((info, w, h)) = frame_layout(format, caps) else {
-                                return Ok(gst::FlowSuccess::Ok);
-                            };
-                            *parsed = Some((caps.to_owned(), (info.clone(), w, h)));
-                            (info, w, h)
-                        }
-                    }
                 };
                 let Some(buffer) = sample.buffer_owned() else {
                     return Ok(gst::FlowSuccess::Ok);
@@ -262,7 +250,7 @@ pub(crate) fn add_tail(
                 );
                 let reference = ntp_reference(&buffer).or(noted.and_then(|s| s.reference));
                 let (buffer, info, width, height) = match &converter {
-                    Some(converter) => match converter.convert(caps, &buffer) {
+                    Some(converter) => match converter.convert(&caps, &buffer) {
                         Ok((out, info)) => {
                             let (w, h) = (info.width(), info.height());
                             (out, Some(info), w, h)
@@ -272,7 +260,12 @@ pub(crate) fn add_tail(
                             return Ok(gst::FlowSuccess::Ok);
                         }
                     },
-                    None => (buffer, info, width, height),
+                    None => {
+                        let Some((info, w, h)) = cached_layout(&parsed, format, &caps) else {
+                            return Ok(gst::FlowSuccess::Ok);
+                        };
+                        (buffer, info, w, h)
+                    }
                 };
                 let Ok(map) = buffer.into_mapped_buffer_readable() else {
                     return Ok(gst::FlowSuccess::Ok);
@@ -297,6 +290,23 @@ pub(crate) fn add_tail(
             .build(),
     );
     Ok(())
+}
+
+/// [`frame_layout`] of `caps`, parsed once per caps object (they change only on renegotiation).
+fn cached_layout(
+    parsed: &Mutex<Option<(gst::Caps, Layout)>>,
+    format: PixelFormat,
+    caps: &gst::Caps,
+) -> Option<Layout> {
+    let mut parsed = parsed.lock();
+    if let Some((c, layout)) = parsed.as_ref()
+        && c.as_ptr() == caps.as_ptr()
+    {
+        return Some(layout.clone());
+    }
+    let layout = frame_layout(format, caps)?;
+    *parsed = Some((caps.clone(), layout.clone()));
+    Some(layout)
 }
 
 /// Video info (raw formats) and size of frames with `caps`; None when the caps are unusable.
