@@ -96,7 +96,7 @@ pub(crate) const NATIVE_FORMATS: [gst_video::VideoFormat; 2] =
 pub(crate) struct ConvertError(pub String);
 
 /// Free buffers a pool always keeps: what the queue and the reader usually hold at once.
-const POOL_KEEP: usize = 8;
+const POOL_KEEP: usize = 2;
 
 /// Free buffers beyond [`POOL_KEEP`] are kept while they are reused within this time (a reader
 /// that stays behind holds a full queue, and its frames should not be mapped and unmapped one
