@@ -179,7 +179,7 @@ fn run(args: Args) -> Result<()> {
         .build()
         .context("tokio runtime")?;
 
-    let registry = prometheus::Registry::new();
+    let registry = kvs_frames::prometheus::Registry::new();
     let metrics = FrameSourceMetrics::register(&registry)?;
 
     // A URI source, or KVS: the emulator unless a real stream is named.
@@ -265,9 +265,15 @@ fn run(args: Args) -> Result<()> {
                 axum::routing::get(move || {
                     let registry = registry.clone();
                     async move {
-                        prometheus::TextEncoder::new()
-                            .encode_to_string(&registry.gather())
-                            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+                        let body = kvs_frames::metrics::encode_text(&registry)
+                            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                kvs_frames::metrics::TEXT_CONTENT_TYPE,
+                            )],
+                            body,
+                        )
                     }
                 }),
             );

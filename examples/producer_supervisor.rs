@@ -217,7 +217,10 @@ fn print_table(statuses: &[ProducerStatus]) {
 }
 
 /// A minimal `/metrics` endpoint (one request per connection).
-async fn serve_metrics(addr: String, registry: prometheus::Registry) -> anyhow::Result<()> {
+async fn serve_metrics(
+    addr: String,
+    registry: kvs_frames::prometheus::Registry,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("binding the metrics endpoint {addr}"))?;
@@ -230,11 +233,12 @@ async fn serve_metrics(addr: String, registry: prometheus::Registry) -> anyhow::
             let n = socket.read(&mut request).await.unwrap_or(0);
             let head = String::from_utf8_lossy(&request[..n]);
             let response = if head.starts_with("GET /metrics") {
-                let mut body = String::new();
-                let _ = prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut body);
+                let body = kvs_frames::metrics::encode_text(&registry)
+                    .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
                 format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                    "HTTP/1.1 200 OK\r\nContent-Type: {}\r\n\
                      Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    kvs_frames::metrics::TEXT_CONTENT_TYPE,
                     body.len()
                 )
             } else {
@@ -304,7 +308,7 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
 
-    let registry = prometheus::Registry::new();
+    let registry = kvs_frames::prometheus::Registry::new();
     let policy = match config.orphan_policy.as_deref() {
         None | Some("kill") => OrphanPolicy::Kill,
         Some("adopt") => OrphanPolicy::Adopt,

@@ -67,6 +67,10 @@ pub mod source;
 pub use decode::DecoderThreads;
 pub use error::{Error, ErrorKind, Result};
 pub use frame::{ColorConversion, FragmentId, Frame, PixelFormat};
+/// The `prometheus` crate this crate is built with: metrics registries are of its types
+/// ([`metrics::FrameSourceMetrics::register`], the producer metrics), so build them from this
+/// re-export rather than a `prometheus` dependency of your own whose version must match.
+pub use prometheus;
 pub use source::{
     DeliveryPolicy, EndOfStream, FrameStream, Frames, KvsHlsFrameSource, KvsHlsFrameSourceBuilder,
     PlaybackMode, RtspTransport, SourceState, SourceStats, UriFrameSource, UriFrameSourceBuilder,

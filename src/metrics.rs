@@ -19,13 +19,23 @@
 //! | `kvs_hls_clock_steps_total` | counter (producer clock steps between fragments) | `camera_id` |
 //! | `kvs_hls_sessions_lost_total` | counter (sessions refused before their expiry) | `camera_id` |
 //!
+//! The crate re-exports the `prometheus` it is built with as [`kvs_frames::prometheus`]
+//! (`crate::prometheus`): build the registry from it and no version of your own has to match
+//! the crate's. [`encode_text`] renders a registry for a `/metrics` handler.
+//!
 //! ```
-//! let registry = prometheus::Registry::new();
+//! use kvs_frames::prometheus::Registry;
+//!
+//! let registry = Registry::new();
 //! let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry)?;
 //! // KvsHlsFrameSource::builder(…).metrics(metrics.clone()) for every source sharing the registry.
 //! # let _ = metrics;
+//! let body = kvs_frames::metrics::encode_text(&registry)?; // the body of GET /metrics
+//! # let _ = body;
 //! # Ok::<(), kvs_frames::Error>(())
 //! ```
+//!
+//! [`kvs_frames::prometheus`]: crate::prometheus
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -60,6 +70,34 @@ impl std::fmt::Debug for FrameSourceMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrameSourceMetrics").finish_non_exhaustive()
     }
+}
+
+/// The content type of [`encode_text`]'s output (Prometheus text format 0.0.4), for the
+/// `Content-Type` header of a `/metrics` response.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// Every metric family of `registry` in the Prometheus text exposition format (what a
+/// `/metrics` endpoint answers; serve it with [`TEXT_CONTENT_TYPE`]).
+///
+/// Fails only if a collector in the registry produced an invalid family (an error of the
+/// collector's author, named in the message).
+pub fn encode_text(registry: &Registry) -> Result<String> {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("cannot encode the metrics: {e}"),
+            )
+        })?;
+    String::from_utf8(out).map_err(|e| {
+        Error::new(
+            ErrorKind::Internal,
+            format!("the metrics text is not UTF-8: {e}"),
+        )
+    })
 }
 
 fn prom(e: prometheus::Error) -> Error {

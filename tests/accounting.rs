@@ -24,7 +24,7 @@ fn metric(text: &str, series: &str) -> f64 {
 fn after_faults_every_counter_equals_its_stats_field() {
     let emulator = common::start(vec![common::small("cam-1")]);
     assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
-    let registry = prometheus::Registry::new();
+    let registry = kvs_frames::prometheus::Registry::new();
     let source = KvsHlsFrameSource::builder("acct", "cam-1")
         .sdk_config(&emulator.sdk_config())
         .pixel_format(PixelFormat::Gray8)
@@ -62,9 +62,7 @@ fn after_faults_every_counter_equals_its_stats_field() {
         "the faults were seen: {stats:?}"
     );
     assert!(stats.frames_dropped_target_fps > 0, "{stats:?}");
-    let text = prometheus::TextEncoder::new()
-        .encode_to_string(&registry.gather())
-        .unwrap();
+    let text = kvs_frames::metrics::encode_text(&registry).unwrap();
     let camera = "{camera_id=\"acct\"}";
     let pairs = [
         ("kvs_hls_frames_total", stats.frames_delivered),

@@ -567,7 +567,7 @@ fn every_invalid_option_is_a_typed_error_naming_it() {
 fn metrics_carry_the_promised_names_and_the_camera_label() {
     let emulator = common::start(vec![common::small("cam-1")]);
     assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
-    let registry = prometheus::Registry::new();
+    let registry = kvs_frames::prometheus::Registry::new();
     let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
     assert!(
         kvs_frames::metrics::FrameSourceMetrics::register(&registry).is_err(),
@@ -866,10 +866,8 @@ fn session_tokens_never_reach_logs_errors_or_debug_output() {
 }
 
 /// The value of a metric series `name{camera_id="…"}` in the registry's text output.
-fn metric(registry: &prometheus::Registry, series: &str) -> Option<f64> {
-    let text = prometheus::TextEncoder::new()
-        .encode_to_string(&registry.gather())
-        .unwrap();
+fn metric(registry: &kvs_frames::prometheus::Registry, series: &str) -> Option<f64> {
+    let text = kvs_frames::metrics::encode_text(registry).unwrap();
     text.lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
@@ -893,7 +891,7 @@ fn a_live_source_never_gives_up_on_a_long_outage_by_default() {
         emulator.ground_truth("cam-1").is_empty(),
         "the camera is offline from the start"
     );
-    let registry = prometheus::Registry::new();
+    let registry = kvs_frames::prometheus::Registry::new();
     let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
     let source = source(&emulator, "cam-1")
         .backoff(default_backoff_quick())
@@ -1238,7 +1236,7 @@ fn a_range_whose_last_fragment_fails_to_decode_ends_at_once_and_counts_it() {
 
 /// Every counter of the registry's `kvs_hls_*` series for `camera` equals its stats field.
 fn assert_metrics_match_stats(
-    registry: &prometheus::Registry,
+    registry: &kvs_frames::prometheus::Registry,
     camera: &str,
     stats: &kvs_frames::SourceStats,
 ) {
@@ -1285,7 +1283,7 @@ fn a_failed_request_is_recovered_inside_the_session() {
     use kvs_emulator::{Failure, Request};
     let emulator = common::start(vec![common::small("cam-1")]);
     assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
-    let registry = prometheus::Registry::new();
+    let registry = kvs_frames::prometheus::Registry::new();
     let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
     let source = source(&emulator, "cam-1")
         .delivery(DeliveryPolicy::Block)
@@ -1367,7 +1365,7 @@ fn a_failed_request_is_recovered_inside_the_session() {
 fn fragments_that_leave_the_live_window_are_counted_and_ordinary_outages_lose_none() {
     let emulator = common::start(vec![common::small("cam-1")]);
     assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
-    let registry = prometheus::Registry::new();
+    let registry = kvs_frames::prometheus::Registry::new();
     let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
     let build = |id: &str, window: Option<u32>| {
         let mut b = KvsHlsFrameSource::builder(id, "cam-1")
@@ -1428,7 +1426,7 @@ fn producer_clock_steps_neither_skip_nor_repeat_frames() {
     use kvs_emulator::ClockShift;
     let emulator = common::start(vec![common::small("cam-1")]);
     assert!(emulator.wait_for_fragments("cam-1", 1, Duration::from_secs(10)));
-    let registry = prometheus::Registry::new();
+    let registry = kvs_frames::prometheus::Registry::new();
     let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
     // A new session every 3 s, so that sessions change during the steps too.
     let source = source(&emulator, "cam-1")

@@ -73,7 +73,7 @@ async fn secrets_never_reach_logs_status_events_errors_or_debug() {
     .unwrap();
 
     let dir = SdkDir::new("redaction");
-    let registry = prometheus::Registry::new();
+    let registry = kvs_frames::prometheus::Registry::new();
     let sup = Supervisor::builder()
         .id(format!("test-redaction-{}", std::process::id()))
         .stats_interval(Duration::from_millis(200))
@@ -267,10 +267,7 @@ async fn secrets_never_reach_logs_status_events_errors_or_debug() {
         seen.push(format!("{ev:?}"));
     }
     seen.push(format!("{sup:?} {:?}", sup.orphans()));
-    let mut metrics = String::new();
-    prometheus::TextEncoder::new()
-        .encode_utf8(&registry.gather(), &mut metrics)
-        .unwrap();
+    let metrics = kvs_frames::metrics::encode_text(&registry).unwrap();
     assert!(
         metrics.contains("kvs_producer_state{stream=\"cam-custom\"} 5"),
         "{metrics}"

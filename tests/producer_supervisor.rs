@@ -25,7 +25,7 @@ fn restarts(status: &kvs_frames::producer::ProducerStatus, reason: RestartReason
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reaches_running_reports_status_and_metrics_and_stops_gracefully() {
     let dir = SdkDir::new("running");
-    let registry = prometheus::Registry::new();
+    let registry = kvs_frames::prometheus::Registry::new();
     let sup = Supervisor::builder()
         .id(format!("test-running-{}", std::process::id()))
         .stats_interval(Duration::from_millis(200))
@@ -80,14 +80,7 @@ async fn reaches_running_reports_status_and_metrics_and_stops_gracefully() {
     assert!(output.iter().all(|l| !l.text.contains(PASSWORD)));
 
     // Metrics in the caller's registry.
-    let text = {
-        let families = registry.gather();
-        let mut buf = String::new();
-        prometheus::TextEncoder::new()
-            .encode_utf8(&families, &mut buf)
-            .unwrap();
-        buf
-    };
+    let text = { kvs_frames::metrics::encode_text(&registry).unwrap() };
     for needle in [
         "kvs_producer_state{stream=\"cam-1\"} 2",
         "kvs_producer_restarts_total{reason=\"stall\",stream=\"cam-1\"} 0",

@@ -907,7 +907,7 @@ fn metrics_carry_the_kvs_names_and_the_camera_label() {
     let dir = Scratch::new("metrics");
     let path = dir.path("clip.mp4");
     make_mp4(&path, 30, 10);
-    let registry = prometheus::Registry::new();
+    let registry = kvs_frames::prometheus::Registry::new();
     let metrics = kvs_frames::metrics::FrameSourceMetrics::register(&registry).unwrap();
     let source = UriFrameSource::builder("lobby", path.to_str().unwrap())
         .metrics(metrics)
@@ -915,9 +915,7 @@ fn metrics_carry_the_kvs_names_and_the_camera_label() {
         .build()
         .unwrap();
     assert_eq!(drain(&source).len(), 15);
-    let text = prometheus::TextEncoder::new()
-        .encode_to_string(&registry.gather())
-        .unwrap();
+    let text = kvs_frames::metrics::encode_text(&registry).unwrap();
     for line in [
         "kvs_hls_frames_total{camera_id=\"lobby\"} 15",
         "kvs_hls_frames_dropped_total{camera_id=\"lobby\",reason=\"target_fps\"} 15",
