@@ -18,7 +18,7 @@ use gstreamer_app as gst_app;
 use kvs_emulator::{Emulator, FragmentRecord, StreamSpec, StreamStatus, barcode};
 use kvs_frames::error::ErrorKind;
 use kvs_frames::kvs::{
-    ClipExtractor, ClipOptions, ClipRequest, Discovery, DiscoveryOptions, KvsClient,
+    ClipExtractor, ClipOptions, ClipRequest, Discovery, DiscoveryOptions, KvsClient, Shard,
     StreamStatus as KvsStatus, TimestampSelector,
 };
 use kvs_frames::retention;
@@ -225,6 +225,70 @@ async fn discovery_reads_every_page_keeps_active_streams_and_caches_them() {
     assert!(stale.is_stale());
     assert_eq!(stale.len(), 7);
     assert!(stale.refresh_error().is_some_and(|e| e.is_transient()));
+}
+
+/// Four replicas over 40 streams listed in pages: each sees only its own, together they see every
+/// ACTIVE stream exactly once, and a fifth replica takes streams only from the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_discovery_gives_every_active_stream_to_exactly_one_replica() {
+    let mut builder = Emulator::builder().list_streams_page_limit(7);
+    for i in 0..40 {
+        let spec = no_camera(&format!("cam-{i:02}"));
+        builder = builder.stream(if i == 39 {
+            spec.status(StreamStatus::Creating)
+        } else {
+            spec
+        });
+    }
+    let emulator = builder.start().unwrap();
+    let client = client_without_sdk_retries(&emulator);
+    let owned = |count: u32| {
+        let client = client.clone();
+        async move {
+            let mut per_replica = Vec::new();
+            for index in 0..count {
+                let shard = Shard::new(index, count).unwrap();
+                let discovery =
+                    Discovery::new(client.clone(), DiscoveryOptions::default().shard(shard))
+                        .unwrap();
+                let names: BTreeSet<String> = discovery
+                    .active_streams()
+                    .await
+                    .unwrap()
+                    .names()
+                    .map(str::to_owned)
+                    .collect();
+                assert!(names.iter().all(|n| shard.owns(n)), "{shard}: {names:?}");
+                per_replica.push(names);
+            }
+            per_replica
+        }
+    };
+    let four = owned(4).await;
+    let mut union = BTreeSet::new();
+    for names in &four {
+        assert!(!names.is_empty(), "every replica gets some of 39: {four:?}");
+        for name in names {
+            assert!(
+                union.insert(name.clone()),
+                "{name} has two owners: {four:?}"
+            );
+        }
+    }
+    let expected: BTreeSet<String> = (0..39).map(|i| format!("cam-{i:02}")).collect();
+    assert_eq!(union, expected, "exactly the ACTIVE streams, once each");
+
+    // A fifth replica: what it owns comes from the four, nothing else moves.
+    let five = owned(5).await;
+    for (index, names) in five.iter().take(4).enumerate() {
+        assert!(
+            names.is_subset(&four[index]),
+            "replica {index} gained streams when a replica was added: {:?} -> {names:?}",
+            four[index]
+        );
+    }
+    let moved: usize = four.iter().zip(&five).map(|(a, b)| a.len() - b.len()).sum();
+    assert_eq!(moved, five[4].len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,7 @@ use aws_sdk_kinesisvideo::types::{ComparisonOperator, Status, StreamInfo, Stream
 use parking_lot::Mutex;
 
 use super::client::{KvsClient, StreamId};
+use super::shard::Shard;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The status of a KVS stream (`StreamInfo.Status`).
@@ -154,6 +155,7 @@ pub struct DiscoveryOptions {
     max_attempts: u32,
     initial_backoff: Duration,
     max_backoff: Duration,
+    shard: Option<Shard>,
 }
 
 impl Default for DiscoveryOptions {
@@ -168,6 +170,7 @@ impl Default for DiscoveryOptions {
             max_attempts: 5,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
+            shard: None,
         }
     }
 }
@@ -219,6 +222,15 @@ impl DiscoveryOptions {
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.initial_backoff = initial;
         self.max_backoff = max;
+        self
+    }
+
+    /// Only the streams this replica of a fleet owns ([`Shard`]: rendezvous hashing over the
+    /// replica index and count), in [`Discovery::list_streams`] and
+    /// [`Discovery::active_streams`] alike. Default: every stream.
+    #[must_use]
+    pub fn shard(mut self, shard: Shard) -> Self {
+        self.shard = Some(shard);
         self
     }
 
@@ -465,7 +477,11 @@ impl Discovery {
         }
         streams.sort_by(|a, b| a.name.cmp(&b.name));
         streams.dedup_by(|a, b| a.name == b.name);
-        tracing::debug!(streams = streams.len(), pages, "ListStreams");
+        let listed = streams.len();
+        if let Some(shard) = self.options.shard {
+            streams.retain(|s| shard.owns(&s.name));
+        }
+        tracing::debug!(listed, kept = streams.len(), pages, "ListStreams");
         Ok(streams)
     }
 

@@ -9,14 +9,17 @@
 //!
 //! [`discovery`] lists the ACTIVE streams (cached for a TTL) and describes single streams;
 //! [`clips`] extracts any time range of a stream as one MP4 file (ListFragments + GetClip, split
-//! at KVS's per-call limits and joined without re-encoding).
+//! at KVS's per-call limits and joined without re-encoding); [`shard`] splits the streams among
+//! the replicas of a fleet.
 
 mod client;
 pub mod clips;
 pub mod discovery;
+pub mod shard;
 
 pub use client::{KvsClient, StreamId};
 pub use clips::{
     ClipBytes, ClipExtractor, ClipInfo, ClipOptions, ClipRequest, FragmentInfo, TimestampSelector,
 };
 pub use discovery::{ActiveStreams, Discovery, DiscoveryOptions, StreamDetails, StreamStatus};
+pub use shard::Shard;
