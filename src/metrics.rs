@@ -10,7 +10,7 @@
 //! | `kvs_hls_read_errors_total` | counter | `camera_id` |
 //! | `kvs_hls_last_frame_timestamp` | gauge (producer time, Unix seconds) | `camera_id` |
 //! | `kvs_hls_connection_state` | gauge (0 disconnected, 1 connecting, 2 connected, 3 reconnecting, 4 error) | `camera_id` |
-//! | `kvs_hls_frames_dropped_total` | counter | `camera_id`, `reason` (`queue_full`, `target_fps`) |
+//! | `kvs_hls_frames_dropped_total` | counter | `camera_id`, `reason` (`queue_full`, `target_fps`, `too_old`) |
 //! | `kvs_hls_fragments_total` | counter | `camera_id` |
 //! | `kvs_hls_fragment_bytes_total` | counter | `camera_id` |
 //! | `kvs_hls_fragment_fetch_seconds` | histogram | `camera_id` |
@@ -225,7 +225,11 @@ impl FrameSourceMetrics {
         let _ = self.skipped.with_label_values(&[camera]);
         let _ = self.clock_steps.with_label_values(&[camera]);
         let _ = self.sessions_lost.with_label_values(&[camera]);
-        for reason in [DropReason::QueueFull, DropReason::TargetFps] {
+        for reason in [
+            DropReason::QueueFull,
+            DropReason::TargetFps,
+            DropReason::TooOld,
+        ] {
             let _ = self.dropped.with_label_values(&[camera, reason.as_str()]);
         }
         self.state.with_label_values(&[camera]).set(0);

@@ -882,9 +882,219 @@ fn default_backoff_quick() -> BackoffPolicy {
         .jitter(Jitter::Fixed(1.0))
 }
 
+/// `Emulator::start` returns with every camera playing: a source started at once connects on
+/// its first request, with nothing counted as waiting, reconnecting or failing.
+#[test]
+fn a_source_started_right_after_the_emulator_connects_at_once() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    assert!(
+        !emulator.ground_truth("cam-1").is_empty(),
+        "start() returned before the first fragment"
+    );
+    let source = source(&emulator, "cam-1").build().unwrap();
+    let frames = take(&source, 25, Duration::from_secs(10));
+    assert_exact(&emulator, "cam-1", &frames);
+    let stats = source.stats();
+    assert_eq!(
+        (
+            stats.reconnects,
+            stats.read_errors,
+            stats.waits_for_first_fragment
+        ),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        emulator.api_call_times("GetHLSStreamingSessionURL").len(),
+        1
+    );
+}
+
+/// "No fragments" on the first connection is a camera that has not started yet: one quiet
+/// retry about a second later (INFO, not WARN), counted as waiting, not as a reconnect.
+#[test]
+fn no_fragments_on_the_first_connection_is_a_short_quiet_wait() {
+    use kvs_emulator::{Failure, Request};
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("kvs_frames=info")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+    let emulator = common::start(vec![common::small("cam-1")]);
+    emulator
+        .faults("cam-1")
+        .unwrap()
+        .fail_next(Request::SessionUrl, Failure::NoFragments, 1);
+    let source = source(&emulator, "cam-1")
+        // A backoff far from 1 s: the wait must not be a backoff step.
+        .backoff(
+            BackoffPolicy::default()
+                .initial(Duration::from_secs(5))
+                .jitter(Jitter::Fixed(1.0)),
+        )
+        .build()
+        .unwrap();
+    let frames = take(&source, 25, Duration::from_secs(15));
+    assert_exact(&emulator, "cam-1", &frames);
+    let calls = emulator.api_call_times("GetHLSStreamingSessionURL");
+    assert_eq!(calls.len(), 2, "one refused, one that played");
+    let waited = calls[1] - calls[0];
+    assert!(
+        waited + Duration::from_millis(20) >= Duration::from_millis(800)
+            && waited < Duration::from_millis(1200 + 750),
+        "the retry came {waited:?} after the refused call"
+    );
+    let stats = source.stats();
+    assert_eq!(stats.waits_for_first_fragment, 1, "{stats:?}");
+    assert_eq!((stats.reconnects, stats.read_errors), (0, 0), "{stats:?}");
+    assert!(stats.backoff_history.is_empty(), "{stats:?}");
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("waiting for the camera's first fragment"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains(" WARN "),
+        "no warning for a camera starting: {logs}"
+    );
+}
+
+/// `wait_for_fragments_async` on a `current_thread` runtime, with an emulator that returned
+/// before its camera's first fragment: the wait ends when it arrives, without blocking the
+/// runtime (a timer ticking beside it keeps running).
+#[test]
+fn the_async_wait_for_fragments_runs_on_a_current_thread_runtime() {
+    let emulator = common::start_cold(vec![common::small("cam-1")]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let ticks = std::cell::Cell::new(0u32);
+    let ready = runtime.block_on(async {
+        let ticker = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                ticks.set(ticks.get() + 1);
+            }
+        };
+        tokio::select! {
+            ready = emulator.wait_for_fragments_async("cam-1", 2, Duration::from_secs(20)) => ready,
+            _ = ticker => false,
+        }
+    });
+    assert!(ready, "two fragments within 20 s");
+    // Two 1 s fragments take about 2 s: a wait that blocked the thread would leave the ticker
+    // at 0.
+    assert!(
+        ticks.get() >= 10,
+        "the runtime was blocked: {} ticks",
+        ticks.get()
+    );
+    assert!(emulator.ground_truth("cam-1").len() >= 2);
+    // And a timeout is a plain false.
+    let never = runtime.block_on(emulator.wait_for_fragments_async(
+        "cam-1",
+        1_000_000,
+        Duration::from_millis(100),
+    ));
+    assert!(!never);
+}
+
+/// A reader at 10 fps of a 25 fps camera, with `Block` (the decoder waits for it): without
+/// `max_frame_age` it falls further and further behind; with it every frame it gets was at most
+/// that old when decoded, the rest are counted as too old, and old fragments are skipped.
+#[test]
+fn max_frame_age_keeps_a_slow_reader_at_the_live_edge() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    let max_age = Duration::from_millis(2500);
+    let run = |age: Option<Duration>| {
+        let mut builder = source(&emulator, "cam-1")
+            .delivery(DeliveryPolicy::Block)
+            .queue_capacity(2);
+        if let Some(age) = age {
+            builder = builder.max_frame_age(age);
+        }
+        let source = builder.build().unwrap();
+        let mut frames = source.frames();
+        let (mut decoded_ages, mut numbers) = (Vec::new(), Vec::new());
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(9) {
+            let (frame, _) = frames
+                .next_timeout(Duration::from_secs(10))
+                .unwrap()
+                .unwrap();
+            let produced = frame.producer_time().unwrap();
+            decoded_ages.push(
+                frame
+                    .emitted_at()
+                    .duration_since(produced)
+                    .unwrap_or_default(),
+            );
+            numbers.push(number(&frame));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (decoded_ages, numbers, source.stats())
+    };
+
+    let (ages, _, stats) = run(None);
+    let oldest = ages.iter().max().copied().unwrap();
+    assert!(
+        oldest > max_age + Duration::from_secs(1),
+        "without max_frame_age the slow reader falls behind: oldest {oldest:?}, {stats:?}"
+    );
+    assert_eq!(stats.frames_dropped_too_old, 0);
+
+    let (ages, numbers, stats) = run(Some(max_age));
+    let oldest = ages.iter().max().copied().unwrap();
+    assert!(
+        oldest <= max_age + Duration::from_millis(100),
+        "a frame {oldest:?} old was delivered with max_frame_age {max_age:?}: {ages:?}"
+    );
+    assert!(
+        numbers.windows(2).all(|w| w[1] > w[0]),
+        "in order, none twice: {numbers:?}"
+    );
+    assert!(stats.frames_dropped_too_old > 0, "{stats:?}");
+    assert_eq!(stats.frames_dropped_queue_full, 0, "{stats:?}");
+    assert_eq!(stats.frames_dropped(), stats.frames_dropped_too_old);
+    assert_eq!((stats.reconnects, stats.read_errors), (0, 0), "{stats:?}");
+    // The decoded frames are delivered or dropped: none vanish.
+    let (min, max) = (numbers[0], *numbers.last().unwrap());
+    let span = u64::from(max - min) + 1;
+    assert!(
+        stats.frames_delivered + stats.frames_dropped_too_old + 60 >= span,
+        "{span} frames from {min} to {max}, {stats:?}"
+    );
+}
+
+#[test]
+fn max_frame_age_is_for_live_playback_only() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    let now = SystemTime::now();
+    let err = source(&emulator, "cam-1")
+        .playback(PlaybackMode::OnDemand {
+            start: now - Duration::from_secs(60),
+            end: now,
+        })
+        .max_frame_age(Duration::from_secs(3))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    assert!(err.to_string().contains("max_frame_age"), "{err}");
+    for bad in [Duration::from_millis(99), Duration::from_secs(3601)] {
+        let err = source(&emulator, "cam-1")
+            .max_frame_age(bad)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("max_frame_age"), "{err}");
+    }
+}
+
 #[test]
 fn a_live_source_never_gives_up_on_a_long_outage_by_default() {
-    let emulator = common::start(vec![common::small("cam-1")]);
+    let emulator = common::start_cold(vec![common::small("cam-1")]);
     let faults = emulator.faults("cam-1").unwrap();
     faults.camera_offline(Duration::from_secs(3600));
     assert!(
@@ -1499,7 +1709,7 @@ fn on_demand_with_one_fragment_per_playlist_advances_one_session_per_fragment() 
 
 #[test]
 fn get_data_endpoint_is_called_again_only_when_the_endpoint_may_be_stale() {
-    let emulator = common::start(vec![common::small("cam-1")]);
+    let emulator = common::start_cold(vec![common::small("cam-1")]);
     let faults = emulator.faults("cam-1").unwrap();
     faults.camera_offline(Duration::from_secs(3600));
     assert!(emulator.ground_truth("cam-1").is_empty());
@@ -1572,7 +1782,7 @@ fn a_session_closed_by_another_reader_is_replaced_and_counted() {
 
 #[test]
 fn backoff_delays_measured_end_to_end_follow_the_seeded_policy() {
-    let emulator = common::start(vec![common::small("cam-1")]);
+    let emulator = common::start_cold(vec![common::small("cam-1")]);
     emulator
         .faults("cam-1")
         .unwrap()
@@ -1594,13 +1804,21 @@ fn backoff_delays_measured_end_to_end_follow_the_seeded_policy() {
         .unwrap();
     // No session can be opened (no fragments): every attempt is a GetHLSStreamingSessionURL.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while emulator.api_call_times("GetHLSStreamingSessionURL").len() < 7 {
+    while emulator.api_call_times("GetHLSStreamingSessionURL").len() < 8 {
         assert!(Instant::now() < deadline, "{:?}", source.stats());
         std::thread::sleep(Duration::from_millis(50));
     }
     let calls = emulator.api_call_times("GetHLSStreamingSessionURL");
+    // The first retry is the wait for a camera's first fragment (1 s × 0.8–1.2), not a backoff
+    // step; the policy's delays follow it.
+    let first = calls[1] - calls[0];
+    assert!(
+        first + Duration::from_millis(20) >= Duration::from_millis(800)
+            && first < Duration::from_millis(1200 + 750),
+        "the first retry came {first:?} after the first call"
+    );
     let mut factors = Vec::new();
-    for (i, (pair, want)) in calls.windows(2).zip(&expected).enumerate() {
+    for (i, (pair, want)) in calls[1..].windows(2).zip(&expected).enumerate() {
         let measured = pair[1] - pair[0];
         // The delay, then one request to the emulator on 127.0.0.1 (generous for a loaded
         // machine), never less than the delay.
@@ -1622,6 +1840,7 @@ fn backoff_delays_measured_end_to_end_follow_the_seeded_policy() {
     let stats = source.stats();
     assert_eq!(&stats.backoff_history[..6], &expected[..], "{stats:?}");
     assert_eq!(stats.state, SourceState::Reconnecting);
+    assert_eq!(stats.waits_for_first_fragment, 1, "{stats:?}");
 }
 
 #[test]

@@ -43,6 +43,9 @@ pub enum Failure {
     /// or fail at end-of-stream when nothing could be decoded (other requests: like
     /// [`ServerError`](Failure::ServerError)).
     GarbledMedia,
+    /// HTTP 404 `ResourceNotFoundException` "No fragments found…": what KVS answers before a
+    /// camera's first fragment arrives (on any request of the HLS API).
+    NoFragments,
 }
 
 /// How far the producer clock of [`Faults::shift_producer_timestamps`] is off.

@@ -324,9 +324,20 @@ pub struct EmulatorBuilder {
     region: String,
     max_fragments_per_stream: usize,
     list_streams_page_limit: Option<usize>,
+    wait_for_cameras: bool,
 }
 
 impl EmulatorBuilder {
+    /// Whether [`start`](Self::start) returns only once every live camera has published its
+    /// first fragment (default true), so that a reader started right after finds the stream
+    /// playing. `false` returns as soon as the server listens: the first fragment of each
+    /// camera comes one fragment duration later, and until then `GetHLSStreamingSessionURL`
+    /// (LIVE) answers "No fragments found", as KVS does right after a producer starts.
+    #[must_use]
+    pub fn wait_for_cameras(mut self, wait: bool) -> Self {
+        self.wait_for_cameras = wait;
+        self
+    }
     /// Adds a stream (with its camera, unless disabled in the spec).
     #[must_use]
     pub fn stream(mut self, spec: StreamSpec) -> Self {
@@ -360,7 +371,10 @@ impl EmulatorBuilder {
         self
     }
 
-    /// Validates the streams, binds the port, starts the cameras and the server.
+    /// Validates the streams, binds the port, starts the cameras and the server, and (unless
+    /// [`wait_for_cameras`](Self::wait_for_cameras) is off) waits until every live camera has
+    /// published its first fragment: an error names a camera that did not within ten fragment
+    /// durations plus 10 s.
     pub fn start(self) -> Result<Emulator> {
         for spec in &self.streams {
             spec.validate()?;
@@ -402,19 +416,39 @@ impl EmulatorBuilder {
             max_fragments_per_stream: self.max_fragments_per_stream,
             list_streams_page_limit: self.list_streams_page_limit,
         }));
+        let cameras: Vec<(String, Duration)> = self
+            .streams
+            .iter()
+            .filter(|s| s.camera && s.live)
+            .map(|s| (s.name.clone(), s.fragment_duration))
+            .collect();
         for spec in self.streams {
             store::State::add_stream(&state, spec)?;
         }
         let server = server::Server::start(listener, data_listener, Arc::clone(&state))?;
         tracing::info!(%endpoint, %data_endpoint, "KVS emulator listening");
-        Ok(Emulator {
+        let emulator = Emulator {
             state,
             server: Some(server),
             addr,
             endpoint,
             data_endpoint,
             region: self.region,
-        })
+        };
+        if self.wait_for_cameras {
+            for (name, fragment) in cameras {
+                let timeout = fragment.saturating_mul(10) + Duration::from_secs(10);
+                if !emulator.wait_for_fragments(&name, 1, timeout) {
+                    return Err(Error::new(
+                        ErrorKind::Pipeline,
+                        format!(
+                            "the camera of stream {name:?} published no fragment within {timeout:?}"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(emulator)
     }
 }
 
@@ -446,6 +480,7 @@ impl Emulator {
             region: "us-east-1".to_owned(),
             max_fragments_per_stream: 3600,
             list_streams_page_limit: None,
+            wait_for_cameras: true,
         }
     }
 
@@ -510,8 +545,29 @@ impl Emulator {
         self.state.ground_truth(stream)
     }
 
+    /// [`wait_for_fragments`](Self::wait_for_fragments) for async code: sleeps on the runtime's
+    /// timer instead of blocking the thread (any tokio runtime, `current_thread` included).
+    pub async fn wait_for_fragments_async(
+        &self,
+        stream: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.state.ground_truth_len(stream) >= count {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until `stream` has published at least `count` fragments in total, or `timeout`
-    /// passes; returns whether it did.
+    /// passes; returns whether it did. Blocks the thread: from async code use
+    /// [`wait_for_fragments_async`](Self::wait_for_fragments_async).
     pub fn wait_for_fragments(&self, stream: &str, count: usize, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         loop {

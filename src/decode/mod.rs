@@ -114,6 +114,7 @@ pub(crate) struct DecodeConfig {
     pub resize: Option<(u32, u32)>,
     pub target_fps: Option<f64>,
     pub key_frames_only: bool,
+    pub max_frame_age: Option<Duration>,
     pub conversion: ColorConversion,
     pub decoder_threads: DecoderThreads,
 }
@@ -133,6 +134,7 @@ pub(crate) struct FragmentInput {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum DecoderDrop {
     TargetFps,
+    TooOld,
 }
 
 /// Callbacks from the decoder into the source.

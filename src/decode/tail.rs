@@ -217,6 +217,7 @@ pub(crate) fn add_tail(
     // Frames out of the appsink, without a copy.
     let frame_sink = Arc::clone(sink);
     let format = config.pixel_format;
+    let max_frame_age = config.max_frame_age;
     let TailHooks { stamp, on_eos } = hooks;
     // Without the converter (which keeps its own layout per caps), the frame's layout: parsed
     // once per caps object, not per frame.
@@ -253,6 +254,16 @@ pub(crate) fn add_tail(
                     |s| s.key_frame,
                 );
                 let reference = ntp_reference(&buffer).or(noted.and_then(|s| s.reference));
+                let (producer_time, fragment) = stamp(pts, reference);
+                // The live edge: a frame already too old is not converted, nor delivered.
+                if let (Some(max_age), Some(produced)) = (max_frame_age, producer_time)
+                    && SystemTime::now()
+                        .duration_since(produced)
+                        .is_ok_and(|age| age > max_age)
+                {
+                    frame_sink.dropped(DecoderDrop::TooOld);
+                    return Ok(gst::FlowSuccess::Ok);
+                }
                 let (buffer, info, width, height) = match &converter {
                     Some(converter) => match converter.convert(&caps, &buffer) {
                         Ok((out, info)) => {
@@ -274,7 +285,6 @@ pub(crate) fn add_tail(
                 let Ok(map) = buffer.into_mapped_buffer_readable() else {
                     return Ok(gst::FlowSuccess::Ok);
                 };
-                let (producer_time, fragment) = stamp(pts, reference);
                 frame_sink.frame(Frame {
                     map,
                     info,

@@ -77,6 +77,8 @@ pub enum DropReason {
     QueueFull,
     /// Dropped to honour `target_fps`.
     TargetFps,
+    /// Older than `max_frame_age` when decoded (before colour conversion).
+    TooOld,
 }
 
 impl DropReason {
@@ -85,6 +87,7 @@ impl DropReason {
         match self {
             DropReason::QueueFull => "queue_full",
             DropReason::TargetFps => "target_fps",
+            DropReason::TooOld => "too_old",
         }
     }
 }
@@ -101,6 +104,12 @@ pub struct SourceStats {
     pub frames_dropped_queue_full: u64,
     /// Frames dropped to honour `target_fps`.
     pub frames_dropped_target_fps: u64,
+    /// Frames dropped because their producer time was more than `max_frame_age` ago when they
+    /// were decoded.
+    pub frames_dropped_too_old: u64,
+    /// LIVE fragments not fetched because they ended more than `max_frame_age` ago (after an
+    /// outage the reader goes on at the live edge instead of reading through its backlog).
+    pub fragments_too_old: u64,
     /// Media fragments downloaded.
     pub fragments_fetched: u64,
     /// Bytes of media fragments and init segments downloaded.
@@ -113,6 +122,9 @@ pub struct SourceStats {
     pub url_refreshes: u64,
     /// Reconnections after an error or a stall.
     pub reconnects: u64,
+    /// Times the first connection found no fragment yet (a camera that had not started
+    /// sending) and waited about a second for it: not reconnects, not read errors.
+    pub waits_for_first_fragment: u64,
     /// Errors while reading (each failed request, stall or decode error).
     pub read_errors: u64,
     /// Decode errors (the pipeline was rebuilt after each).
@@ -151,7 +163,23 @@ pub struct SourceStats {
 impl SourceStats {
     /// Every dropped frame, whatever the reason.
     pub fn frames_dropped(&self) -> u64 {
-        self.frames_dropped_queue_full + self.frames_dropped_target_fps
+        self.frames_dropped_queue_full
+            + self.frames_dropped_target_fps
+            + self.frames_dropped_too_old
+    }
+
+    /// Counts a frame the decoder's tail dropped; the reason for the metrics.
+    pub(crate) fn count_decoder_drop(&mut self, why: crate::decode::DecoderDrop) -> DropReason {
+        match why {
+            crate::decode::DecoderDrop::TargetFps => {
+                self.frames_dropped_target_fps += 1;
+                DropReason::TargetFps
+            }
+            crate::decode::DecoderDrop::TooOld => {
+                self.frames_dropped_too_old += 1;
+                DropReason::TooOld
+            }
+        }
     }
 }
 
@@ -166,6 +194,7 @@ pub(crate) struct CommonOptions {
     pub resize: Option<(u32, u32)>,
     pub target_fps: Option<f64>,
     pub key_frames_only: bool,
+    pub max_frame_age: Option<Duration>,
     pub conversion: ColorConversion,
     pub decoder_threads: DecoderThreads,
     pub queue_capacity: usize,
@@ -183,6 +212,7 @@ impl CommonOptions {
             resize: None,
             target_fps: None,
             key_frames_only: false,
+            max_frame_age: None,
             conversion: ColorConversion::Simd,
             decoder_threads: DecoderThreads::Auto,
             queue_capacity: 30,
@@ -226,6 +256,15 @@ impl CommonOptions {
                 "must be more than 0 and at most 240",
             ));
         }
+        if let Some(age) = self.max_frame_age
+            && !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&age)
+        {
+            return Err(Error::invalid_config(
+                "max_frame_age",
+                format!("{age:?}"),
+                "must be between 100 ms and 1 h",
+            ));
+        }
         if let DecoderThreads::Fixed(n) = self.decoder_threads
             && !(1..=64).contains(&n)
         {
@@ -267,6 +306,7 @@ impl CommonOptions {
             resize: self.resize,
             target_fps: self.target_fps,
             key_frames_only: self.key_frames_only,
+            max_frame_age: self.max_frame_age,
             conversion: self.conversion,
             decoder_threads: self.decoder_threads,
         }
@@ -331,6 +371,20 @@ macro_rules! common_setters {
         #[must_use]
         pub fn key_frames_only(mut self, enabled: bool) -> Self {
             self.common.key_frames_only = enabled;
+            self
+        }
+        /// Stay at the live edge: frames whose producer time is more than `age` ago when they
+        /// are decoded are dropped before colour conversion (counted as
+        /// `frames_dropped_too_old`, metric reason `too_old`), and a LIVE KVS reader that comes
+        /// back from an outage skips the fragments that ended more than `age` ago instead of
+        /// reading through them (`fragments_too_old`). 100 ms – 1 h; default none (every frame
+        /// is delivered, however late). Frames without a producer time are never dropped.
+        /// KVS sources accept it with LIVE playback only. The producer's clock must be right
+        /// (NTP): frames of a camera whose clock is behind by more than `age` are all dropped,
+        /// which the drop counter shows.
+        #[must_use]
+        pub fn max_frame_age(mut self, age: std::time::Duration) -> Self {
+            self.common.max_frame_age = Some(age);
             self
         }
         /// How YUV becomes BGR, RGB, BGRA, RGBA or GRAY8 (default

@@ -27,8 +27,19 @@ pub fn small(name: &str) -> StreamSpec {
         .bitrate_kbps(300)
 }
 
+/// An emulator with `specs`, started once every camera has its first fragment.
 pub fn start(specs: Vec<StreamSpec>) -> Emulator {
-    let mut builder = Emulator::builder();
+    start_with(specs, true)
+}
+
+/// Like [`start`], but returned before the cameras' first fragments: a stream whose camera has
+/// not sent anything yet.
+pub fn start_cold(specs: Vec<StreamSpec>) -> Emulator {
+    start_with(specs, false)
+}
+
+fn start_with(specs: Vec<StreamSpec>, wait_for_cameras: bool) -> Emulator {
+    let mut builder = Emulator::builder().wait_for_cameras(wait_for_cameras);
     for spec in specs {
         builder = builder.stream(spec);
     }

@@ -79,6 +79,7 @@ pub(super) fn with_session<T>(
         Some(Failure::ServerError) => return Err(KvsError::internal()),
         Some(Failure::Throttled) => return Err(KvsError::throttled()),
         Some(Failure::Forbidden) => return Err(KvsError::session_expired()),
+        Some(Failure::NoFragments) => return Err(KvsError::no_fragments()),
         Some(Failure::Corrupt) if kind == HlsRequest::Init => {
             return Err(KvsError::internal());
         }

@@ -175,6 +175,7 @@ pub(crate) async fn get_hls_streaming_session_url(
         }
         match stream.faults.take(Request::SessionUrl) {
             Some(Failure::Throttled) => return Err(KvsError::throttled()),
+            Some(Failure::NoFragments) => return Err(KvsError::no_fragments()),
             Some(Failure::Forbidden) => {
                 return Err(KvsError::new(
                     StatusCode::FORBIDDEN,

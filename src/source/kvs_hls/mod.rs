@@ -226,13 +226,9 @@ impl FrameSink for Sink {
     fn dropped(&self, why: DecoderDrop) {
         let ctx = &self.0;
         ctx.reset_progress();
-        match why {
-            DecoderDrop::TargetFps => {
-                ctx.core.stats.lock().frames_dropped_target_fps += 1;
-                if let Some(m) = &ctx.metrics {
-                    m.dropped(&ctx.camera_id, DropReason::TargetFps, 1);
-                }
-            }
+        let reason = ctx.core.stats.lock().count_decoder_drop(why);
+        if let Some(m) = &ctx.metrics {
+            m.dropped(&ctx.camera_id, reason, 1);
         }
     }
 

@@ -260,6 +260,15 @@ impl KvsHlsFrameSourceBuilder {
             }
             PlaybackMode::OnDemand { start, end } => range(start, end)?,
         }
+        if let Some(age) = self.common.max_frame_age
+            && self.playback != PlaybackMode::Live
+        {
+            return Err(Error::invalid_config(
+                "max_frame_age",
+                format!("{age:?}"),
+                "keeps a LIVE reader at the live edge; with a past range every frame would be too old",
+            ));
+        }
         if self.container == Container::MpegTs {
             return Err(Error::invalid_config(
                 "container",

@@ -128,6 +128,42 @@ impl Reader {
     /// not be a fed fragment from elsewhere, which tells apart the same time before and after a
     /// clock step); everything after it is new.
     pub(super) fn select(&self, playlist: &MediaPlaylist) -> Selection {
+        let mut selection = self.select_unfed(playlist);
+        self.skip_too_old(&mut selection);
+        selection
+    }
+
+    /// With `max_frame_age` (LIVE only): the leading fragments of `selection` that ended more
+    /// than that long ago are left out (all their frames would be dropped as too old), the
+    /// newest always kept; counted in `fragments_too_old`.
+    fn skip_too_old(&self, selection: &mut Selection) {
+        let Some(max_age) = self.opts.common.max_frame_age else {
+            return;
+        };
+        let Some(edge) = SystemTime::now().checked_sub(max_age) else {
+            return;
+        };
+        let old = selection
+            .segments
+            .iter()
+            .take(selection.segments.len().saturating_sub(1))
+            .take_while(|s| {
+                s.program_date_time
+                    .and_then(|t| t.checked_add(s.duration))
+                    .is_some_and(|end| end < edge)
+            })
+            .count();
+        if old == 0 {
+            return;
+        }
+        selection.segments.drain(..old);
+        selection.contiguous = false;
+        tracing::info!(camera = %self.camera(), fragments = old, ?max_age, "fragments older than max_frame_age: going on at the live edge");
+        self.ctx.core.stats.lock().fragments_too_old += old as u64;
+    }
+
+    /// The fragments of `playlist` not yet fed, in order (see [`select`](Self::select)).
+    fn select_unfed(&self, playlist: &MediaPlaylist) -> Selection {
         let segments = &playlist.segments;
         let live = matches!(self.opts.playback, PlaybackMode::Live);
         let Some(last) = self.position.last() else {

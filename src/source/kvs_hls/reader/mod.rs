@@ -109,7 +109,14 @@ struct Reader {
     refresh_pending: bool,
     position: Position,
     failures: u32,
+    /// The first connection found no fragment yet and waited for the camera once.
+    waited_for_first_fragment: bool,
 }
+
+/// How long the first connection waits when the stream has no fragment yet (a camera that has
+/// just started: its first fragment is on its way), times a random 0.8–1.2 so that many
+/// sources started together do not ask in step.
+const FIRST_FRAGMENT_WAIT: Duration = Duration::from_secs(1);
 
 /// How long after a range's end its fragments are assumed to have all reached KVS (producers
 /// upload within seconds; KVS answers LIVE with "no fragments" after 30 s without ingest).
@@ -212,6 +219,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, decoder: Arc<Decoder>, opts: KvsHlsFrameS
         refresh_pending: false,
         position: Position::default(),
         failures: 0,
+        waited_for_first_fragment: false,
     };
     reader.run().await;
 }
@@ -257,6 +265,12 @@ impl Reader {
                 Err(e) => e,
             };
             let stalled = self.ctx.stalled.swap(false, Ordering::SeqCst);
+            if self.first_fragment_pending(&error) {
+                if self.wait_for_first_fragment(&error).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let error = self.confirm_fatal(error).await;
             self.count_read_error(&error);
             if !error.is_transient() {
@@ -331,6 +345,32 @@ impl Reader {
             }
             self.ctx.reset_progress();
         }
+    }
+
+    /// Whether `error` is the first connection finding no fragment yet: the camera has not
+    /// started sending (KVS answers so right after a producer starts, as the emulator does
+    /// before its camera's first fragment). Once per source, and not for a range already over
+    /// (which "no fragments" ends).
+    fn first_fragment_pending(&self, error: &Error) -> bool {
+        error.kind() == ErrorKind::NoFragments
+            && !self.waited_for_first_fragment
+            && !self.position.fed_any()
+            && self.failures == 0
+            && !self.range_ended()
+    }
+
+    /// Waits about [`FIRST_FRAGMENT_WAIT`] for the camera's first fragment: logged at INFO, and
+    /// counted as [`SourceStats::waits_for_first_fragment`](crate::source::SourceStats), not as
+    /// a reconnect or a read error. The state stays Connecting.
+    async fn wait_for_first_fragment(&mut self, error: &Error) -> Result<()> {
+        self.waited_for_first_fragment = true;
+        let factor = rand::random_range(0.8..=1.2);
+        let delay = FIRST_FRAGMENT_WAIT.mul_f64(factor);
+        tracing::info!(camera = %self.camera(), %error, ?delay, "no fragment yet: waiting for the camera's first fragment");
+        self.ctx.core.stats.lock().waits_for_first_fragment += 1;
+        self.ctx.sleep(delay).await?;
+        self.ctx.reset_progress();
+        Ok(())
     }
 
     /// Counts a failed request, stall or decode error.
