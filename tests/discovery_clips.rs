@@ -15,11 +15,11 @@ use common::{dt, small};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use kvs_emulator::{Emulator, FragmentRecord, StreamSpec, StreamStatus, barcode};
+use kvs_emulator::{Emulator, FragmentRecord, Refusal, StreamSpec, StreamStatus, barcode};
 use kvs_frames::error::ErrorKind;
 use kvs_frames::kvs::{
-    ClipExtractor, ClipOptions, ClipRequest, Discovery, DiscoveryOptions, KvsClient, Shard,
-    StreamStatus as KvsStatus, TimestampSelector,
+    ClipExtractor, ClipOptions, ClipPlanning, ClipRequest, Discovery, DiscoveryOptions, KvsClient,
+    Shard, StreamStatus as KvsStatus, TimestampSelector,
 };
 use kvs_frames::retention;
 
@@ -567,6 +567,217 @@ async fn back_to_back_windows_hold_every_fragment_exactly_once() {
     }
     // Fragments 3..=17: those starting in [t0, t0 + 15 s).
     assert_eq!(frames, expected_frames(&truth[3..=17]));
+}
+
+/// The GetClip calls `clips` made for `request` and the frames of its clip.
+async fn clip_frames(
+    clips: &ClipExtractor,
+    request: &ClipRequest,
+) -> (kvs_frames::kvs::ClipInfo, Vec<u32>) {
+    let clip = clips.extract_to_bytes(request).await.unwrap();
+    let frames = tokio::task::spawn_blocking(move || decoded_frames(clip.mp4))
+        .await
+        .unwrap();
+    (clip.info, frames)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_list_fragments_get_clip_alone_writes_the_same_clips() {
+    // An IAM policy with GetClip but not ListFragments: the same frames, short and long ranges.
+    let emulator = common::start(vec![
+        small("cam-1").fps(10).history(Duration::from_secs(70)),
+        small("short")
+            .fps(20)
+            .fragment_duration(Duration::from_millis(100))
+            .history(Duration::from_secs(46)),
+    ]);
+    common::wait_fragments(&emulator, "cam-1", 66, Duration::from_secs(60)).await;
+    common::wait_fragments(&emulator, "short", 456, Duration::from_secs(60)).await;
+    let cam = emulator.ground_truth("cam-1");
+    let short = emulator.ground_truth("short");
+    let ms = Duration::from_millis;
+    let requests = [
+        // Starts inside fragment 2, which is included: 2..=62.
+        (
+            ClipRequest::new(
+                "cam-1",
+                cam[2].producer_start + ms(500),
+                cam[2].producer_start + ms(60_500),
+            ),
+            expected_frames(&cam[2..=62]),
+        ),
+        // Starts exactly on fragment 5: fragment 4 ends there and is not included.
+        (
+            ClipRequest::new("cam-1", cam[5].producer_start, cam[15].producer_start),
+            expected_frames(&cam[5..=15]),
+        ),
+        // 450 fragments: more than GetClip returns at once (200).
+        (
+            ClipRequest::new("short", short[5].producer_start, short[454].producer_start),
+            expected_frames(&short[5..=454]),
+        ),
+        // Not aligned with the fragments, without the one running at the start: 6..=300.
+        (
+            ClipRequest::new(
+                "short",
+                short[5].producer_start + ms(30),
+                short[300].producer_start + ms(30),
+            )
+            .include_fragment_at_start(false),
+            expected_frames(&short[6..=300]),
+        ),
+        // The clip_worker recipe: back-to-back windows [t, t + 5 s).
+        (
+            ClipRequest::new(
+                "cam-1",
+                cam[20].producer_start + ms(300),
+                cam[20].producer_start + ms(5299),
+            )
+            .include_fragment_at_start(false),
+            expected_frames(&cam[21..=25]),
+        ),
+    ];
+    let listed = ClipExtractor::new(KvsClient::new(&emulator.sdk_config()), fast()).unwrap();
+    let mut reference = Vec::new();
+    for (request, expected) in &requests {
+        let (info, frames) = clip_frames(&listed, request).await;
+        assert_eq!(info.planning, ClipPlanning::ListFragments);
+        assert_eq!(&frames, expected, "{request:?}");
+        reference.push((info, frames));
+    }
+
+    // ListFragments refused as IAM refuses it (403 AccessDeniedException).
+    emulator
+        .refuse_api("ListFragments", Some(Refusal::AccessDenied))
+        .unwrap();
+    let client = KvsClient::new(&emulator.sdk_config());
+    let by_time = ClipExtractor::new(client.clone(), fast()).unwrap();
+    let lists_before = api_calls(&emulator, "ListFragments");
+    let calls_before = api_calls(&emulator, "GetClip");
+    let mut calls = Vec::new();
+    for ((request, _), (listed_info, listed_frames)) in requests.iter().zip(&reference) {
+        let (info, frames) = clip_frames(&by_time, request).await;
+        assert_eq!(info.planning, ClipPlanning::GetClipOnly);
+        assert_eq!(frames.len(), listed_frames.len(), "{request:?}");
+        assert_eq!(
+            &frames, listed_frames,
+            "no frame missing or repeated: {request:?}"
+        );
+        assert_eq!(info.frames, listed_info.frames);
+        assert_eq!(
+            info.fragments, listed_info.fragments,
+            "one key frame per fragment"
+        );
+        assert_eq!(info.media_duration, listed_info.media_duration);
+        calls.push(info.get_clip_calls);
+    }
+    // Asked once, remembered by the client.
+    assert_eq!(api_calls(&emulator, "ListFragments") - lists_before, 1);
+    assert_eq!(
+        client.list_fragments_refused(),
+        Some(ErrorKind::NotAuthorized)
+    );
+    assert_eq!(
+        api_calls(&emulator, "GetClip") - calls_before,
+        calls.iter().sum::<usize>() as u64
+    );
+    // Two small calls find the fragment at the start (the second only returns it if it still
+    // runs at the start), then one per window, and one more per 200 fragments.
+    assert_eq!(calls, [3, 3, 5, 2, 1]);
+
+    // An endpoint that does not know ListFragments (404 UnknownOperationException): the same
+    // again; the error says what happened (not "stream not found").
+    emulator
+        .refuse_api("ListFragments", Some(Refusal::UnknownOperation))
+        .unwrap();
+    let client = KvsClient::new(&emulator.sdk_config());
+    let strict =
+        ClipExtractor::new(client.clone(), fast().planning(ClipPlanning::ListFragments)).unwrap();
+    let err = strict.fragments(&requests[0].0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UnsupportedOperation, "{err}");
+    assert_eq!(err.aws_error_code(), Some("UnknownOperationException"));
+    let err = strict.extract_to_bytes(&requests[0].0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UnsupportedOperation, "{err}");
+    let auto = ClipExtractor::new(client.clone(), fast()).unwrap();
+    let (info, frames) = clip_frames(&auto, &requests[2].0).await;
+    assert_eq!(info.planning, ClipPlanning::GetClipOnly);
+    assert_eq!(frames, reference[2].1);
+    assert_eq!(
+        client.list_fragments_refused(),
+        Some(ErrorKind::UnsupportedOperation)
+    );
+    assert!(errors(&emulator, "UnknownOperationException") >= 2);
+
+    // GetClip alone on purpose, with ListFragments allowed again: not called at all.
+    emulator.refuse_api("ListFragments", None).unwrap();
+    let lists_before = api_calls(&emulator, "ListFragments");
+    let only = ClipExtractor::new(
+        KvsClient::new(&emulator.sdk_config()),
+        fast().planning(ClipPlanning::GetClipOnly),
+    )
+    .unwrap();
+    let (_, frames) = clip_frames(&only, &requests[3].0).await;
+    assert_eq!(frames, reference[3].1);
+    assert_eq!(api_calls(&emulator, "ListFragments"), lists_before);
+    // Unknown operation names are refused by the emulator.
+    assert!(
+        emulator
+            .refuse_api("ListFragment", Some(Refusal::AccessDenied))
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_clip_alone_skips_what_a_continuation_repeats_after_a_gap() {
+    // A range that starts in a gap (the camera was offline): the first fragment starts well
+    // after the range, so the lower bound of where the next call may start lies before the end
+    // of the previous part, and the next response repeats its last fragments. Responses of 10
+    // or more key frames count as possibly cut short here, so that every response is followed
+    // by a continuation.
+    let emulator = common::start(vec![
+        small("gap")
+            .fps(20)
+            .fragment_duration(Duration::from_millis(100))
+            .history(Duration::from_secs(2)),
+    ]);
+    emulator
+        .faults("gap")
+        .unwrap()
+        .camera_offline(Duration::from_millis(1500));
+    let gap_at = loop {
+        let truth = emulator.ground_truth("gap");
+        if let Some(i) = (1..truth.len()).find(|&i| {
+            truth[i].producer_start
+                > truth[i - 1].producer_start + truth[i - 1].duration + Duration::from_millis(800)
+        }) && truth.len() >= i + 45
+        {
+            break i;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let truth = emulator.ground_truth("gap");
+    let before = &truth[gap_at - 1];
+    let start = before.producer_start + before.duration + Duration::from_millis(200);
+    let end = truth[gap_at + 40].producer_start;
+    let request = ClipRequest::new("gap", start, end).include_fragment_at_start(false);
+    let expected = expected_frames(&truth[gap_at..=gap_at + 40]);
+
+    let listed = ClipExtractor::new(KvsClient::new(&emulator.sdk_config()), fast()).unwrap();
+    let (_, frames) = clip_frames(&listed, &request).await;
+    assert_eq!(frames, expected);
+    let by_time = ClipExtractor::new(
+        KvsClient::new(&emulator.sdk_config()),
+        fast()
+            .planning(ClipPlanning::GetClipOnly)
+            .max_fragments_per_call(10),
+    )
+    .unwrap();
+    let (info, frames) = clip_frames(&by_time, &request).await;
+    assert_eq!(frames.len(), expected.len());
+    assert_eq!(frames, expected, "repeats skipped, nothing missing");
+    assert_eq!(info.fragments, 41);
+    // The range, then its continuation: only repeats, all skipped.
+    assert_eq!(info.get_clip_calls, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,7 +31,9 @@ pub(crate) fn respond(
     handler: impl FnOnce() -> Result<Response, KvsError>,
 ) -> Response {
     state.count_api(operation);
-    let result = check_sigv4(headers).and_then(|()| handler());
+    let result = check_sigv4(headers)
+        .and_then(|()| state.refusals.check(operation))
+        .and_then(|()| handler());
     match result {
         Ok(response) => response,
         Err(error) => {

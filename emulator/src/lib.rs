@@ -57,6 +57,7 @@ mod fragments;
 mod hls;
 mod http;
 mod mp4;
+mod refusals;
 mod server;
 mod session;
 mod store;
@@ -66,6 +67,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use faults::{ClockShift, Failure, Faults, Request};
+pub use refusals::{OPERATIONS, Refusal};
 pub use store::{FragmentRecord, RequestStats, StreamStatus};
 
 pub use error::{Error, ErrorKind, Result};
@@ -325,6 +327,7 @@ pub struct EmulatorBuilder {
     max_fragments_per_stream: usize,
     list_streams_page_limit: Option<usize>,
     wait_for_cameras: bool,
+    refusals: Vec<(String, Refusal)>,
 }
 
 impl EmulatorBuilder {
@@ -336,6 +339,15 @@ impl EmulatorBuilder {
     #[must_use]
     pub fn wait_for_cameras(mut self, wait: bool) -> Self {
         self.wait_for_cameras = wait;
+        self
+    }
+    /// Answers every call of API `operation` (one of [`OPERATIONS`], for example
+    /// `"ListFragments"`) with `refusal`, as KVS does for an account whose IAM policy does not
+    /// allow it; [`Emulator::refuse_api`] changes it while running. An unknown name fails
+    /// [`start`](Self::start).
+    #[must_use]
+    pub fn refuse_api(mut self, operation: impl Into<String>, refusal: Refusal) -> Self {
+        self.refusals.push((operation.into(), refusal));
         self
     }
     /// Adds a stream (with its camera, unless disabled in the spec).
@@ -416,6 +428,9 @@ impl EmulatorBuilder {
             max_fragments_per_stream: self.max_fragments_per_stream,
             list_streams_page_limit: self.list_streams_page_limit,
         }));
+        for (operation, refusal) in &self.refusals {
+            state.refusals.set(operation, Some(*refusal))?;
+        }
         let cameras: Vec<(String, Duration)> = self
             .streams
             .iter()
@@ -481,6 +496,7 @@ impl Emulator {
             max_fragments_per_stream: 3600,
             list_streams_page_limit: None,
             wait_for_cameras: true,
+            refusals: Vec::new(),
         }
     }
 
@@ -628,6 +644,13 @@ impl Emulator {
     /// 300 s minimum of `Expires`.
     pub fn advance_session_clock(&self, by: Duration) {
         self.state.advance_session_clock(by);
+    }
+
+    /// Refuses API `operation` from now on with `refusal` (`None`: serves it again); see
+    /// [`EmulatorBuilder::refuse_api`]. An unknown operation name is an
+    /// [`ErrorKind::InvalidConfig`] error.
+    pub fn refuse_api(&self, operation: &str, refusal: Option<Refusal>) -> Result<()> {
+        self.state.refusals.set(operation, refusal)
     }
 
     /// Stops the server and the cameras (also done on drop).

@@ -31,7 +31,7 @@ use aws_sdk_kinesisvideoarchivedmedia::types::{
     HlsFragmentSelectorType, HlsPlaybackMode,
 };
 use clap::Parser;
-use kvs_emulator::{Emulator, StreamSpec};
+use kvs_emulator::{Emulator, OPERATIONS, Refusal, StreamSpec};
 
 #[derive(Parser, Debug)]
 #[command(about = "A local Kinesis Video Streams emulator (control plane, HLS, GetClip)")]
@@ -54,6 +54,24 @@ struct Args {
     /// Do not create and print a LIVE HLS session URL for each stream at start.
     #[arg(long)]
     no_session_url: bool,
+    /// Refuse an API operation, as an IAM policy without it would: NAME (403
+    /// AccessDeniedException) or NAME:404 (UnknownOperationException). Repeat for more.
+    #[arg(long = "refuse-api", value_name = "NAME[:403|:404]")]
+    refuse_api: Vec<String>,
+}
+
+/// `NAME`, `NAME:403` or `NAME:404` of `--refuse-api`.
+fn parse_refusal(text: &str) -> Result<(&str, Refusal)> {
+    let (name, how) = text.split_once(':').unwrap_or((text, "403"));
+    let refusal = Refusal::parse(how)
+        .with_context(|| format!("bad --refuse-api {text:?}: after NAME: 403 or 404"))?;
+    if !OPERATIONS.contains(&name) {
+        bail!(
+            "bad --refuse-api {text:?}: {name:?} is not one of {}",
+            OPERATIONS.join(", ")
+        );
+    }
+    Ok((name, refusal))
 }
 
 fn parse_stream(text: &str, fragment: Duration, history: Duration) -> Result<StreamSpec> {
@@ -119,6 +137,10 @@ pub async fn main() -> Result<()> {
         let spec = parse_stream(text, fragment, history)?;
         names.push(text.split(':').next().unwrap_or(text).to_owned());
         builder = builder.stream(spec);
+    }
+    for text in &args.refuse_api {
+        let (operation, refusal) = parse_refusal(text)?;
+        builder = builder.refuse_api(operation, refusal);
     }
     let emulator = tokio::task::spawn_blocking(move || builder.start())
         .await

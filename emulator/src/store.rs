@@ -164,6 +164,8 @@ pub(crate) struct State {
     api_log: Mutex<VecDeque<(std::time::Instant, String)>>,
     /// Added to the wall clock when session expiry is checked (see `Emulator::advance_session_clock`).
     clock_offset: Mutex<Duration>,
+    /// API operations answered with an error whatever the request (see `refuse_api`).
+    pub refusals: crate::refusals::Refusals,
 }
 
 /// API calls whose arrival times are kept.
@@ -200,6 +202,7 @@ impl State {
             stats: Mutex::new(RequestStats::default()),
             api_log: Mutex::new(VecDeque::new()),
             clock_offset: Mutex::new(Duration::ZERO),
+            refusals: crate::refusals::Refusals::default(),
         }
     }
 

@@ -22,6 +22,7 @@ impl Error {
     /// | `ClientLimitExceededException`, `ConnectionLimitExceededException`, `ThrottlingException`, `Throttling`, `ThrottledException`, `TooManyRequestsException`, `RequestLimitExceeded`, `SlowDown` | [`Throttled`](ErrorKind::Throttled) |
     /// | `InvalidArgumentException`, `InvalidDeviceException`, `InvalidResourceFormatException`, `VersionMismatchException`, `StreamEdgeConfigurationNotFoundException`, `ValidationException`, `SerializationException`, `InvalidParameterException`, `InvalidParameterValue`, `MissingParameter` | [`InvalidArgument`](ErrorKind::InvalidArgument) |
     /// | `UnsupportedStreamMediaTypeException`, `NoDataRetentionException`, `MissingCodecPrivateDataException`, `InvalidCodecPrivateDataException`, `InvalidMediaFrameException` | [`UnsupportedMedia`](ErrorKind::UnsupportedMedia) |
+    /// | `UnknownOperationException`, `UnknownOperation` | [`UnsupportedOperation`](ErrorKind::UnsupportedOperation) |
     /// | `ResourceInUseException` | [`AlreadyExists`](ErrorKind::AlreadyExists) |
     /// | `AccountStreamLimitExceededException`, `AccountChannelLimitExceededException`, `DeviceStreamLimitExceededException`, `TagsPerResourceExceededLimitException`, `LimitExceededException` | [`LimitExceeded`](ErrorKind::LimitExceeded) |
     /// | `InternalFailure`, `InternalFailureException`, `InternalServerError`, `InternalServerException`, `InternalError`, `ServiceUnavailable`, `ServiceUnavailableException`, `ServiceUnavailableError` | [`ServiceUnavailable`](ErrorKind::ServiceUnavailable) |
@@ -130,6 +131,10 @@ fn classify_code(code: &str) -> Option<ErrorKind> {
             ErrorKind::UnsupportedMedia,
         ),
         ("InvalidMediaFrameException", ErrorKind::UnsupportedMedia),
+        // An endpoint that does not implement the operation (HTTP 404, which alone would say
+        // StreamNotFound).
+        ("UnknownOperationException", ErrorKind::UnsupportedOperation),
+        ("UnknownOperation", ErrorKind::UnsupportedOperation),
         // Control plane.
         ("AccessDeniedException", ErrorKind::NotAuthorized),
         ("ResourceInUseException", ErrorKind::AlreadyExists),

@@ -63,6 +63,10 @@ pub enum ErrorKind {
     /// `InvalidCodecPrivateDataException`, `InvalidMediaFrameException`). Fatal: change the
     /// producer (codec, track layout) or the stream's data retention.
     UnsupportedMedia,
+    /// The endpoint does not implement the operation (`UnknownOperationException`, as some KVS
+    /// imitations answer for `ListFragments`). Fatal for that operation: use another path
+    /// (clips fall back on `GetClip` alone) or another endpoint.
+    UnsupportedOperation,
     /// The resource already exists or is busy (`ResourceInUseException`, for example
     /// `CreateStream` of an existing stream). Fatal for that call; the stream itself may be
     /// usable.
@@ -99,7 +103,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in declaration order (for tests and for pre-registering metric labels).
-    pub const ALL: [ErrorKind; 19] = [
+    pub const ALL: [ErrorKind; 20] = [
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidArgument,
         ErrorKind::StreamNotFound,
@@ -108,6 +112,7 @@ impl ErrorKind {
         ErrorKind::SessionExpired,
         ErrorKind::Throttled,
         ErrorKind::UnsupportedMedia,
+        ErrorKind::UnsupportedOperation,
         ErrorKind::AlreadyExists,
         ErrorKind::LimitExceeded,
         ErrorKind::ServiceUnavailable,
@@ -155,6 +160,7 @@ impl ErrorKind {
             ErrorKind::SessionExpired => "session_expired",
             ErrorKind::Throttled => "throttled",
             ErrorKind::UnsupportedMedia => "unsupported_media",
+            ErrorKind::UnsupportedOperation => "unsupported_operation",
             ErrorKind::AlreadyExists => "already_exists",
             ErrorKind::LimitExceeded => "limit_exceeded",
             ErrorKind::ServiceUnavailable => "service_unavailable",
@@ -179,6 +185,7 @@ impl ErrorKind {
             ErrorKind::SessionExpired => "streaming session expired",
             ErrorKind::Throttled => "throttled",
             ErrorKind::UnsupportedMedia => "unsupported media",
+            ErrorKind::UnsupportedOperation => "unsupported operation",
             ErrorKind::AlreadyExists => "already exists",
             ErrorKind::LimitExceeded => "limit exceeded",
             ErrorKind::ServiceUnavailable => "service unavailable",
@@ -499,6 +506,19 @@ mod tests {
             ),
             // Control plane.
             ("AccessDeniedException", 403, "", ErrorKind::NotAuthorized),
+            // An endpoint without the operation: not a missing stream.
+            (
+                "UnknownOperationException",
+                404,
+                "Unknown operation /listFragments",
+                ErrorKind::UnsupportedOperation,
+            ),
+            (
+                "AccessDeniedException",
+                403,
+                "User: arn:aws:iam::123456789012:user/x is not authorized to perform: kinesisvideo:ListFragments",
+                ErrorKind::NotAuthorized,
+            ),
             (
                 "ResourceInUseException",
                 400,
@@ -680,6 +700,7 @@ mod tests {
                 | ErrorKind::StreamNotFound
                 | ErrorKind::NotAuthorized
                 | ErrorKind::UnsupportedMedia
+                | ErrorKind::UnsupportedOperation
                 | ErrorKind::AlreadyExists
                 | ErrorKind::LimitExceeded
                 | ErrorKind::Pipeline

@@ -113,6 +113,9 @@ struct Inner {
     endpoints: Mutex<HashMap<(StreamId, ApiName), CachedEndpoint>>,
     media_clients: Mutex<HashMap<String, aws_sdk_kinesisvideoarchivedmedia::Client>>,
     endpoint_ttl: Duration,
+    /// Set when `ListFragments` was refused (IAM) or unknown to the endpoint: clips go on with
+    /// GetClip alone without asking again.
+    list_fragments_refused: Mutex<Option<ErrorKind>>,
 }
 
 /// A KVS client: the control plane, data endpoints cached per (stream, API) and reloaded on
@@ -142,6 +145,7 @@ impl KvsClient {
                 endpoints: Mutex::new(HashMap::new()),
                 media_clients: Mutex::new(HashMap::new()),
                 endpoint_ttl: Duration::from_secs(3600),
+                list_fragments_refused: Mutex::new(None),
             }),
         }
     }
@@ -210,6 +214,22 @@ impl KvsClient {
             },
         );
         Ok(url)
+    }
+
+    /// Why `ListFragments` is unavailable to this client (and its clones), if a call was
+    /// refused: [`ErrorKind::NotAuthorized`] (the IAM policy does not allow it) or
+    /// [`ErrorKind::UnsupportedOperation`] (the endpoint does not know it).
+    pub fn list_fragments_refused(&self) -> Option<ErrorKind> {
+        *self.inner.list_fragments_refused.lock()
+    }
+
+    /// Remembers that `ListFragments` was refused with `kind`; true the first time.
+    pub(crate) fn note_list_fragments_refused(&self, kind: ErrorKind) -> bool {
+        self.inner
+            .list_fragments_refused
+            .lock()
+            .replace(kind)
+            .is_none()
     }
 
     /// Forgets the cached endpoint of `stream` for `api` (call it when a request made through

@@ -19,7 +19,8 @@ pub mod shard;
 
 pub use client::{KvsClient, StreamId};
 pub use clips::{
-    ClipBytes, ClipExtractor, ClipInfo, ClipOptions, ClipRequest, FragmentInfo, TimestampSelector,
+    ClipBytes, ClipExtractor, ClipInfo, ClipOptions, ClipPlanning, ClipRequest, FragmentInfo,
+    TimestampSelector,
 };
 pub use discovery::{ActiveStreams, Discovery, DiscoveryOptions, StreamDetails, StreamStatus};
 pub use shard::Shard;

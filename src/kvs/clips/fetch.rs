@@ -2,8 +2,8 @@
 //! part file and appended to the muxer; a part that holds fewer fragments than asked makes the
 //! next call start at the first missing one.
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_kinesisvideo::types::ApiName;
 use aws_sdk_kinesisvideoarchivedmedia::types::ClipFragmentSelector;
@@ -11,12 +11,74 @@ use aws_smithy_types::DateTime;
 use gstreamer as gst;
 use tokio::io::AsyncWriteExt;
 
-use super::join::{Keyframe, Muxer, append_part};
+use super::join::{Keyframe, Muxer, PartReport, append_part};
 use super::plan::{chunk_len, covered_fragments};
-use super::{ClipExtractor, ClipInfo, ClipRequest, FragmentInfo, WorkDir};
+use super::{ClipExtractor, ClipInfo, ClipPlanning, ClipRequest, FragmentInfo, WorkDir};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kvs::client::StreamId;
 use crate::kvs::discovery::retry;
+
+/// The clip being joined: the muxer, where the next part goes on its timeline, and counts.
+pub(super) struct Joiner<'a> {
+    work: &'a WorkDir,
+    muxer: Option<Muxer>,
+    /// Media time joined so far.
+    pub(super) offset: gst::ClockTime,
+    pub(super) frames: u64,
+    pub(super) keyframes: u64,
+    /// GetClip calls made (those that returned no fragments too).
+    pub(super) calls: usize,
+}
+
+impl<'a> Joiner<'a> {
+    pub(super) fn new(work: &'a WorkDir) -> Self {
+        Joiner {
+            work,
+            muxer: None,
+            offset: gst::ClockTime::ZERO,
+            frames: 0,
+            keyframes: 0,
+            calls: 0,
+        }
+    }
+
+    /// Where the next GetClip response goes.
+    pub(super) fn part_path(&self) -> PathBuf {
+        self.work.path.join(format!("part-{:05}.mp4", self.calls))
+    }
+
+    /// Appends the samples of `part` after its first `skip` to the clip, then removes the file.
+    pub(super) async fn append(&mut self, part: &Path, skip: usize) -> Result<PartReport> {
+        let out = self.work.clip_path();
+        let faststart = self.work.path.join("faststart.tmp");
+        let part_path = part.to_path_buf();
+        let muxer = self.muxer.take();
+        let offset = self.offset;
+        let (joined, report) = tokio::task::spawn_blocking(move || {
+            append_part(muxer, &part_path, offset, skip, &out, &faststart)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("clip join task: {e}")))??;
+        self.muxer = joined;
+        let _ = tokio::fs::remove_file(part).await;
+        self.offset += report.duration;
+        self.frames += report.frames;
+        self.keyframes += report.keyframes;
+        Ok(report)
+    }
+
+    /// Finishes the file: its first key frame (for the thumbnail).
+    pub(super) async fn finish(self) -> Result<Option<Keyframe>> {
+        let Some(muxer) = self.muxer else {
+            return Err(Error::new(ErrorKind::Internal, "no clip part was joined"));
+        };
+        let keyframe = muxer.keyframe.clone();
+        tokio::task::spawn_blocking(move || muxer.finish())
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("clip finish task: {e}")))??;
+        Ok(keyframe)
+    }
+}
 
 impl ClipExtractor {
     /// Steps 3–4: GetClip per chunk, each part appended to the muxer.
@@ -27,10 +89,7 @@ impl ClipExtractor {
         work: &WorkDir,
     ) -> Result<(ClipInfo, Option<Keyframe>)> {
         let selector = request.selector;
-        let mut muxer: Option<Muxer> = None;
-        let mut offset = gst::ClockTime::ZERO;
-        let mut frames = 0u64;
-        let mut calls = 0usize;
+        let mut join = Joiner::new(work);
         let mut done = 0usize;
         while done < plan.len() {
             let remaining = &plan[done..];
@@ -41,23 +100,14 @@ impl ClipExtractor {
                 self.options.max_bytes_per_call,
             );
             let chunk = &remaining[..len];
-            let part = work.path.join(format!("part-{calls:05}.mp4"));
+            let part = join.part_path();
             let bytes = self.get_clip(request, chunk, &part).await?;
-            calls += 1;
-            let out = work.clip_path();
-            let faststart = work.path.join("faststart.tmp");
-            let part_path = part.clone();
-            let (joined, report) = tokio::task::spawn_blocking(move || {
-                append_part(muxer, &part_path, offset, &out, &faststart)
-            })
-            .await
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("clip join task: {e}")))??;
-            muxer = Some(joined);
-            let _ = tokio::fs::remove_file(&part).await;
+            join.calls += 1;
+            let report = join.append(&part, 0).await?;
             let covered = covered_fragments(chunk, report.duration);
             tracing::debug!(
                 stream = %request.stream,
-                call = calls,
+                call = join.calls,
                 asked = chunk.len(),
                 covered,
                 bytes,
@@ -98,17 +148,10 @@ impl ClipExtractor {
                     "GetClip returned fewer fragments than asked: continuing from the first missing one"
                 );
             }
-            offset += report.duration;
-            frames += report.frames;
             done += covered;
         }
-        let Some(muxer) = muxer else {
-            return Err(Error::new(ErrorKind::Internal, "no clip part was joined"));
-        };
-        let keyframe = muxer.keyframe.clone();
-        tokio::task::spawn_blocking(move || muxer.finish())
-            .await
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("clip finish task: {e}")))??;
+        let (frames, calls, offset) = (join.frames, join.calls, join.offset);
+        let keyframe = join.finish().await?;
         let (first, last) = (&plan[0], &plan[plan.len() - 1]);
         let info = ClipInfo {
             stream: request.stream.clone(),
@@ -124,6 +167,7 @@ impl ClipExtractor {
             last_fragment_end: last.start(selector) + last.duration,
             first_fragment_number: first.number.clone(),
             last_fragment_number: last.number.clone(),
+            planning: ClipPlanning::ListFragments,
         };
         Ok((info, keyframe))
     }
@@ -135,9 +179,21 @@ impl ClipExtractor {
         chunk: &[FragmentInfo],
         path: &Path,
     ) -> Result<u64> {
-        let stream = &request.stream;
         let start = chunk[0].start(request.selector);
         let last = chunk[chunk.len() - 1].start(request.selector);
+        self.get_clip_range(request, start, last, path).await
+    }
+
+    /// One GetClip call over `[start, last]` (the fragments that start in it), streamed into
+    /// `path`; its size.
+    pub(super) async fn get_clip_range(
+        &self,
+        request: &ClipRequest,
+        start: SystemTime,
+        last: SystemTime,
+        path: &Path,
+    ) -> Result<u64> {
+        let stream = &request.stream;
         // KVS wants End > Start; a single fragment gets one more millisecond.
         let end = if last > start {
             last

@@ -126,22 +126,71 @@ impl Drop for Muxer {
     }
 }
 
-/// What one part contributed.
-pub(super) struct PartReport {
-    pub(super) frames: u64,
-    /// Presentation span of its samples.
-    pub(super) duration: gst::ClockTime,
+/// One video sample of a part, as the join compares parts: a hash of its bytes and duration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct SampleKey {
+    hash: u64,
+    pub(super) keyframe: bool,
 }
 
-/// Demuxes `part` and appends its video samples to `muxer` (created from the part's caps if
-/// `None`), shifted to start at `offset`.
-pub(super) fn append_part(
-    muxer: Option<Muxer>,
-    part: &Path,
-    offset: gst::ClockTime,
-    out: &Path,
-    faststart: &Path,
-) -> Result<(Muxer, PartReport)> {
+impl SampleKey {
+    fn of(buffer: &gst::BufferRef) -> Result<SampleKey> {
+        let map = buffer
+            .map_readable()
+            .map_err(|_| Error::new(ErrorKind::Pipeline, "a clip sample cannot be mapped"))?;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(map.as_slice());
+        hasher.update(
+            &buffer
+                .duration()
+                .map_or(u64::MAX, |d| d.nseconds())
+                .to_le_bytes(),
+        );
+        Ok(SampleKey {
+            hash: hasher.digest(),
+            keyframe: !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT),
+        })
+    }
+
+    /// A key for tests.
+    #[cfg(test)]
+    pub(super) fn test(hash: u64, keyframe: bool) -> SampleKey {
+        SampleKey { hash, keyframe }
+    }
+}
+
+/// How many leading samples of `next` repeat the end of `prev` (whole fragments: the repeated
+/// run starts at a key frame): the longest such run, 0 when none. A later `GetClip` whose range
+/// starts before the end of the previous part returns those fragments again.
+pub(super) fn overlap(prev: &[SampleKey], next: &[SampleKey]) -> usize {
+    let Some(first) = next.first() else {
+        return 0;
+    };
+    if !first.keyframe {
+        return 0;
+    }
+    let start = prev.len().saturating_sub(next.len());
+    (start..prev.len())
+        .find(|&i| prev[i] == *first && prev[i..] == next[..prev.len() - i])
+        .map_or(0, |i| prev.len() - i)
+}
+
+/// What one part contributed.
+pub(super) struct PartReport {
+    /// Samples appended (the part's samples after `skip`).
+    pub(super) frames: u64,
+    /// Key frames among them.
+    pub(super) keyframes: u64,
+    /// Presentation span of the appended samples.
+    pub(super) duration: gst::ClockTime,
+    /// Presentation span of every sample of the part, skipped ones included.
+    pub(super) part_duration: gst::ClockTime,
+    /// Every sample of the part, skipped ones included.
+    pub(super) keys: Vec<SampleKey>,
+}
+
+/// The video samples of the part file `part`, in order, each with its caps, through `f`.
+fn demux(part: &Path, mut f: impl FnMut(gst::Caps, gst::Buffer) -> Result<()>) -> Result<()> {
     let pipeline = gst::Pipeline::with_name("kvs-clip-demux");
     let src = make_with("filesrc", |b| {
         b.property("location", part.to_string_lossy().into_owned())
@@ -171,11 +220,6 @@ pub(super) fn append_part(
     if let Err(e) = pipeline.set_state(gst::State::Playing) {
         return Err(bus_error(&pipeline).unwrap_or_else(|| Error::from(e)));
     }
-    let mut muxer = muxer;
-    let mut origin: Option<gst::ClockTime> = None;
-    let mut min_pts: Option<gst::ClockTime> = None;
-    let mut max_end: Option<gst::ClockTime> = None;
-    let mut frames = 0u64;
     loop {
         let Some(sample) = sink.try_pull_sample(GST_TIMEOUT) else {
             if sink.is_eos() {
@@ -195,6 +239,97 @@ pub(super) fn append_part(
         let Some(buffer) = sample.buffer_owned() else {
             continue;
         };
+        f(caps, buffer)?;
+    }
+    if let Some(err) = bus_error(&pipeline) {
+        return Err(err.context(format!("demuxing {}", part.display())));
+    }
+    Ok(())
+}
+
+/// The samples of a part file, read without appending them.
+pub(super) struct PartScan {
+    pub(super) keys: Vec<SampleKey>,
+    /// Presentation span of the part.
+    pub(super) duration: gst::ClockTime,
+    /// From the part's first PTS to its last key frame's: where its last fragment starts.
+    pub(super) last_keyframe_offset: gst::ClockTime,
+}
+
+/// Reads the samples of `part` (to find how much of it a previous part already holds, or
+/// how long its last fragment is).
+pub(super) fn scan_part(part: &Path) -> Result<PartScan> {
+    let mut keys = Vec::new();
+    let mut span = Span::default();
+    let mut last_keyframe = None;
+    demux(part, |_, buffer| {
+        let key = SampleKey::of(&buffer)?;
+        if key.keyframe {
+            last_keyframe = buffer.pts().or(buffer.dts()).or(last_keyframe);
+        }
+        keys.push(key);
+        span.add(&buffer);
+        Ok(())
+    })?;
+    let last_keyframe_offset = match (last_keyframe, span.min_pts) {
+        (Some(k), Some(min)) => k.checked_sub(min).unwrap_or(gst::ClockTime::ZERO),
+        _ => gst::ClockTime::ZERO,
+    };
+    Ok(PartScan {
+        keys,
+        duration: span.duration(),
+        last_keyframe_offset,
+    })
+}
+
+/// A presentation span: the earliest PTS and the latest PTS + duration seen.
+#[derive(Default)]
+struct Span {
+    min_pts: Option<gst::ClockTime>,
+    max_end: Option<gst::ClockTime>,
+}
+
+impl Span {
+    fn add(&mut self, buffer: &gst::BufferRef) {
+        if let Some(pts) = buffer.pts().or(buffer.dts()) {
+            self.min_pts = Some(self.min_pts.map_or(pts, |m| m.min(pts)));
+            let end = pts + buffer.duration().unwrap_or(gst::ClockTime::ZERO);
+            self.max_end = Some(self.max_end.map_or(end, |m| m.max(end)));
+        }
+    }
+
+    fn duration(&self) -> gst::ClockTime {
+        match (self.min_pts, self.max_end) {
+            (Some(min), Some(max)) => max.checked_sub(min).unwrap_or(gst::ClockTime::ZERO),
+            _ => gst::ClockTime::ZERO,
+        }
+    }
+}
+
+/// Demuxes `part` and appends its video samples after the first `skip` to `muxer` (created
+/// from the part's caps if `None`), shifted to start at `offset`.
+pub(super) fn append_part(
+    muxer: Option<Muxer>,
+    part: &Path,
+    offset: gst::ClockTime,
+    skip: usize,
+    out: &Path,
+    faststart: &Path,
+) -> Result<(Option<Muxer>, PartReport)> {
+    let mut muxer = muxer;
+    let mut origin: Option<gst::ClockTime> = None;
+    let mut appended = Span::default();
+    let mut whole = Span::default();
+    let mut frames = 0u64;
+    let mut keyframes = 0u64;
+    let mut keys = Vec::new();
+    demux(part, |caps, buffer| {
+        let key = SampleKey::of(&buffer)?;
+        keys.push(key);
+        whole.add(&buffer);
+        if keys.len() <= skip {
+            return Ok(());
+        }
         let current = match muxer.take() {
             Some(m) => {
                 if frames == 0 && !m.compatible(&caps) {
@@ -212,19 +347,18 @@ pub(super) fn append_part(
             None => Muxer::new(&caps, out, faststart)?,
         };
         let muxer_ref = muxer.insert(current);
+        appended.add(&buffer);
         let pts = buffer.pts().or(buffer.dts());
         let dts = buffer.dts();
         let first = *origin.get_or_insert(dts.or(pts).unwrap_or(gst::ClockTime::ZERO));
-        if let Some(pts) = pts {
-            min_pts = Some(min_pts.map_or(pts, |m| m.min(pts)));
-            let end = pts + buffer.duration().unwrap_or(gst::ClockTime::ZERO);
-            max_end = Some(max_end.map_or(end, |m| m.max(end)));
-        }
-        if muxer_ref.keyframe.is_none() && !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT) {
-            muxer_ref.keyframe = Some(Keyframe {
-                caps: caps.clone(),
-                buffer: buffer.clone(),
-            });
+        if key.keyframe {
+            keyframes += 1;
+            if muxer_ref.keyframe.is_none() {
+                muxer_ref.keyframe = Some(Keyframe {
+                    caps: caps.clone(),
+                    buffer: buffer.clone(),
+                });
+            }
         }
         let shift = |t: Option<gst::ClockTime>| {
             t.map(|t| t.checked_sub(first).unwrap_or(gst::ClockTime::ZERO) + offset)
@@ -237,21 +371,24 @@ pub(super) fn append_part(
         }
         muxer_ref.push(out_buffer)?;
         frames += 1;
-    }
-    if let Some(err) = bus_error(&pipeline) {
-        return Err(err.context(format!("demuxing {}", part.display())));
-    }
-    let Some(muxer) = muxer else {
+        Ok(())
+    })?;
+    if keys.is_empty() {
         return Err(Error::new(
             ErrorKind::Protocol,
             format!("GetClip returned no video samples ({})", part.display()),
         ));
-    };
-    let duration = match (min_pts, max_end) {
-        (Some(min), Some(max)) => max.checked_sub(min).unwrap_or(gst::ClockTime::ZERO),
-        _ => gst::ClockTime::ZERO,
-    };
-    Ok((muxer, PartReport { frames, duration }))
+    }
+    Ok((
+        muxer,
+        PartReport {
+            frames,
+            keyframes,
+            duration: appended.duration(),
+            part_duration: whole.duration(),
+            keys,
+        },
+    ))
 }
 
 /// Sets a pipeline to NULL when dropped.
@@ -278,5 +415,45 @@ pub(super) fn bus_error(pipeline: &gst::Pipeline) -> Option<Error> {
     match msg.view() {
         gst::MessageView::Error(err) => Some(gst_error(err)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(spec: &str) -> Vec<SampleKey> {
+        // 'K3' = key frame with hash 3, 'd4' = delta frame with hash 4.
+        spec.split_whitespace()
+            .map(|k| SampleKey::test(k[1..].parse().unwrap(), k.starts_with('K')))
+            .collect()
+    }
+
+    #[test]
+    fn overlap_is_the_longest_repeated_run_of_whole_fragments() {
+        let prev = keys("K1 d2 d3 K4 d5 d6 K7 d8");
+        assert_eq!(overlap(&prev, &keys("K7 d8 K9 d10")), 2);
+        assert_eq!(overlap(&prev, &keys("K4 d5 d6 K7 d8 K9")), 5);
+        assert_eq!(overlap(&prev, &keys("K9 d10")), 0, "no repeat");
+        assert_eq!(
+            overlap(&prev, &keys("K4 d5 d6 K9")),
+            0,
+            "not the end of prev"
+        );
+        assert_eq!(
+            overlap(&prev, &keys("d8 K9")),
+            0,
+            "starts inside a fragment"
+        );
+        assert_eq!(
+            overlap(&prev, &prev.clone()),
+            prev.len(),
+            "the same part again"
+        );
+        assert_eq!(overlap(&[], &keys("K1")), 0);
+        assert_eq!(overlap(&prev, &[]), 0);
+        // Identical fragments (a static picture): the longest run.
+        let same = keys("K1 d2 K1 d2");
+        assert_eq!(overlap(&same, &keys("K1 d2 K1 d2 K5")), 4);
     }
 }

@@ -21,6 +21,13 @@
 //!    place when complete: the final name never holds a partial clip, whatever fails (or if the
 //!    future is dropped).
 //!
+//! # GetClip alone
+//!
+//! Where `ListFragments` is refused (IAM) or unknown to the endpoint, [`ClipPlanning::Auto`]
+//! (the default) makes clips with GetClip alone, by time, remembered per [`KvsClient`]: steps
+//! 2–3 are replaced by GetClip over the range, continued where a response may have been cut
+//! short, with repeated samples skipped at the joins (see `by_time` and docs/clips.md).
+//!
 //! Memory stays bounded whatever the clip size: bodies are streamed to disk and GStreamer's
 //! queues are bounded. Disk needs about twice the clip size while it is written (the part being
 //! joined, the clip, and `mp4mux`'s `faststart` temporary file that puts the index first).
@@ -45,9 +52,11 @@
 //! The code: `request` (what to extract and how: [`ClipRequest`], [`ClipOptions`],
 //! [`TimestampSelector`]), `plan` (steps 1–3: [`FragmentInfo`], ListFragments, the selection and
 //! the chunks), `fetch` (steps 3–4: the GetClip calls and the loop that joins their parts),
-//! `join` (the GStreamer demuxer and muxer), `thumbnail` (the JPEG of the first frame); this
+//! `by_time` (GetClip alone), `join` (the GStreamer demuxer and muxer, the sample keys that
+//! find repeats), `thumbnail` (the JPEG of the first frame); this
 //! file holds [`ClipExtractor`], its results and step 5 (the work directory and the rename).
 
+mod by_time;
 mod fetch;
 mod join;
 mod plan;
@@ -66,7 +75,7 @@ use super::discovery::Backoff;
 use crate::error::{Error, ErrorKind, Result};
 
 pub use plan::FragmentInfo;
-pub use request::{ClipOptions, ClipRequest, TimestampSelector};
+pub use request::{ClipOptions, ClipPlanning, ClipRequest, TimestampSelector};
 
 use thumbnail::thumbnail;
 
@@ -119,7 +128,8 @@ pub struct ClipInfo {
     pub thumbnail_error: Option<Error>,
     /// Size of the MP4 file.
     pub size_bytes: u64,
-    /// KVS fragments in the clip.
+    /// KVS fragments in the clip ([`ClipPlanning::GetClipOnly`]: its key frames, one per
+    /// fragment as KVS producers fragment).
     pub fragments: usize,
     /// `GetClip` calls made.
     pub get_clip_calls: usize,
@@ -128,13 +138,19 @@ pub struct ClipInfo {
     /// Duration of the clip's video.
     pub media_duration: Duration,
     /// Start (for the request's selector) of the first fragment: the clip's first frame.
+    /// [`ClipPlanning::GetClipOnly`] knows no fragment times: the start of the first GetClip
+    /// range that returned media, which the fragment starts at or after.
     pub first_fragment_start: SystemTime,
-    /// Start of the last fragment plus its duration.
+    /// Start of the last fragment plus its duration ([`ClipPlanning::GetClipOnly`]:
+    /// `first_fragment_start` + `media_duration`).
     pub last_fragment_end: SystemTime,
-    /// `FragmentNumber` of the first fragment.
+    /// `FragmentNumber` of the first fragment (empty with [`ClipPlanning::GetClipOnly`]).
     pub first_fragment_number: String,
-    /// `FragmentNumber` of the last fragment.
+    /// `FragmentNumber` of the last fragment (empty with [`ClipPlanning::GetClipOnly`]).
     pub last_fragment_number: String,
+    /// How the fragments were found: [`ClipPlanning::ListFragments`] or
+    /// [`ClipPlanning::GetClipOnly`] (never `Auto`).
+    pub planning: ClipPlanning,
 }
 
 /// A clip held in memory ([`ClipExtractor::extract_to_bytes`]).
@@ -228,12 +244,12 @@ impl ClipExtractor {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let plan = self.plan(request).await?;
+        let plan = self.plan_clip(request).await?;
         tokio::fs::create_dir_all(&parent).await.map_err(|e| {
             Error::from(e).context(format!("creating directory {}", parent.display()))
         })?;
         let work = WorkDir::create(&parent, file_name).await?;
-        let (mut info, keyframe) = self.download_and_join(request, &plan, &work).await?;
+        let (mut info, keyframe) = self.download(request, plan, &work).await?;
         let clip_tmp = work.clip_path();
         if request.thumbnail {
             let thumbnail_path = path.with_extension("jpg");
@@ -281,7 +297,7 @@ impl ClipExtractor {
 
     async fn extract_to_bytes_inner(&self, request: &ClipRequest) -> Result<ClipBytes> {
         request.validate()?;
-        let plan = self.plan(request).await?;
+        let plan = self.plan_clip(request).await?;
         let parent = self
             .options
             .work_dir
@@ -289,7 +305,7 @@ impl ClipExtractor {
             .unwrap_or_else(std::env::temp_dir);
         tokio::fs::create_dir_all(&parent).await?;
         let work = WorkDir::create(&parent, "clip").await?;
-        let (mut info, keyframe) = self.download_and_join(request, &plan, &work).await?;
+        let (mut info, keyframe) = self.download(request, plan, &work).await?;
         let mp4 = tokio::fs::read(work.clip_path()).await?;
         info.size_bytes = mp4.len() as u64;
         drop(work);
@@ -310,6 +326,21 @@ impl ClipExtractor {
             thumbnail_jpeg,
             info,
         })
+    }
+
+    /// Steps 3–4 for a plan.
+    async fn download(
+        &self,
+        request: &ClipRequest,
+        plan: plan::Plan,
+        work: &WorkDir,
+    ) -> Result<(ClipInfo, Option<join::Keyframe>)> {
+        match plan {
+            plan::Plan::Listed(fragments) => {
+                self.download_and_join(request, &fragments, work).await
+            }
+            plan::Plan::ByTime => self.download_by_time(request, work).await,
+        }
     }
 
     /// Forgets the data endpoint after a failure that may be the endpoint's (AWS: cached

@@ -10,7 +10,8 @@ use aws_smithy_types::DateTime;
 use gstreamer as gst;
 
 use super::{
-    ClipExtractor, ClipRequest, GET_CLIP_MAX_RANGE, MAX_PAGES, TimestampSelector, format_time,
+    ClipExtractor, ClipPlanning, ClipRequest, GET_CLIP_MAX_RANGE, MAX_PAGES, TimestampSelector,
+    format_time,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::kvs::client::StreamId;
@@ -77,9 +78,46 @@ impl FragmentInfo {
     }
 }
 
+/// How a clip is downloaded.
+pub(super) enum Plan {
+    /// These fragments, listed by `ListFragments`.
+    Listed(Vec<FragmentInfo>),
+    /// GetClip alone, by time ([`ClipPlanning::GetClipOnly`]).
+    ByTime,
+}
+
 impl ClipExtractor {
-    /// Status check, ListFragments, selection.
-    pub(super) async fn plan(&self, request: &ClipRequest) -> Result<Vec<FragmentInfo>> {
+    /// Status check, then ListFragments and the selection, or GetClip alone where
+    /// ListFragments is refused ([`ClipPlanning`]).
+    pub(super) async fn plan_clip(&self, request: &ClipRequest) -> Result<Plan> {
+        let by_time = match self.options.planning {
+            ClipPlanning::GetClipOnly => true,
+            ClipPlanning::ListFragments => false,
+            ClipPlanning::Auto => self.client.list_fragments_refused().is_some(),
+        };
+        if by_time {
+            self.check_status(request).await?;
+            return Ok(Plan::ByTime);
+        }
+        match self.plan(request).await {
+            Ok(fragments) => Ok(Plan::Listed(fragments)),
+            // `list_fragments` noted the refusal of the call itself (not of GetDataEndpoint or
+            // DescribeStream, which GetClip needs as well).
+            Err(err)
+                if self.options.planning == ClipPlanning::Auto
+                    && refused(err.kind())
+                    && self.client.list_fragments_refused().is_some() =>
+            {
+                Ok(Plan::ByTime)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// A stream that is not ACTIVE is refused (when [`ClipOptions::check_stream_status`]).
+    ///
+    /// [`ClipOptions::check_stream_status`]: super::ClipOptions::check_stream_status
+    async fn check_status(&self, request: &ClipRequest) -> Result<()> {
         if self.options.check_stream_status {
             let details = describe_stream(&self.client, &self.backoff, &request.stream).await?;
             if !details.status.is_active() {
@@ -92,6 +130,12 @@ impl ClipExtractor {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Status check, ListFragments, selection.
+    pub(super) async fn plan(&self, request: &ClipRequest) -> Result<Vec<FragmentInfo>> {
+        self.check_status(request).await?;
         let from = if request.include_fragment_at_start {
             request
                 .start
@@ -179,6 +223,17 @@ impl ClipExtractor {
                         .send()
                         .await
                         .map_err(|e| Error::from_sdk("ListFragments", e));
+                    if let Err(err) = &result
+                        && refused(err.kind())
+                        && self.client.note_list_fragments_refused(err.kind())
+                    {
+                        tracing::info!(
+                            %stream,
+                            error = %err,
+                            "ListFragments is refused to this client: with ClipPlanning::Auto \
+                             its clips use GetClip alone, by time, from now on"
+                        );
+                    }
                     self.after_data_call(stream, ApiName::ListFragments, &result);
                     result
                 }
@@ -206,6 +261,14 @@ impl ClipExtractor {
         }
         Ok(fragments)
     }
+}
+
+/// Whether a failed ListFragments call says the operation is unavailable (IAM, endpoint).
+fn refused(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::NotAuthorized | ErrorKind::UnsupportedOperation
+    )
 }
 
 /// Sorts by the selected timestamp (then fragment number), removes duplicates (the same number,

@@ -15,6 +15,24 @@ use crate::error::{Error, Result};
 use crate::kvs::client::StreamId;
 use crate::kvs::discovery::Backoff;
 
+/// How a clip's fragments are found ([`ClipOptions::planning`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ClipPlanning {
+    /// `ListFragments` first; when it is refused (`AccessDeniedException` or
+    /// `NotAuthorizedException`: the IAM policy does not allow it) or unknown to the endpoint
+    /// (`UnknownOperationException`), GetClip alone, remembered per [`KvsClient`] so that it is
+    /// not asked again. The default.
+    ///
+    /// [`KvsClient`]: crate::kvs::KvsClient
+    #[default]
+    Auto,
+    /// Always `ListFragments` + `GetClip` (a refusal is an error).
+    ListFragments,
+    /// Always GetClip alone, by time: for policies that grant `GetClip` but not
+    /// `ListFragments` (see the [module docs](super#getclip-alone)).
+    GetClipOnly,
+}
+
 /// Which timestamps select the fragments (`FragmentSelectorType`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum TimestampSelector {
@@ -165,10 +183,11 @@ pub struct ClipOptions {
     pub(super) max_attempts: u32,
     pub(super) initial_backoff: Duration,
     pub(super) max_backoff: Duration,
+    pub(super) planning: ClipPlanning,
 }
 
 impl Default for ClipOptions {
-    /// 200 fragments and 10^8 bytes per GetClip call, 20 s look-back for the fragment that
+    /// `ListFragments` when allowed (else GetClip alone), 200 fragments and 10^8 bytes per GetClip call, 20 s look-back for the fragment that
     /// contains the start, ListFragments pages of 1000, stream status checked, work files of
     /// [`extract_to_bytes`] in the system temporary directory, 5 attempts per call with backoff
     /// from 200 ms to 5 s.
@@ -185,6 +204,7 @@ impl Default for ClipOptions {
             max_attempts: 5,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
+            planning: ClipPlanning::Auto,
         }
     }
 }
@@ -238,6 +258,14 @@ impl ClipOptions {
     #[must_use]
     pub fn work_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.work_dir = Some(dir.into());
+        self
+    }
+
+    /// How the clip's fragments are found (default [`ClipPlanning::Auto`]: `ListFragments`,
+    /// or GetClip alone where `ListFragments` is refused).
+    #[must_use]
+    pub fn planning(mut self, planning: ClipPlanning) -> Self {
+        self.planning = planning;
         self
     }
 
