@@ -6,6 +6,7 @@
 //!                  │  for each stream (4 at a time)
 //!                  ▼
 //!               ClipExtractor::extract_to_file()       ListFragments → GetClip per ≤200 fragments
+//!                  │                                   (GetClip alone where ListFragments is refused)
 //!                  │                                   → qtdemux → mp4mux (no re-encoding)
 //!                  ▼
 //!               OUT/live/{stream}/{window start}.mp4   written aside, renamed when complete
@@ -27,6 +28,7 @@
 //!
 //! ```text
 //! cargo run --example clip_worker -- --interval 10 --out /tmp/clips
+//! cargo run --example clip_worker -- --interval 10 --out /tmp/clips --deny-list-fragments
 //! cargo run --example clip_worker -- --aws --region eu-west-1 --prefix cam-
 //! ```
 
@@ -40,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::Parser;
 use futures_util::StreamExt as _;
-use kvs_emulator::{Emulator, StreamSpec};
+use kvs_emulator::{Emulator, Refusal, StreamSpec};
 use kvs_frames::kvs::{
     ClipExtractor, ClipOptions, ClipRequest, Discovery, DiscoveryOptions, KvsClient,
 };
@@ -83,6 +85,10 @@ struct Args {
     /// Cameras of the embedded emulator.
     #[arg(long, default_value_t = 2)]
     cameras: u32,
+    /// The embedded emulator refuses ListFragments (403 AccessDeniedException), as an IAM
+    /// policy with GetClip but not ListFragments would: clips are made with GetClip alone.
+    #[arg(long)]
+    deny_list_fragments: bool,
 }
 
 #[tokio::main]
@@ -265,6 +271,9 @@ fn start_emulator(args: &Args, needed: Duration) -> Result<Emulator> {
     }
     // ACTIVE but never sends anything: its clips fail with NoFragments, the others go on.
     builder = builder.stream(StreamSpec::new("cam-silent").camera(false));
+    if args.deny_list_fragments {
+        builder = builder.refuse_api("ListFragments", Refusal::AccessDenied);
+    }
     let emulator = builder.start().context("starting the emulator")?;
     // The archive is encoded at start, as fast as possible: wait for it (a few seconds).
     let fragments = usize::try_from(history.as_secs() / 2).unwrap_or(1);

@@ -64,6 +64,14 @@ pub mod redact;
 pub mod retention;
 pub mod source;
 
+// The README's and docs/service.md's Rust blocks are compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/service.md")]
+struct ServiceGuideDoctests;
+
 pub use decode::DecoderThreads;
 pub use error::{Error, ErrorKind, Result};
 pub use frame::{ColorConversion, FragmentId, Frame, PixelFormat};
