@@ -6,8 +6,11 @@ use std::time::{Duration, SystemTime};
 use gstreamer as gst;
 use gstreamer_video as gst_video;
 
+mod geometry;
 #[cfg(any(feature = "ndarray", feature = "image"))]
 mod views;
+
+pub use geometry::{FrameGeometry, Rect, ResizeMode};
 
 pub use crate::decode::ColorConversion;
 
@@ -201,9 +204,18 @@ pub struct Frame {
     pub(crate) sequence: u64,
     pub(crate) fragment: Option<FragmentId>,
     pub(crate) key_frame: bool,
+    pub(crate) geometry: FrameGeometry,
 }
 
 impl Frame {
+    /// How the frame's pixels map to the decoded picture (after a [`resize`] and its
+    /// [`ResizeMode`]): [`FrameGeometry::rect_to_source`] turns a detection's box into
+    /// picture coordinates.
+    ///
+    /// [`resize`]: crate::KvsHlsFrameSourceBuilder::resize
+    pub fn geometry(&self) -> &FrameGeometry {
+        &self.geometry
+    }
     /// Width in pixels.
     pub fn width(&self) -> u32 {
         self.width

@@ -74,7 +74,7 @@ struct ServiceGuideDoctests;
 
 pub use decode::DecoderThreads;
 pub use error::{Error, ErrorKind, Result};
-pub use frame::{ColorConversion, FragmentId, Frame, PixelFormat};
+pub use frame::{ColorConversion, FragmentId, Frame, FrameGeometry, PixelFormat, Rect, ResizeMode};
 /// The `prometheus` crate this crate is built with: metrics registries are of its types
 /// ([`metrics::FrameSourceMetrics::register`], the producer metrics), so build them from this
 /// re-export rather than a `prometheus` dependency of your own whose version must match.

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 use kvs_emulator::{Emulator, barcode};
 use kvs_frames::backoff::{BackoffPolicy, Jitter};
 use kvs_frames::{
-    DeliveryPolicy, ErrorKind, Frame, KvsHlsFrameSource, KvsHlsFrameSourceBuilder, PixelFormat,
-    PlaybackMode, SourceState,
+    DeliveryPolicy, ErrorKind, Frame, FrameGeometry, KvsHlsFrameSource, KvsHlsFrameSourceBuilder,
+    PixelFormat, PlaybackMode, Rect, ResizeMode, SourceState,
 };
 
 fn source(emulator: &Emulator, stream: &str) -> KvsHlsFrameSourceBuilder {
@@ -678,6 +678,112 @@ fn target_fps_and_key_frames_only_sample_the_stream() {
     assert_eq!(numbers, firsts, "one frame per fragment, its key frame");
     assert!(frames.iter().all(Frame::is_key_frame));
     assert_exact(&emulator, "cam-1", &frames[..1]);
+}
+
+#[test]
+fn letterbox_and_fit_keep_the_aspect_ratio_and_map_boxes_back() {
+    // 320x240 (4:3) pictures into 320x180 (16:9): 240x180 of picture, 40 columns each side.
+    let emulator = history("cam-1", 2);
+    let truth = emulator.ground_truth("cam-1");
+    let range = PlaybackMode::OnDemand {
+        start: truth[0].producer_start,
+        end: truth[0].producer_start + Duration::from_millis(1),
+    };
+    let (left, top, side) = barcode::red_marker(320, 240);
+    let marker = Rect::new(left as f64, top as f64, side as f64, side as f64);
+    let blue = [0, 0, 255];
+    let first = |format: PixelFormat, mode: ResizeMode| {
+        let source = source(&emulator, "cam-1")
+            .playback(range)
+            .pixel_format(format)
+            .resize(320, 180)
+            .resize_mode(mode)
+            .build()
+            .unwrap();
+        let frames = drain(&source);
+        assert_eq!(frames.len(), 25, "{format} {mode:?}");
+        frames.into_iter().next().unwrap()
+    };
+    // The pixel at the centre of `rect` (frame coordinates) of an RGB frame.
+    let rgb_at = |f: &Frame, x: f64, y: f64| {
+        let (x, y) = (x as usize, y as u32);
+        f.row(y).unwrap()[x * 3..x * 3 + 3].to_vec()
+    };
+    let centre = |r: Rect| (r.x + r.width / 2.0, r.y + r.height / 2.0);
+
+    let f = first(PixelFormat::Rgb, ResizeMode::Letterbox { color: blue });
+    assert_eq!((f.width(), f.height()), (320, 180));
+    let g = *f.geometry();
+    assert_eq!((g.source_width, g.source_height), (320, 240));
+    assert_eq!(
+        (g.content_width, g.content_height, g.offset_x, g.offset_y),
+        (240, 180, 40.0, 0.0)
+    );
+    for (x, y) in [(0.0, 0.0), (39.0, 90.0), (280.0, 90.0), (319.0, 179.0)] {
+        assert_eq!(rgb_at(&f, x, y), blue, "padding at ({x}, {y})");
+    }
+    let (cx, cy) = centre(g.rect_from_source(marker));
+    let px = rgb_at(&f, cx, cy);
+    assert!(
+        px[0] > 180 && px[1] < 90 && px[2] < 90,
+        "the red marker maps to {px:?}"
+    );
+    // The picture's area maps back to the whole picture; the padding to nothing.
+    assert_eq!(
+        g.rect_to_source(Rect::new(40.0, 0.0, 240.0, 180.0)),
+        Rect::new(0.0, 0.0, 320.0, 240.0)
+    );
+    assert_eq!(
+        g.rect_to_source(Rect::new(0.0, 0.0, 40.0, 180.0)).width,
+        0.0
+    );
+
+    let f = first(PixelFormat::Rgb, ResizeMode::Fit);
+    assert_eq!(
+        (f.width(), f.height()),
+        (240, 180),
+        "fit: the aspect ratio kept"
+    );
+    let g = *f.geometry();
+    assert_eq!(
+        (g.offset_x, g.offset_y, g.scale_x, g.scale_y),
+        (0.0, 0.0, 0.75, 0.75)
+    );
+    let (cx, cy) = centre(g.rect_from_source(marker));
+    let px = rgb_at(&f, cx, cy);
+    assert!(
+        px[0] > 180 && px[1] < 90 && px[2] < 90,
+        "fit: the red marker maps to {px:?}"
+    );
+
+    let f = first(PixelFormat::Rgb, ResizeMode::Stretch);
+    assert_eq!((f.width(), f.height()), (320, 180));
+    assert_eq!((f.geometry().scale_x, f.geometry().scale_y), (1.0, 0.75));
+    let (cx, cy) = centre(f.geometry().rect_from_source(marker));
+    let px = rgb_at(&f, cx, cy);
+    assert!(px[0] > 180 && px[1] < 90 && px[2] < 90, "stretch: {px:?}");
+
+    // GRAY8 pads with the colour's luma; JPEG fits; without a resize the geometry is 1:1.
+    let f = first(PixelFormat::Gray8, ResizeMode::Letterbox { color: blue });
+    assert_eq!(f.row(90).unwrap()[0], 29, "BT.601 luma of pure blue");
+    let f = first(PixelFormat::Jpeg { quality: 80 }, ResizeMode::Fit);
+    assert_eq!((f.width(), f.height()), (240, 180));
+    let plain = source(&emulator, "cam-1").playback(range).build().unwrap();
+    let f = drain(&plain).into_iter().next().unwrap();
+    assert_eq!(*f.geometry(), FrameGeometry::identity(320, 240));
+
+    // Letterbox needs the SIMD converter's formats; a mode needs a size.
+    for builder in [
+        source(&emulator, "cam-1")
+            .pixel_format(PixelFormat::I420)
+            .resize(320, 180)
+            .resize_mode(ResizeMode::Letterbox { color: blue }),
+        source(&emulator, "cam-1").resize_mode(ResizeMode::Fit),
+    ] {
+        let err = builder.build().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+        assert_eq!(err.invalid_option(), Some("resize_mode"), "{err}");
+    }
 }
 
 #[test]

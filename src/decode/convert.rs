@@ -175,6 +175,8 @@ impl Drop for Pooled {
 struct Layout {
     input: gst_video::VideoInfo,
     output: gst_video::VideoInfo,
+    /// Letterbox: where the picture goes in the output (column, row) and the padding pixel.
+    letterbox: Option<((usize, usize), Vec<u8>)>,
     range: YuvRange,
     matrix: YuvStandardMatrix,
     pool: Arc<Pool>,
@@ -183,13 +185,32 @@ struct Layout {
 /// Converts decoded 4:2:0 frames into one RGB-family format (or GRAY8), into pooled buffers.
 pub(crate) struct Converter {
     format: PixelFormat,
+    /// Letterbox: the output size and the padding colour (RGB).
+    canvas: Option<((u32, u32), [u8; 3])>,
     layout: Mutex<Option<(gst::Caps, Arc<Layout>)>>,
 }
 
+/// One pixel of `color` (RGB) in `format` (GRAY8: its BT.601 luma).
+fn pixel(format: PixelFormat, [r, g, b]: [u8; 3]) -> Vec<u8> {
+    match format {
+        PixelFormat::Bgr => vec![b, g, r],
+        PixelFormat::Rgb => vec![r, g, b],
+        PixelFormat::Bgra => vec![b, g, r, 255],
+        PixelFormat::Rgba => vec![r, g, b, 255],
+        _ => {
+            let luma = (299 * u32::from(r) + 587 * u32::from(g) + 114 * u32::from(b) + 500) / 1000;
+            vec![u8::try_from(luma).unwrap_or(u8::MAX)]
+        }
+    }
+}
+
 impl Converter {
-    pub(crate) fn new(format: PixelFormat) -> Self {
+    /// A converter to `format`; with `canvas` (letterbox), each picture is centred on an
+    /// output of that size, the rest painted with the colour.
+    pub(crate) fn new(format: PixelFormat, canvas: Option<((u32, u32), [u8; 3])>) -> Self {
         Converter {
             format,
+            canvas,
             layout: Mutex::new(None),
         }
     }
@@ -209,11 +230,30 @@ impl Converter {
             .format
             .video_format()
             .ok_or_else(|| ConvertError(format!("{} is not a raw format", self.format)))?;
-        let output = gst_video::VideoInfo::builder(format, input.width(), input.height())
+        let (out_w, out_h) = self
+            .canvas
+            .map_or((input.width(), input.height()), |(size, _)| size);
+        if input.width() > out_w || input.height() > out_h {
+            return Err(ConvertError(format!(
+                "a {}x{} picture does not fit the {out_w}x{out_h} letterbox",
+                input.width(),
+                input.height()
+            )));
+        }
+        let output = gst_video::VideoInfo::builder(format, out_w, out_h)
             .fps(input.fps())
             .par(input.par())
             .build()
             .map_err(|e| ConvertError(format!("no layout for {format:?}: {e}")))?;
+        let letterbox = self.canvas.map(|(_, color)| {
+            (
+                (
+                    ((out_w - input.width()) / 2) as usize,
+                    ((out_h - input.height()) / 2) as usize,
+                ),
+                pixel(self.format, color),
+            )
+        });
         let colorimetry = input.colorimetry();
         let range = match colorimetry.range() {
             gst_video::VideoColorRange::Range0_255 => YuvRange::Full,
@@ -235,6 +275,7 @@ impl Converter {
         let layout = Arc::new(Layout {
             input,
             output,
+            letterbox,
             range,
             matrix,
             pool,
@@ -288,6 +329,26 @@ impl Converter {
         let (width, height) = (frame.width(), frame.height());
         let dst = out.as_mut();
         let (range, matrix) = (layout.range, layout.matrix);
+        // Letterbox: paint the padding, then convert into the picture's place.
+        let dst = match &layout.letterbox {
+            Some(((col, row), fill)) => {
+                paint_padding(
+                    dst,
+                    stride as usize,
+                    (out_info.width() as usize, out_info.height() as usize),
+                    (*col, *row),
+                    (width as usize, height as usize),
+                    fill,
+                )?;
+                let start = row
+                    .checked_mul(stride as usize)
+                    .and_then(|s| s.checked_add(col.checked_mul(fill.len())?))
+                    .ok_or_else(|| ConvertError("letterbox offset overflows".into()))?;
+                dst.get_mut(start..)
+                    .ok_or_else(|| ConvertError("letterbox offset outside the frame".into()))?
+            }
+            None => dst,
+        };
         if self.format == PixelFormat::Gray8 {
             // The luma plane as it is, row by row (what videoconvert's I420/NV12 → GRAY8 does:
             // no range change).
@@ -387,6 +448,38 @@ impl Converter {
     }
 }
 
+/// Paints everything of the `size` (columns, rows) output around the `picture` placed at
+/// `at` with the pixel `fill`.
+fn paint_padding(
+    dst: &mut [u8],
+    stride: usize,
+    (width, height): (usize, usize),
+    (col, row): (usize, usize),
+    (picture_w, picture_h): (usize, usize),
+    fill: &[u8],
+) -> Result<(), ConvertError> {
+    let bpp = fill.len();
+    let paint = |span: &mut [u8]| {
+        for px in span.chunks_exact_mut(bpp) {
+            px.copy_from_slice(fill);
+        }
+    };
+    for (r, line) in dst.chunks_mut(stride).take(height).enumerate() {
+        let line = line
+            .get_mut(..width * bpp)
+            .ok_or_else(|| ConvertError(format!("output row {r} is short")))?;
+        if r < row || r >= row + picture_h {
+            paint(line);
+        } else {
+            let (left, rest) = line.split_at_mut((col * bpp).min(line.len()));
+            paint(left);
+            let right_from = (picture_w * bpp).min(rest.len());
+            paint(&mut rest[right_from..]);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,7 +505,7 @@ mod tests {
         gst::init().unwrap();
         // BT.601 limited (81, 90, 240) is pure red.
         let (caps, input) = i420(322, 10, [81, 90, 240]);
-        let converter = Converter::new(PixelFormat::Bgr);
+        let converter = Converter::new(PixelFormat::Bgr, None);
         let (out, info) = converter.convert(&caps, &input).unwrap();
         assert_eq!(info.stride()[0], 968, "GStreamer's padded BGR stride");
         let map = out.map_readable().unwrap();
@@ -442,7 +535,7 @@ mod tests {
             (PixelFormat::Bgra, 2),
             (PixelFormat::Rgba, 0),
         ] {
-            let converter = Converter::new(format);
+            let converter = Converter::new(format, None);
             let (out, info) = converter.convert(&caps, &input).unwrap();
             let bpp = format.bytes_per_pixel().unwrap();
             let map = out.map_readable().unwrap();
@@ -453,12 +546,76 @@ mod tests {
         }
     }
 
+    /// Letterbox: the picture centred, the padding in the given colour, in every format the
+    /// converter pads, through reused (dirty) buffers.
+    #[test]
+    fn letterbox_centres_the_picture_and_paints_the_padding() {
+        gst::init().unwrap();
+        // A red 30x20 picture on a 40x30 canvas: 5 columns each side, 5 rows above and below.
+        let (caps, input) = i420(30, 20, [81, 90, 240]);
+        let blue = [0, 0, 255];
+        for format in [
+            PixelFormat::Bgr,
+            PixelFormat::Rgb,
+            PixelFormat::Bgra,
+            PixelFormat::Rgba,
+            PixelFormat::Gray8,
+        ] {
+            let converter = Converter::new(format, Some(((40, 30), blue)));
+            for round in 0..3 {
+                let (out, info) = converter.convert(&caps, &input).unwrap();
+                assert_eq!((info.width(), info.height()), (40, 30));
+                let bpp = format.bytes_per_pixel().unwrap();
+                let stride = info.stride()[0] as usize;
+                let map = out.map_readable().unwrap();
+                let at =
+                    |x: usize, y: usize| &map[y * stride + x * bpp..y * stride + (x + 1) * bpp];
+                let fill = pixel(format, blue);
+                for (x, y) in [(0, 0), (4, 15), (35, 15), (39, 29), (20, 4), (20, 25)] {
+                    assert_eq!(at(x, y), fill.as_slice(), "{format} padding at ({x}, {y})");
+                }
+                for (x, y) in [(5, 5), (34, 24), (20, 15)] {
+                    let px = at(x, y);
+                    if format == PixelFormat::Gray8 {
+                        assert_eq!(px, [81], "{format} luma at ({x}, {y})");
+                    } else {
+                        let red = if matches!(format, PixelFormat::Bgr | PixelFormat::Bgra) {
+                            2
+                        } else {
+                            0
+                        };
+                        assert!(
+                            px[red] > 250 && px[1] < 4 && px[2 - red] < 4,
+                            "{format} at ({x}, {y}): {px:?}"
+                        );
+                    }
+                }
+                drop(map);
+                drop(out);
+                // Dirty the next buffer: the padding must be painted again, not assumed.
+                if round == 0 {
+                    let (mut dirty, _) = converter.convert(&caps, &input).unwrap();
+                    dirty
+                        .make_mut()
+                        .map_writable()
+                        .unwrap()
+                        .as_mut_slice()
+                        .fill(7);
+                }
+            }
+        }
+        // A picture larger than the canvas is an error, not a write out of bounds.
+        let (big, input) = i420(50, 20, [81, 90, 240]);
+        let converter = Converter::new(PixelFormat::Bgr, Some(((40, 30), blue)));
+        assert!(converter.convert(&big, &input).is_err());
+    }
+
     /// The layout (and its pool) is parsed once per caps object, not per frame.
     #[test]
     fn the_layout_is_parsed_once_per_caps_object() {
         gst::init().unwrap();
         let (caps, _) = i420(64, 32, [128, 128, 128]);
-        let converter = Converter::new(PixelFormat::Bgr);
+        let converter = Converter::new(PixelFormat::Bgr, None);
         let first = converter.layout(&caps).unwrap();
         assert!(Arc::ptr_eq(&first, &converter.layout(&caps).unwrap()));
         let (other, _) = i420(64, 32, [128, 128, 128]);
@@ -468,7 +625,7 @@ mod tests {
     #[test]
     fn the_matrix_and_range_come_from_the_caps() {
         gst::init().unwrap();
-        let converter = Converter::new(PixelFormat::Rgb);
+        let converter = Converter::new(PixelFormat::Rgb, None);
         for (colorimetry, want) in [
             ("bt601", YuvStandardMatrix::Bt601),
             ("bt709", YuvStandardMatrix::Bt709),
@@ -496,7 +653,7 @@ mod tests {
     fn the_pool_keeps_a_busy_burst_and_lets_an_idle_one_go() {
         gst::init().unwrap();
         let (caps, input) = i420(64, 32, [128, 128, 128]);
-        let converter = Converter::new(PixelFormat::Gray8);
+        let converter = Converter::new(PixelFormat::Gray8, None);
         let burst: Vec<_> = (0..3 * POOL_KEEP)
             .map(|_| converter.convert(&caps, &input).unwrap())
             .collect();
@@ -530,7 +687,7 @@ mod tests {
             }
         }
         let input = gst::Buffer::from_mut_slice(data);
-        let converter = Converter::new(PixelFormat::Gray8);
+        let converter = Converter::new(PixelFormat::Gray8, None);
         let (out, out_info) = converter.convert(&info.to_caps().unwrap(), &input).unwrap();
         let map = out.map_readable().unwrap();
         let out_stride = out_info.stride()[0] as usize;
@@ -550,7 +707,7 @@ mod tests {
     #[test]
     fn full_and_limited_range_map_black_and_white() {
         gst::init().unwrap();
-        let converter = Converter::new(PixelFormat::Rgb);
+        let converter = Converter::new(PixelFormat::Rgb, None);
         for (colorimetry, y, want) in [
             ("bt601", 16, 0),
             ("bt601", 235, 255),
@@ -583,7 +740,7 @@ mod tests {
     fn a_short_buffer_is_an_error_not_a_panic() {
         gst::init().unwrap();
         let (caps, _) = i420(64, 64, [16, 128, 128]);
-        let converter = Converter::new(PixelFormat::Rgba);
+        let converter = Converter::new(PixelFormat::Rgba, None);
         let short = gst::Buffer::from_mut_slice(vec![0u8; 100]);
         assert!(converter.convert(&caps, &short).is_err());
     }

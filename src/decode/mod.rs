@@ -44,6 +44,7 @@ mod tail;
 
 pub use convert::ColorConversion;
 
+pub(crate) use convert::converts as pads_letterbox;
 pub(crate) use kvs::{Decoder, KVS_HEAD_ELEMENTS};
 #[cfg(test)]
 pub(crate) use tail::ntp_to_system_time;
@@ -112,6 +113,7 @@ pub(crate) struct DecodeConfig {
     pub name: String,
     pub pixel_format: PixelFormat,
     pub resize: Option<(u32, u32)>,
+    pub resize_mode: crate::frame::ResizeMode,
     pub target_fps: Option<f64>,
     pub key_frames_only: bool,
     pub max_frame_age: Option<Duration>,

@@ -2,10 +2,12 @@
 //! and the appsink that hands out zero-copy frames with their producer time.
 
 use super::*;
+use crate::frame::{FrameGeometry, ResizeMode};
 
 /// What the shared tail needs for raw output (`tail_elements` adds JPEG's).
-pub(super) const RAW_TAIL_ELEMENTS: &[&str] = &["videoconvert", "videoscale", "appsink"];
-pub(super) const JPEG_TAIL_ELEMENTS: &[&str] = &["capsfilter", "jpegenc"];
+pub(super) const RAW_TAIL_ELEMENTS: &[&str] =
+    &["videoconvert", "videoscale", "capsfilter", "appsink"];
+pub(super) const JPEG_TAIL_ELEMENTS: &[&str] = &["jpegenc"];
 
 /// The elements of the shared tail for `format`.
 pub(crate) fn tail_elements(format: PixelFormat) -> Vec<&'static str> {
@@ -95,30 +97,43 @@ pub(crate) fn add_tail(
     let mut chain = vec![convert.clone(), scale];
     // The RGB family converted here (SIMD, pooled): the appsink takes the decoder's 4:2:0 as
     // is (videoconvert in passthrough; scaling happens in YUV).
+    let letterbox = match (config.resize, config.resize_mode) {
+        (Some(size), ResizeMode::Letterbox { color }) => Some((size, color)),
+        _ => None,
+    };
     let converter = convert::converts(config.conversion, config.pixel_format)
-        .then(|| convert::Converter::new(config.pixel_format));
+        .then(|| convert::Converter::new(config.pixel_format, letterbox));
+    // Stretch: the appsink's caps fix the size. Fit and letterbox: the size follows the
+    // picture's aspect ratio, set on `fit_filter` when the decoder's caps are known.
+    let stretch = config
+        .resize
+        .filter(|_| config.resize_mode == ResizeMode::Stretch);
+    let mut fit_filter: Option<gst::Element> = None;
     let appsink_caps = match (config.pixel_format, config.pixel_format.video_format()) {
         (_, Some(_)) if converter.is_some() => {
             let mut caps = gst_video::VideoCapsBuilder::new().format_list(convert::NATIVE_FORMATS);
-            if let Some((w, h)) = config.resize {
+            if let Some((w, h)) = stretch {
                 caps = caps.width(w as i32).height(h as i32);
             }
             caps.build()
         }
         (_, Some(format)) => {
             let mut caps = gst_video::VideoCapsBuilder::new().format(format);
-            if let Some((w, h)) = config.resize {
+            if let Some((w, h)) = stretch {
                 caps = caps.width(w as i32).height(h as i32);
             }
             caps.build()
         }
         (PixelFormat::Jpeg { quality }, None) => {
             let mut size = gst_video::VideoCapsBuilder::new();
-            if let Some((w, h)) = config.resize {
+            if let Some((w, h)) = stretch {
                 size = size.width(w as i32).height(h as i32);
             }
             let filter =
                 crate::elements::make_with("capsfilter", |b| b.property("caps", size.build()))?;
+            if config.resize.is_some() && stretch.is_none() {
+                fit_filter = Some(filter.clone());
+            }
             let jpegenc = crate::elements::make_with("jpegenc", |b| {
                 b.property("quality", i32::from(quality))
             })?;
@@ -133,6 +148,11 @@ pub(crate) fn add_tail(
             ));
         }
     };
+    if config.resize.is_some() && stretch.is_none() && fit_filter.is_none() {
+        let filter = crate::elements::make("capsfilter")?;
+        chain.push(filter.clone());
+        fit_filter = Some(filter);
+    }
     let appsink = gst_app::AppSink::builder()
         .name("sink")
         .caps(&appsink_caps)
@@ -154,6 +174,41 @@ pub(crate) fn add_tail(
         .static_pad("sink")
         .ok_or_else(|| Error::new(ErrorKind::Pipeline, "videoconvert has no sink pad"))?;
     link_decoded_video(pipeline, head, convert_sink.clone());
+    // The decoded picture's size: each frame's geometry, and (fit, letterbox) the size the
+    // scaler makes of it.
+    let geometry: Arc<Mutex<Option<FrameGeometry>>> = Arc::new(Mutex::new(None));
+    {
+        let geometry = Arc::clone(&geometry);
+        let (resize, mode) = (config.resize, config.resize_mode);
+        convert_sink.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+            if let Some(gst::PadProbeData::Event(event)) = &info.data
+                && let gst::EventView::Caps(c) = event.view()
+                && let Ok(video) = gst_video::VideoInfo::from_caps(c.caps())
+            {
+                let par = video.par();
+                let g = match resize {
+                    Some(size) => FrameGeometry::resized(
+                        video.width(),
+                        video.height(),
+                        (par.numer(), par.denom()),
+                        size,
+                        mode,
+                    ),
+                    None => FrameGeometry::identity(video.width(), video.height()),
+                };
+                if let Some(filter) = &fit_filter {
+                    let caps = gst_video::VideoCapsBuilder::new()
+                        .width(g.content_width as i32)
+                        .height(g.content_height as i32)
+                        .pixel_aspect_ratio(gst::Fraction::new(1, 1))
+                        .build();
+                    filter.set_property("caps", caps);
+                }
+                *geometry.lock() = Some(g);
+            }
+            gst::PadProbeReturn::Ok
+        });
+    }
     // Decoders (avdec_* in GStreamer 1.22) do not mark their output as key or delta: the
     // flag is noted, by PTS, where the demuxer or depayloader set it.
     let keys: KeyFlags = Arc::new(Mutex::new(VecDeque::new()));
@@ -219,6 +274,7 @@ pub(crate) fn add_tail(
     let format = config.pixel_format;
     let max_frame_age = config.max_frame_age;
     let TailHooks { stamp, on_eos } = hooks;
+    let frame_geometry = geometry;
     // Without the converter (which keeps its own layout per caps), the frame's layout: parsed
     // once per caps object, not per frame.
     let parsed: Mutex<Option<(gst::Caps, Layout)>> = Mutex::new(None);
@@ -285,6 +341,9 @@ pub(crate) fn add_tail(
                 let Ok(map) = buffer.into_mapped_buffer_readable() else {
                     return Ok(gst::FlowSuccess::Ok);
                 };
+                let geometry = frame_geometry
+                    .lock()
+                    .unwrap_or(FrameGeometry::identity(width, height));
                 frame_sink.frame(Frame {
                     map,
                     info,
@@ -297,6 +356,7 @@ pub(crate) fn add_tail(
                     sequence: 0,
                     fragment,
                     key_frame,
+                    geometry,
                 });
                 Ok(gst::FlowSuccess::Ok)
             })

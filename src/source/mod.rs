@@ -192,6 +192,7 @@ pub(crate) struct CommonOptions {
     pub camera_id: String,
     pub pixel_format: PixelFormat,
     pub resize: Option<(u32, u32)>,
+    pub resize_mode: crate::frame::ResizeMode,
     pub target_fps: Option<f64>,
     pub key_frames_only: bool,
     pub max_frame_age: Option<Duration>,
@@ -210,6 +211,7 @@ impl CommonOptions {
             camera_id: camera_id.to_owned(),
             pixel_format: PixelFormat::Bgr,
             resize: None,
+            resize_mode: crate::frame::ResizeMode::Stretch,
             target_fps: None,
             key_frames_only: false,
             max_frame_age: None,
@@ -245,6 +247,26 @@ impl CommonOptions {
                 "resize",
                 format!("{w}x{h}"),
                 "width and height must be even, 16-7680 by 16-4320",
+            ));
+        }
+        if let crate::frame::ResizeMode::Letterbox { .. } = self.resize_mode
+            && !crate::decode::pads_letterbox(self.conversion, self.pixel_format)
+        {
+            return Err(Error::invalid_config(
+                "resize_mode",
+                format!(
+                    "Letterbox with {} and {:?} colour conversion",
+                    self.pixel_format, self.conversion
+                ),
+                "letterbox padding is done by the SIMD converter: use bgr, rgb, bgra, rgba or \
+                 gray8 with ColorConversion::Simd, or ResizeMode::Fit",
+            ));
+        }
+        if self.resize_mode != crate::frame::ResizeMode::Stretch && self.resize.is_none() {
+            return Err(Error::invalid_config(
+                "resize_mode",
+                format!("{:?}", self.resize_mode),
+                "needs resize(width, height): the size to fit into",
             ));
         }
         if let Some(fps) = self.target_fps
@@ -304,6 +326,7 @@ impl CommonOptions {
             name: self.camera_id.clone(),
             pixel_format: self.pixel_format,
             resize: self.resize,
+            resize_mode: self.resize_mode,
             target_fps: self.target_fps,
             key_frames_only: self.key_frames_only,
             max_frame_age: self.max_frame_age,
@@ -354,10 +377,25 @@ macro_rules! common_setters {
             self.common.pixel_format = format;
             self
         }
-        /// Scale frames to `width` × `height` (even numbers, 16–7680 × 16–4320).
+        /// Scale frames to `width` × `height` (even numbers, 16–7680 × 16–4320), as
+        /// [`resize_mode`](Self::resize_mode) says (default: stretched to exactly that size).
+        /// Each frame's [`geometry`](crate::Frame::geometry) maps its pixels back to the
+        /// decoded picture.
         #[must_use]
         pub fn resize(mut self, width: u32, height: u32) -> Self {
             self.common.resize = Some((width, height));
+            self
+        }
+        /// How [`resize`](Self::resize) treats the aspect ratio: [`ResizeMode::Stretch`]
+        /// (default), [`ResizeMode::Fit`] (inside the size, aspect kept) or
+        /// [`ResizeMode::Letterbox`] (fit, then padded with a colour to exactly the size).
+        ///
+        /// [`ResizeMode::Stretch`]: crate::ResizeMode::Stretch
+        /// [`ResizeMode::Fit`]: crate::ResizeMode::Fit
+        /// [`ResizeMode::Letterbox`]: crate::ResizeMode::Letterbox
+        #[must_use]
+        pub fn resize_mode(mut self, mode: crate::ResizeMode) -> Self {
+            self.common.resize_mode = mode;
             self
         }
         /// Deliver at most `fps` frames per second of video (0 < fps ≤ 240); the others are

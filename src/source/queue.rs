@@ -257,6 +257,7 @@ mod tests {
             sequence,
             fragment: None,
             key_frame: false,
+            geometry: crate::frame::FrameGeometry::identity(bytes as u32, 1),
         }
     }
 
