@@ -81,6 +81,6 @@ pub use frame::{ColorConversion, FragmentId, Frame, FrameGeometry, PixelFormat, 
 pub use prometheus;
 pub use source::{
     DeliveryPolicy, EndOfStream, FrameStream, Frames, KvsHlsFrameSource, KvsHlsFrameSourceBuilder,
-    PlaybackMode, RtspTransport, SourceState, SourceStats, UriFrameSource, UriFrameSourceBuilder,
-    UriKind,
+    PlaybackMode, RtspTransport, SetFrames, SetItem, SetMember, SetStats, SetStream, SourceSet,
+    SourceState, SourceStats, UriFrameSource, UriFrameSourceBuilder, UriKind,
 };

@@ -5,6 +5,7 @@
 
 mod kvs_hls;
 mod queue;
+mod set;
 mod uri;
 
 use std::pin::Pin;
@@ -21,6 +22,7 @@ pub use kvs_hls::{
 };
 pub use queue::DeliveryPolicy;
 pub(crate) use queue::{Pushed, Queue};
+pub use set::{SetFrames, SetItem, SetMember, SetStats, SetStream, SourceSet};
 pub use uri::{EndOfStream, RtspTransport, UriFrameSource, UriFrameSourceBuilder, UriKind};
 
 use crate::backoff::BackoffPolicy;
