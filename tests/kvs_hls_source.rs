@@ -1175,6 +1175,61 @@ fn max_frame_age_keeps_a_slow_reader_at_the_live_edge() {
     );
 }
 
+/// After an outage of the reader's side (every HLS request fails for 8 s), the playlist holds
+/// the fragments it missed. With `max_frame_age` those that ended too long ago are not fetched:
+/// the reader goes on at the live edge; without it, it reads through them (nothing lost).
+#[test]
+fn after_an_outage_max_frame_age_skips_the_backlog() {
+    let emulator = common::start(vec![common::small("cam-1")]);
+    let run = |age: Option<Duration>| {
+        let mut builder = source(&emulator, "cam-1").backoff(quick_backoff());
+        if let Some(age) = age {
+            builder = builder.max_frame_age(age);
+        }
+        let source = builder.build().unwrap();
+        let mut frames = source.frames();
+        for _ in 0..10 {
+            frames
+                .next_timeout(Duration::from_secs(20))
+                .unwrap()
+                .unwrap();
+        }
+        let before = source.stats().reconnects;
+        emulator
+            .faults("cam-1")
+            .unwrap()
+            .server_errors(Duration::from_secs(8));
+        // Read on: the first frame after the reconnect, and how old it was when decoded.
+        let first_after = loop {
+            let (frame, _) = frames
+                .next_timeout(Duration::from_secs(30))
+                .unwrap()
+                .unwrap();
+            if source.stats().reconnects > before {
+                break frame;
+            }
+        };
+        let age = first_after
+            .emitted_at()
+            .duration_since(first_after.producer_time().unwrap())
+            .unwrap_or_default();
+        (age, source.stats())
+    };
+    let max_age = Duration::from_secs(2);
+    let (age, stats) = run(Some(max_age));
+    assert!(stats.fragments_too_old >= 3, "{stats:?}");
+    assert!(
+        age <= max_age + Duration::from_millis(100),
+        "after the outage: a frame {age:?} old"
+    );
+    let (age, stats) = run(None);
+    assert_eq!(stats.fragments_too_old, 0, "{stats:?}");
+    assert!(
+        age > Duration::from_secs(4),
+        "without max_frame_age the backlog is read: {age:?}"
+    );
+}
+
 #[test]
 fn max_frame_age_is_for_live_playback_only() {
     let emulator = common::start(vec![common::small("cam-1")]);
