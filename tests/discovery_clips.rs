@@ -15,13 +15,16 @@ use common::{dt, small};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use kvs_emulator::{Emulator, FragmentRecord, Refusal, StreamSpec, StreamStatus, barcode};
+use kvs_emulator::{
+    Emulator, FragmentRecord, Refusal, StreamSpec, StreamStatus, VideoCodec, barcode,
+};
 use kvs_frames::error::ErrorKind;
 use kvs_frames::kvs::{
     ClipExtractor, ClipOptions, ClipPlanning, ClipRequest, Discovery, DiscoveryOptions, KvsClient,
     Shard, StreamStatus as KvsStatus, TimestampSelector,
 };
 use kvs_frames::retention;
+use kvs_frames::{PixelFormat, UriFrameSource};
 
 fn api_calls(emulator: &Emulator, operation: &str) -> u64 {
     emulator
@@ -468,6 +471,75 @@ async fn a_60_second_clip_decodes_to_exactly_the_ground_truth_frames() {
         .await
         .unwrap();
     assert_eq!(frames, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h265_clips_and_thumbnails_hold_exactly_the_ground_truth_frames() {
+    let emulator = common::start(vec![
+        small("hevc")
+            .fps(10)
+            .codec(VideoCodec::H265)
+            .history(Duration::from_secs(12)),
+    ]);
+    common::wait_fragments(&emulator, "hevc", 12, Duration::from_secs(60)).await;
+    let truth = emulator.ground_truth("hevc");
+    let clips = ClipExtractor::new(KvsClient::new(&emulator.sdk_config()), fast()).unwrap();
+    let request = ClipRequest::new(
+        "hevc",
+        truth[2].producer_start + Duration::from_millis(500),
+        truth[8].producer_start,
+    )
+    .thumbnail(true);
+    let expected = expected_frames(&truth[2..=8]);
+    // Split into calls of 3 fragments: the joins of H.265 parts too.
+    for clips in [
+        clips,
+        ClipExtractor::new(
+            KvsClient::new(&emulator.sdk_config()),
+            fast().max_fragments_per_call(3),
+        )
+        .unwrap(),
+    ] {
+        let clip = clips.extract_to_bytes(&request).await.unwrap();
+        assert_eq!(clip.info.fragments, 7);
+        let jpeg = clip.thumbnail_jpeg.clone().expect("an H.265 thumbnail");
+        assert_eq!(jpeg_frame_number(&jpeg), Some(expected[0]));
+        let mp4 = clip.mp4;
+        assert!(
+            mp4.windows(4).any(|w| w == b"hvcC"),
+            "the clip keeps the HEVC configuration"
+        );
+        // The clip as a file, read by UriFrameSource: the same frames.
+        let dir = tempdir("hevc-file");
+        let path = dir.join("clip.mp4");
+        std::fs::write(&path, &mp4).unwrap();
+        let from_file = tokio::task::spawn_blocking(move || {
+            let source = UriFrameSource::builder("hevc-file", path.to_str().unwrap())
+                .pixel_format(PixelFormat::Gray8)
+                .build()
+                .unwrap();
+            source
+                .frames()
+                .map(|item| {
+                    let (f, _) = item.unwrap();
+                    barcode::read_gray8(
+                        f.data(),
+                        f.stride(),
+                        f.width() as usize,
+                        f.height() as usize,
+                    )
+                    .expect("a readable barcode")
+                })
+                .collect::<Vec<u32>>()
+        })
+        .await
+        .unwrap();
+        assert_eq!(from_file, expected);
+        let frames = tokio::task::spawn_blocking(move || decoded_frames(mp4))
+            .await
+            .unwrap();
+        assert_eq!(frames, expected);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

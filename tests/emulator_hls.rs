@@ -50,6 +50,41 @@ fn expected_frames(records: &[FragmentRecord]) -> Vec<u32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h265_streams_are_served_as_hvc1_with_an_hevc_codecs_attribute() {
+    let emulator = common::start(vec![small("hevc").codec(kvs_emulator::VideoCodec::H265)]);
+    let media = common::media(&emulator, "hevc").await;
+    let master_url = common::session(&media, "hevc", &SessionParams::default())
+        .await
+        .unwrap();
+    let text = get(&master_url).await.unwrap().text();
+    // Main profile: hvc1.1.6.L<level>.B0 (RFC 6381, ISO/IEC 14496-15 annex E).
+    assert!(text.contains("CODECS=\"hvc1.1.6.L"), "{text}");
+    let media_url = common::media_playlist_url(&master_url).await;
+    let playlist = common::parse_media(&get(&media_url).await.unwrap().text());
+    let map = playlist.segments[0]
+        .map
+        .as_ref()
+        .expect("EXT-X-MAP")
+        .uri
+        .clone();
+    let init = get(&common::resolve(&media_url, &map)).await.unwrap();
+    let body = init.body.to_vec();
+    assert!(body.windows(4).any(|w| w == b"hvc1") && body.windows(4).any(|w| w == b"hvcC"));
+    assert!(!body.windows(4).any(|w| w == b"avcC"));
+    let control = common::control(&emulator);
+    let described = control
+        .describe_stream()
+        .stream_name("hevc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        described.stream_info().and_then(|i| i.media_type()),
+        Some("video/h265")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_playlists_have_the_kvs_shape_and_decode_to_the_ground_truth() {
     let emulator = common::start(vec![small("cam-1").history(Duration::from_secs(3))]);
     common::wait_fragments(&emulator, "cam-1", 4, Duration::from_secs(20)).await;

@@ -35,6 +35,8 @@ pub const ELEMENTS: &[ElementPackage] = &[
     e("qtdemux", "gstreamer1.0-plugins-good"),
     e("h264parse", "gstreamer1.0-plugins-bad"),
     e("x264enc", "gstreamer1.0-plugins-ugly"),
+    e("x265enc", "gstreamer1.0-plugins-bad"),
+    e("h265parse", "gstreamer1.0-plugins-bad"),
     e("avdec_h264", "gstreamer1.0-libav"),
     e("textoverlay", "gstreamer1.0-x"),
 ];

@@ -108,6 +108,27 @@ pub struct CameraStatus {
     pub last_error: Option<String>,
 }
 
+/// The video codec of a stream's camera.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum VideoCodec {
+    /// H.264 (`x264enc`; KVS codec ID `V_MPEG/ISO/AVC`, MP4 `avc1`), the default.
+    #[default]
+    H264,
+    /// H.265 (`x265enc`; KVS codec ID `V_MPEGH/ISO/HEVC`, MP4 `hvc1` with `hvcC`), which KVS
+    /// serves over HLS (fMP4) and GetClip.
+    H265,
+}
+
+impl VideoCodec {
+    /// The stream's `MediaType` for this codec (`video/h264`, `video/h265`).
+    pub fn media_type(self) -> &'static str {
+        match self {
+            VideoCodec::H264 => "video/h264",
+            VideoCodec::H265 => "video/h265",
+        }
+    }
+}
+
 /// Description of one emulated stream and its synthetic camera.
 ///
 /// Defaults: 1280x720, 25 fps, 2 s fragments, 1500 kbit/s, no history, 300 ms ingest delay
@@ -130,6 +151,7 @@ pub struct StreamSpec {
     pub(crate) decode_time_origin: DecodeTimeOrigin,
     pub(crate) tfdt_version_0: bool,
     pub(crate) live: bool,
+    pub(crate) codec: VideoCodec,
 }
 
 impl StreamSpec {
@@ -152,7 +174,16 @@ impl StreamSpec {
             decode_time_origin: DecodeTimeOrigin::Session,
             tfdt_version_0: false,
             live: true,
+            codec: VideoCodec::H264,
         }
+    }
+    /// The camera's codec (default H.264); also sets the stream's `MediaType` to the codec's
+    /// (`video/h265`), which [`media_type`](Self::media_type) can override afterwards.
+    #[must_use]
+    pub fn codec(mut self, codec: VideoCodec) -> Self {
+        self.codec = codec;
+        self.media_type = codec.media_type().to_owned();
+        self
     }
     /// Whether the camera goes on live after its [`history`](Self::history) (default true).
     /// With `false` the stream holds only the archived history (whole fragments) and the

@@ -327,6 +327,7 @@ impl State {
             width: spec.width,
             height: spec.height,
             fps: spec.fps,
+            codec: spec.codec,
             frames_per_fragment: spec.frames_per_fragment(),
             bitrate_kbps: spec.bitrate_kbps,
             start,

@@ -209,13 +209,13 @@ pub struct Decoded {
     pub pts: Option<gst::ClockTime>,
 }
 
-/// Decodes MP4 bytes (a progressive file, or init + fMP4 fragments) with
-/// `appsrc ! qtdemux ! h264parse ! avdec_h264 ! videoconvert ! GRAY8 appsink`, reading the
+/// Decodes MP4 bytes (a progressive file, or init + fMP4 fragments; H.264 or H.265) with
+/// `appsrc ! decodebin (qtdemux, parser, avdec_*) ! videoconvert ! GRAY8 appsink`, reading the
 /// barcode of every frame.
 pub fn decode_mp4(data: &[u8]) -> Vec<Decoded> {
     gst::init().expect("gst init");
     let pipeline = gst::parse::launch(
-        "appsrc name=src format=bytes ! qtdemux ! h264parse ! avdec_h264 ! videoconvert ! \
+        "appsrc name=src format=bytes ! decodebin ! videoconvert ! \
          video/x-raw,format=GRAY8 ! appsink name=sink sync=false",
     )
     .expect("pipeline")

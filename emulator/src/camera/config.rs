@@ -26,6 +26,8 @@ pub(crate) struct CameraConfig {
     pub height: u32,
     /// Integer frames per second, 1..=120.
     pub fps: u32,
+    /// H.264 or H.265.
+    pub codec: crate::VideoCodec,
     /// GOP length: every fragment holds this many frames and starts with an IDR frame.
     pub frames_per_fragment: u32,
     /// Target bit rate of `x264enc` in kbit/s.

@@ -1,4 +1,5 @@
-//! The camera's GStreamer pipeline: appsrc → textoverlay → x264enc → h264parse → appsink,
+//! The camera's GStreamer pipeline: appsrc → textoverlay → x264enc → h264parse → appsink (or
+//! x265enc → h265parse),
 //! the per-buffer overlay text and the bus checks.
 
 use gstreamer as gst;
@@ -57,26 +58,48 @@ impl Pipeline {
         overlay.set_property_from_str("valignment", "top");
         overlay.set_property_from_str("halignment", "left");
         overlay.set_property_from_str("wrap-mode", "none");
-        let encoder = make("x264enc")?;
-        encoder.set_property_from_str("tune", "zerolatency");
-        encoder.set_property_from_str("speed-preset", "ultrafast");
-        encoder.set_property("bitrate", cfg.bitrate_kbps);
-        encoder.set_property("key-int-max", cfg.frames_per_fragment);
-        encoder.set_property(
-            "option-string",
-            format!(
-                "scenecut=0:keyint={f}:min-keyint={f}",
-                f = cfg.frames_per_fragment
-            ),
-        );
-        let parser = make("h264parse")?;
-        let h264_caps = gst::Caps::builder("video/x-h264")
-            .field("stream-format", "avc")
-            .field("alignment", "au")
-            .build();
+        let f = cfg.frames_per_fragment;
+        // One GOP per fragment, closed, no scene cuts, no B-frames, no lookahead: one encoded
+        // access unit out per picture in.
+        let (encoder, parser, coded_caps) = match cfg.codec {
+            crate::VideoCodec::H264 => {
+                let encoder = make("x264enc")?;
+                encoder.set_property_from_str("tune", "zerolatency");
+                encoder.set_property_from_str("speed-preset", "ultrafast");
+                encoder.set_property("bitrate", cfg.bitrate_kbps);
+                encoder.set_property("key-int-max", f);
+                encoder.set_property(
+                    "option-string",
+                    format!("scenecut=0:keyint={f}:min-keyint={f}"),
+                );
+                let caps = gst::Caps::builder("video/x-h264")
+                    .field("stream-format", "avc")
+                    .field("alignment", "au")
+                    .build();
+                (encoder, make("h264parse")?, caps)
+            }
+            crate::VideoCodec::H265 => {
+                let encoder = make("x265enc")?;
+                encoder.set_property_from_str("tune", "zerolatency");
+                encoder.set_property_from_str("speed-preset", "ultrafast");
+                encoder.set_property("bitrate", cfg.bitrate_kbps);
+                encoder.set_property("key-int-max", i32::try_from(f).unwrap_or(i32::MAX));
+                encoder.set_property(
+                    "option-string",
+                    format!(
+                        "scenecut=0:keyint={f}:min-keyint={f}:open-gop=0:bframes=0:repeat-headers=1"
+                    ),
+                );
+                let caps = gst::Caps::builder("video/x-h265")
+                    .field("stream-format", "hvc1")
+                    .field("alignment", "au")
+                    .build();
+                (encoder, make("h265parse")?, caps)
+            }
+        };
         let appsink = gst_app::AppSink::builder()
             .name("camera-sink")
-            .caps(&h264_caps)
+            .caps(&coded_caps)
             .sync(false)
             .build();
         let pipeline = gst::Pipeline::with_name(&format!("camera-{}", cfg.name));

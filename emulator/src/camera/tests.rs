@@ -48,6 +48,7 @@ fn config(name: &str, width: u32, height: u32, fpf: u32, history: Duration) -> C
         width,
         height,
         fps: 25,
+        codec: crate::VideoCodec::H264,
         frames_per_fragment: fpf,
         bitrate_kbps: 800,
         start: SystemTime::now() - history,
@@ -91,7 +92,7 @@ fn decode(track: &VideoTrack, fragments: &[&EncodedFragment]) -> Vec<Decoded> {
         .field("width", track.width as i32)
         .field("height", track.height as i32)
         .field("framerate", gst::Fraction::new(25, 1))
-        .field("codec_data", gst::Buffer::from_slice(track.avcc.clone()))
+        .field("codec_data", gst::Buffer::from_slice(track.config.clone()))
         .build();
     let appsrc = gst_app::AppSrc::builder()
         .caps(&caps)
@@ -327,7 +328,7 @@ fn changes_resolution_at_the_next_fragment_boundary() {
     assert_eq!((old.track.width, old.track.height), (320, 240));
     assert_eq!((changed.track.width, changed.track.height), (640, 360));
     assert_eq!(changed.track.timescale, 90_000);
-    assert_ne!(changed.track.avcc, old.track.avcc);
+    assert_ne!(changed.track.config, old.track.config);
     assert_eq!(changed.index, old.index + 1);
     assert_eq!(changed.first_frame, old.first_frame + 10);
     assert_eq!(changed.decode_time, old.decode_time + 10 * 3600);

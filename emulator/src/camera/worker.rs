@@ -215,15 +215,21 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
                 self.name
             ))
         })?;
-        let avcc = codec_data
+        let config = codec_data
             .map_readable()
             .map_err(|_| pipeline_error("camera: cannot map codec_data"))?
             .to_vec();
+        let codec = if s.name() == "video/x-h265" {
+            crate::VideoCodec::H265
+        } else {
+            crate::VideoCodec::H264
+        };
         let track = VideoTrack {
+            codec,
             width: dimension("width")?,
             height: dimension("height")?,
             timescale: self.timing.timescale,
-            avcc,
+            config,
         };
         self.last_caps = Some(caps.to_owned());
         match &self.track {
@@ -234,7 +240,7 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
                     "new track {}x{}, {} bytes of codec data",
                     track.width,
                     track.height,
-                    track.avcc.len()
+                    track.config.len()
                 );
                 let track = Arc::new(track);
                 self.track = Some(track.clone());

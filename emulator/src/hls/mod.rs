@@ -95,12 +95,14 @@ fn check_playable(stream: &StreamState) -> Result<(), KvsError> {
             ),
         ));
     }
-    if !stream.info.media_type.is_empty() && stream.info.media_type != "video/h264" {
+    if !stream.info.media_type.is_empty()
+        && !["video/h264", "video/h265"].contains(&stream.info.media_type.as_str())
+    {
         return Err(KvsError::new(
             StatusCode::BAD_REQUEST,
             "UnsupportedStreamMediaTypeException",
             format!(
-                "The media type {} of stream {} is not supported (the emulator serves video/h264)",
+                "The media type {} of stream {} is not supported (the emulator serves video/h264 and video/h265)",
                 stream.info.media_type, stream.info.name
             ),
         ));

@@ -165,6 +165,34 @@ fn media_playlist(
     Ok(out)
 }
 
+/// The `CODECS` attribute of a track (RFC 6381; ISO/IEC 14496-15 annex E for HEVC), from its
+/// configuration record.
+fn codecs_attribute(track: &crate::mp4::VideoTrack) -> String {
+    let c = &track.config;
+    match track.codec {
+        crate::VideoCodec::H264 if c.len() >= 4 => {
+            format!("avc1.{:02x}{:02x}{:02x}", c[1], c[2], c[3])
+        }
+        crate::VideoCodec::H264 => "avc1.42e01e".to_owned(),
+        crate::VideoCodec::H265 if c.len() >= 13 => {
+            let space = ["", "A", "B", "C"][usize::from(c[1] >> 6)];
+            let tier = if c[1] & 0x20 != 0 { 'H' } else { 'L' };
+            let profile = c[1] & 0x1f;
+            let compat = u32::from_be_bytes([c[2], c[3], c[4], c[5]]).reverse_bits();
+            let mut constraints: Vec<String> = c[6..12].iter().map(|b| format!("{b:X}")).collect();
+            while constraints.len() > 1 && constraints.last().is_some_and(|b| b == "0") {
+                constraints.pop();
+            }
+            format!(
+                "hvc1.{space}{profile}.{compat:X}.{tier}{}.{}",
+                c[12],
+                constraints.join(".")
+            )
+        }
+        crate::VideoCodec::H265 => "hvc1.1.6.L93.B0".to_owned(),
+    }
+}
+
 fn master_playlist(
     session: &Session,
     stream: &StreamState,
@@ -174,12 +202,7 @@ fn master_playlist(
     let Some(newest) = list.last() else {
         return Err(KvsError::no_fragments());
     };
-    let avcc = &newest.track.avcc;
-    let codecs = if avcc.len() >= 4 {
-        format!("avc1.{:02x}{:02x}{:02x}", avcc[1], avcc[2], avcc[3])
-    } else {
-        "avc1.42e01e".to_owned()
-    };
+    let codecs = codecs_attribute(&newest.track);
     let bandwidth = list
         .iter()
         .map(|f| (f.media.len() as f64 * 8.0 / f.duration.as_secs_f64().max(0.001)) as u64)

@@ -196,11 +196,16 @@ fn write_minf(out: &mut Vec<u8>, track: &VideoTrack, layout: &Layout<'_>) {
     });
 }
 
-/// Writes `stsd` (§8.5.2) with one `avc1` sample entry (ISO/IEC 14496-15 §5.4.2).
+/// Writes `stsd` (§8.5.2) with one `avc1` (ISO/IEC 14496-15 §5.4.2) or `hvc1` (§8.4.1)
+/// sample entry: parameter sets in the configuration record only, as KVS's fMP4 has them.
 fn write_stsd(out: &mut Vec<u8>, track: &VideoTrack) {
+    let (entry, config) = match track.codec {
+        crate::VideoCodec::H264 => (b"avc1", b"avcC"),
+        crate::VideoCodec::H265 => (b"hvc1", b"hvcC"),
+    };
     write_full_box(out, b"stsd", 0, 0, |o| {
         o.put_u32(1); // entry_count
-        write_box(o, b"avc1", |o| {
+        write_box(o, entry, |o| {
             o.put_bytes(0, 6); // reserved
             o.put_u16(1); // data_reference_index
             o.put_u16(0); // pre_defined
@@ -215,7 +220,7 @@ fn write_stsd(out: &mut Vec<u8>, track: &VideoTrack) {
             o.put_bytes(0, 32); // compressorname (empty Pascal string)
             o.put_u16(0x0018); // depth
             o.put_i16(-1); // pre_defined
-            write_box(o, b"avcC", |o| o.put_slice(&track.avcc));
+            write_box(o, config, |o| o.put_slice(&track.config));
         });
     });
 }

@@ -23,7 +23,7 @@ pub(super) const TRUN_ENTRY_LEN: usize = 16;
 ///
 /// Durations are 0: the samples and their timing come in [`media_segment`]s.
 pub(crate) fn init_segment(track: &VideoTrack) -> Vec<u8> {
-    let mut out = Vec::with_capacity(768 + track.avcc.len());
+    let mut out = Vec::with_capacity(768 + track.config.len());
     write_ftyp(
         &mut out,
         b"iso5",

@@ -1,4 +1,4 @@
-//! MP4 (ISO base media file format) writer for one H.264 video track.
+//! MP4 (ISO base media file format) writer for one H.264 or H.265 video track.
 //!
 //! The emulator serves two shapes of MP4:
 //! - fragmented MP4 as AWS KVS serves it over HLS: an init segment ([`init_segment`]:
@@ -26,18 +26,22 @@ pub(crate) use self::fragmented::{
 use self::progressive::SampleTables;
 pub(crate) use self::progressive::progressive_mp4;
 
-/// An H.264 video track.
+/// An H.264 or H.265 video track.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct VideoTrack {
+    /// H.264 (`avc1` + `avcC`) or H.265 (`hvc1` + `hvcC`).
+    pub codec: crate::VideoCodec,
     /// Coded width in pixels.
     pub width: u32,
     /// Coded height in pixels.
     pub height: u32,
     /// Ticks per second of sample durations and decode times (e.g. 90_000).
     pub timescale: u32,
-    /// AVCDecoderConfigurationRecord, exactly GStreamer's `codec_data` of
-    /// `video/x-h264,stream-format=avc,alignment=au` caps.
-    pub avcc: Vec<u8>,
+    /// The decoder configuration record: AVCDecoderConfigurationRecord (H.264) or
+    /// HEVCDecoderConfigurationRecord (H.265), exactly GStreamer's `codec_data` of
+    /// `video/x-h264,stream-format=avc` / `video/x-h265,stream-format=hvc1` caps
+    /// (`alignment=au`).
+    pub config: Vec<u8>,
 }
 
 /// One coded access unit.

@@ -102,10 +102,11 @@ fn encode(x264: &str) -> Encoded {
     while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(10)) {
         let s = sample.caps().unwrap().structure(0).unwrap().to_owned();
         track.get_or_insert_with(|| VideoTrack {
+            codec: crate::VideoCodec::H264,
             width: s.get::<i32>("width").unwrap() as u32,
             height: s.get::<i32>("height").unwrap() as u32,
             timescale: TIMESCALE,
-            avcc: s
+            config: s
                 .get::<gst::Buffer>("codec_data")
                 .unwrap()
                 .map_readable()
@@ -398,7 +399,7 @@ fn box_sizes_and_fields() {
     assert_eq!(&find(&init, &[b"ftyp"])[..4], b"iso5");
     let stbl = find(&init, &[b"moov", b"trak", b"mdia", b"minf", b"stbl"]);
     let avc1 = find(&find(stbl, &[b"stsd"])[8..], &[b"avc1"]);
-    assert_eq!(find(&avc1[78..], &[b"avcC"]), enc.track.avcc);
+    assert_eq!(find(&avc1[78..], &[b"avcC"]), enc.track.config);
     assert_eq!(avc1[24..28], [0x01, 0x40, 0x00, 0xF0], "320x240");
     let tkhd = find(&init, &[b"moov", b"trak", b"tkhd"]);
     assert_eq!(be_u32(&tkhd[76..]), 320 << 16);
@@ -483,10 +484,11 @@ fn sample_tables_run_length_encode() {
 #[test]
 fn no_samples_still_gives_well_formed_boxes() {
     let track = VideoTrack {
+        codec: crate::VideoCodec::H264,
         width: 2,
         height: 2,
         timescale: TIMESCALE,
-        avcc: vec![1, 0x42, 0, 0x1E, 0xFF, 0xE0, 0],
+        config: vec![1, 0x42, 0, 0x1E, 0xFF, 0xE0, 0],
     };
     let segment = media_segment(7, 42, &[]);
     assert_eq!(kinds(&segment), [*b"moof", *b"mdat"]);
