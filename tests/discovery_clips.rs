@@ -16,7 +16,8 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use kvs_emulator::{
-    Emulator, FragmentRecord, Refusal, StreamSpec, StreamStatus, VideoCodec, barcode,
+    CompositionOffsets, Emulator, FragmentRecord, Refusal, StreamSpec, StreamStatus, VideoCodec,
+    barcode,
 };
 use kvs_frames::error::ErrorKind;
 use kvs_frames::kvs::{
@@ -539,6 +540,50 @@ async fn h265_clips_and_thumbnails_hold_exactly_the_ground_truth_frames() {
             .await
             .unwrap();
         assert_eq!(frames, expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clips_of_b_frame_streams_hold_every_frame_once_in_order() {
+    for offsets in [CompositionOffsets::Positive, CompositionOffsets::Negative] {
+        let name = format!("bframes-{offsets:?}").to_lowercase();
+        let emulator = common::start(vec![
+            small(&name)
+                .fps(10)
+                .b_frames(2, offsets)
+                .history(Duration::from_secs(10)),
+        ]);
+        common::wait_fragments(&emulator, &name, 10, Duration::from_secs(60)).await;
+        let truth = emulator.ground_truth(&name);
+        let request = ClipRequest::new(
+            name.as_str(),
+            truth[1].producer_start,
+            truth[7].producer_start,
+        )
+        .thumbnail(true);
+        let expected = expected_frames(&truth[1..=7]);
+        // Whole, and joined from calls of 2 fragments.
+        for per_call in [200, 2] {
+            let clips = ClipExtractor::new(
+                KvsClient::new(&emulator.sdk_config()),
+                fast().max_fragments_per_call(per_call),
+            )
+            .unwrap();
+            let clip = clips.extract_to_bytes(&request).await.unwrap();
+            assert_eq!(
+                jpeg_frame_number(&clip.thumbnail_jpeg.clone().unwrap()),
+                Some(expected[0]),
+                "{offsets:?}"
+            );
+            assert_eq!(clip.info.frames, expected.len() as u64);
+            let frames = tokio::task::spawn_blocking(move || decoded_frames(clip.mp4))
+                .await
+                .unwrap();
+            assert_eq!(
+                frames, expected,
+                "{offsets:?}, {per_call} fragments per call"
+            );
+        }
     }
 }
 

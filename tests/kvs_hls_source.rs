@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use kvs_emulator::{Emulator, VideoCodec, barcode};
+use kvs_emulator::{CompositionOffsets, Emulator, FrameRate, VideoCodec, barcode};
 use kvs_frames::backoff::{BackoffPolicy, Jitter};
 use kvs_frames::{
     DeliveryPolicy, ErrorKind, Frame, FrameGeometry, KvsHlsFrameSource, KvsHlsFrameSourceBuilder,
@@ -441,6 +441,110 @@ fn h265_streams_decode_every_frame_with_exact_producer_times() {
     let times: Vec<_> = frames.iter().map(|f| f.producer_time().unwrap()).collect();
     assert!(times.windows(2).all(|w| w[1] > w[0]), "{times:?}");
     assert_eq!(live.stats().decode_errors, 0);
+}
+
+/// NTSC cameras run at 29.97 fps: a frame step of 33.3667 ms, not a whole number of
+/// milliseconds, while KVS's fragment times (program date times) have millisecond precision.
+/// Every frame's producer time comes from its fragment's program date time plus its offset on
+/// the media timeline, so it is off by less than a millisecond, and that bound does not grow
+/// from one fragment to the next (no accumulated rounded steps).
+#[test]
+fn ntsc_frame_rates_keep_producer_times_within_a_millisecond_without_drift() {
+    let emulator = common::start(vec![
+        common::small("ntsc")
+            .frame_rate(FrameRate::NTSC)
+            .fragment_duration(Duration::from_millis(1001))
+            .history(Duration::from_secs(40)),
+    ]);
+    assert!(emulator.wait_for_fragments("ntsc", 39, Duration::from_secs(90)));
+    let truth = emulator.ground_truth("ntsc");
+    assert!(
+        truth.iter().all(|r| r.frame_count == 30),
+        "30 frames a fragment"
+    );
+    let source = source(&emulator, "ntsc")
+        .playback(PlaybackMode::OnDemand {
+            start: truth[1].producer_start,
+            end: truth[38].producer_start,
+        })
+        .build()
+        .unwrap();
+    let frames = drain(&source);
+    let numbers: Vec<u32> = frames.iter().map(number).collect();
+    assert_eq!(numbers, expected(&emulator, "ntsc", 1..=38));
+    let mut worst = Duration::ZERO;
+    for (frame, n) in frames.iter().zip(&numbers) {
+        let truth = emulator.frame_producer_time("ntsc", u64::from(*n)).unwrap();
+        let got = frame.producer_time().unwrap();
+        let error = got.duration_since(truth).unwrap_or_else(|e| e.duration());
+        assert!(
+            error < Duration::from_millis(1),
+            "frame {n}: off by {error:?}"
+        );
+        worst = worst.max(error);
+    }
+    // Inside a fragment the steps are the exact 1001/30 ms of the media timeline.
+    for pair in frames.windows(2).take(29) {
+        let step = pair[1]
+            .producer_time()
+            .unwrap()
+            .duration_since(pair[0].producer_time().unwrap())
+            .unwrap();
+        let exact = Duration::from_nanos(33_366_666);
+        assert!(
+            step.abs_diff(exact) < Duration::from_micros(2),
+            "step {step:?}"
+        );
+    }
+    // 38 fragments later the error is no larger than in the first one.
+    let last = &frames[frames.len() - 30..];
+    let first = &frames[..30];
+    let err = |f: &Frame| {
+        let truth = emulator
+            .frame_producer_time("ntsc", u64::from(number(f)))
+            .unwrap();
+        let got = f.producer_time().unwrap();
+        got.duration_since(truth).unwrap_or_else(|e| e.duration())
+    };
+    let max_last = last.iter().map(err).max().unwrap();
+    let max_first = first.iter().map(err).max().unwrap();
+    assert!(max_last < Duration::from_millis(1) && max_first < Duration::from_millis(1));
+    assert!(worst < Duration::from_millis(1));
+    // The decoder sees 29.97 fps.
+    assert_eq!(source.stats().decode_errors, 0);
+}
+
+/// B-frames (composition offsets in `trun`), written both ways KVS might serve them: the key
+/// frame shown 2+ frames after its decode time (positive offsets, as x264 makes them) or at it
+/// (negative offsets, CMAF). Either way every frame comes out once, in presentation order,
+/// with its exact producer time, from the archive and live.
+#[test]
+fn b_frames_decode_in_presentation_order_with_exact_producer_times() {
+    for offsets in [CompositionOffsets::Positive, CompositionOffsets::Negative] {
+        let name = format!("bframes-{offsets:?}").to_lowercase();
+        let emulator = common::start(vec![
+            common::small(&name)
+                .b_frames(2, offsets)
+                .history(Duration::from_secs(6)),
+        ]);
+        assert!(emulator.wait_for_fragments(&name, 6, Duration::from_secs(60)));
+        let truth = emulator.ground_truth(&name);
+        let archive = source(&emulator, &name)
+            .playback(PlaybackMode::OnDemand {
+                start: truth[1].producer_start,
+                end: truth[4].producer_start,
+            })
+            .build()
+            .unwrap();
+        let frames = drain(&archive);
+        let numbers: Vec<u32> = frames.iter().map(number).collect();
+        assert_eq!(numbers, expected(&emulator, &name, 1..=4), "{offsets:?}");
+        assert_exact(&emulator, &name, &frames);
+        let live = source(&emulator, &name).build().unwrap();
+        let frames = take(&live, 40, Duration::from_secs(20));
+        assert_exact(&emulator, &name, &frames);
+        assert_eq!(live.stats().decode_errors, 0, "{offsets:?}");
+    }
 }
 
 #[test]

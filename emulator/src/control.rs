@@ -311,7 +311,7 @@ pub(crate) async fn create_stream(
         state
             .insert_stream(
                 info,
-                25,
+                crate::FrameRate::integer(25),
                 std::time::Duration::from_millis(300),
                 super::DecodeTimeOrigin::Session,
             )

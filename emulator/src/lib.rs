@@ -108,6 +108,63 @@ pub struct CameraStatus {
     pub last_error: Option<String>,
 }
 
+/// A camera's frame rate, `num / den` frames per second: `25/1`, or NTSC's `30000/1001`
+/// (29.97 fps, a frame step of 33.3667 ms that is not a whole number of milliseconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrameRate {
+    /// Frames …
+    pub num: u32,
+    /// … per this many seconds.
+    pub den: u32,
+}
+
+impl FrameRate {
+    /// NTSC 29.97 fps (`30000/1001`).
+    pub const NTSC: FrameRate = FrameRate {
+        num: 30_000,
+        den: 1001,
+    };
+
+    /// `fps` frames per second.
+    pub const fn integer(fps: u32) -> Self {
+        FrameRate { num: fps, den: 1 }
+    }
+
+    /// Frames per second as a float.
+    pub fn as_f64(self) -> f64 {
+        f64::from(self.num) / f64::from(self.den.max(1))
+    }
+
+    /// Nanoseconds from frame 0 to frame `n` (`n · den · 10⁹ / num`, rounded down: exact
+    /// integer arithmetic, no accumulated rounding).
+    pub fn nanos(self, n: u64) -> u128 {
+        u128::from(n) * u128::from(self.den) * 1_000_000_000 / u128::from(self.num.max(1))
+    }
+}
+
+impl std::fmt::Display for FrameRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.den == 1 {
+            write!(f, "{}", self.num)
+        } else {
+            write!(f, "{}/{} ({:.3})", self.num, self.den, self.as_f64())
+        }
+    }
+}
+
+/// How a fragment with B-frames writes its composition offsets (PTS − DTS); KVS does not
+/// document which it serves, so the emulator offers both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CompositionOffsets {
+    /// As the encoder makes them (x264: the key frame at +2 frame durations with 2 B-frames),
+    /// `trun` version 0: the fragment's first picture is shown after its decode time.
+    #[default]
+    Positive,
+    /// Shifted so that the key frame's is 0 and B-frames' are negative (`trun` version 1, as
+    /// CMAF prefers): the first picture is shown at the decode time.
+    Negative,
+}
+
 /// The video codec of a stream's camera.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum VideoCodec {
@@ -138,7 +195,7 @@ pub struct StreamSpec {
     pub(crate) name: String,
     pub(crate) width: u32,
     pub(crate) height: u32,
-    pub(crate) fps: u32,
+    pub(crate) rate: FrameRate,
     pub(crate) fragment_duration: Duration,
     pub(crate) bitrate_kbps: u32,
     pub(crate) history: Duration,
@@ -152,6 +209,8 @@ pub struct StreamSpec {
     pub(crate) tfdt_version_0: bool,
     pub(crate) live: bool,
     pub(crate) codec: VideoCodec,
+    pub(crate) b_frames: u32,
+    pub(crate) offsets: CompositionOffsets,
 }
 
 impl StreamSpec {
@@ -161,7 +220,7 @@ impl StreamSpec {
             name: name.into(),
             width: 1280,
             height: 720,
-            fps: 25,
+            rate: FrameRate::integer(25),
             fragment_duration: Duration::from_secs(2),
             bitrate_kbps: 1500,
             history: Duration::ZERO,
@@ -175,7 +234,19 @@ impl StreamSpec {
             tfdt_version_0: false,
             live: true,
             codec: VideoCodec::H264,
+            b_frames: 0,
+            offsets: CompositionOffsets::Positive,
         }
+    }
+    /// B-frames between reference frames (0–3, H.264; default 0): fragments hold their
+    /// samples in decode order with composition offsets written as `offsets` says, like the
+    /// many encoders that emit B-frames. The camera then delivers a fragment `b_frames`
+    /// pictures later (the encoder holds them back).
+    #[must_use]
+    pub fn b_frames(mut self, count: u32, offsets: CompositionOffsets) -> Self {
+        self.b_frames = count;
+        self.offsets = offsets;
+        self
     }
     /// The camera's codec (default H.264); also sets the stream's `MediaType` to the codec's
     /// (`video/h265`), which [`media_type`](Self::media_type) can override afterwards.
@@ -220,7 +291,15 @@ impl StreamSpec {
     /// Frames per second (1–120, an integer like most cameras).
     #[must_use]
     pub fn fps(mut self, fps: u32) -> Self {
-        self.fps = fps;
+        self.rate = FrameRate::integer(fps);
+        self
+    }
+    /// A fractional frame rate, `num / den` per second (1–120 fps), e.g.
+    /// [`FrameRate::NTSC`] for 29.97: frame times are exact (integer nanoseconds from frame 0,
+    /// decode times in a 90 kHz timescale when it divides evenly), so they never drift.
+    #[must_use]
+    pub fn frame_rate(mut self, rate: FrameRate) -> Self {
+        self.rate = rate;
         self
     }
     /// Fragment (and GOP) duration, rounded to whole frames; KVS fragments last 1–20 s, the
@@ -285,11 +364,18 @@ impl StreamSpec {
     }
 
     pub(crate) fn frames_per_fragment(&self) -> u32 {
-        let frames = (self.fragment_duration.as_secs_f64() * f64::from(self.fps)).round();
+        let frames = (self.fragment_duration.as_secs_f64() * self.rate.as_f64()).round();
         (frames as u32).max(1)
     }
 
     fn validate(&self) -> Result<()> {
+        if self.b_frames > 3 || (self.b_frames > 0 && self.codec != VideoCodec::H264) {
+            return Err(Error::invalid_config(
+                "StreamSpec::b_frames",
+                self.b_frames,
+                "0..=3, with H.264",
+            ));
+        }
         if !store::valid_stream_name(&self.name) {
             return Err(Error::invalid_config(
                 "StreamSpec::name",
@@ -308,11 +394,12 @@ impl StreamSpec {
                 "width and height must be even, 16..=3840 by 16..=2160",
             ));
         }
-        if !(1..=120).contains(&self.fps) {
+        let FrameRate { num, den } = self.rate;
+        if den == 0 || num < den || u64::from(num) > 120 * u64::from(den) {
             return Err(Error::invalid_config(
                 "StreamSpec::fps",
-                self.fps,
-                "must be 1..=120",
+                self.rate,
+                "must be 1..=120 frames per second (num/den, den > 0)",
             ));
         }
         if self.fragment_duration < Duration::from_millis(100)

@@ -31,7 +31,7 @@ use aws_sdk_kinesisvideoarchivedmedia::types::{
     HlsFragmentSelectorType, HlsPlaybackMode,
 };
 use clap::Parser;
-use kvs_emulator::{Emulator, OPERATIONS, Refusal, StreamSpec};
+use kvs_emulator::{Emulator, FrameRate, OPERATIONS, Refusal, StreamSpec};
 
 #[derive(Parser, Debug)]
 #[command(about = "A local Kinesis Video Streams emulator (control plane, HLS, GetClip)")]
@@ -39,7 +39,8 @@ struct Args {
     /// Port on 127.0.0.1 (0 = any free port).
     #[arg(long, default_value_t = 4566)]
     port: u16,
-    /// A stream: NAME or NAME:WIDTHxHEIGHT or NAME:WIDTHxHEIGHT@FPS. Repeat for more streams.
+    /// A stream: NAME or NAME:WIDTHxHEIGHT or NAME:WIDTHxHEIGHT@FPS (FPS: N, or NUM/DEN such as
+    /// 30000/1001 for 29.97). Repeat for more streams.
     #[arg(long = "stream", default_value = "demo-camera:1280x720@25")]
     streams: Vec<String>,
     /// Fragment (GOP) duration in seconds.
@@ -97,10 +98,15 @@ fn parse_stream(text: &str, fragment: Duration, history: Duration) -> Result<Str
                 .with_context(|| format!("bad height {h:?} in --stream {text:?}"))?,
         );
         if let Some(fps) = fps {
-            spec = spec.fps(
-                fps.parse()
-                    .with_context(|| format!("bad fps {fps:?} in --stream {text:?}"))?,
-            );
+            let bad = || format!("bad fps {fps:?} in --stream {text:?}: N or NUM/DEN (30000/1001)");
+            let rate = match fps.split_once('/') {
+                Some((num, den)) => FrameRate {
+                    num: num.parse().with_context(bad)?,
+                    den: den.parse().with_context(bad)?,
+                },
+                None => FrameRate::integer(fps.parse().with_context(bad)?),
+            };
+            spec = spec.frame_rate(rate);
         }
     }
     Ok(spec)

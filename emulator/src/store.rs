@@ -123,7 +123,7 @@ pub(crate) struct StreamInfo {
 
 pub(crate) struct StreamState {
     pub info: StreamInfo,
-    pub fps: u32,
+    pub rate: crate::FrameRate,
     pub ingest_delay: Duration,
     pub decode_time_origin: super::DecodeTimeOrigin,
     /// Serve media fragments with version-0 `tfdt` boxes where the decode time fits.
@@ -261,7 +261,7 @@ impl State {
     pub fn insert_stream(
         &self,
         info: StreamInfo,
-        fps: u32,
+        rate: crate::FrameRate,
         ingest_delay: Duration,
         decode_time_origin: super::DecodeTimeOrigin,
     ) -> Result<()> {
@@ -277,7 +277,7 @@ impl State {
             name,
             StreamState {
                 info,
-                fps,
+                rate,
                 ingest_delay,
                 decode_time_origin,
                 tfdt_version_0: false,
@@ -304,7 +304,7 @@ impl State {
             None,
             spec.retention_hours,
         );
-        state.insert_stream(info, spec.fps, spec.ingest_delay, spec.decode_time_origin)?;
+        state.insert_stream(info, spec.rate, spec.ingest_delay, spec.decode_time_origin)?;
         if let Some(stream) = state.streams.lock().get_mut(&spec.name) {
             stream.tfdt_version_0 = spec.tfdt_version_0;
         }
@@ -326,8 +326,10 @@ impl State {
             name: spec.name.clone(),
             width: spec.width,
             height: spec.height,
-            fps: spec.fps,
+            rate: spec.rate,
             codec: spec.codec,
+            b_frames: spec.b_frames,
+            offsets: spec.offsets,
             frames_per_fragment: spec.frames_per_fragment(),
             bitrate_kbps: spec.bitrate_kbps,
             start,
@@ -335,7 +337,7 @@ impl State {
             decode_time_base: timescale_ticks,
             max_frames: (!spec.live).then(|| {
                 let fpf = u64::from(spec.frames_per_fragment());
-                let frames = (spec.history.as_secs_f64() * f64::from(spec.fps)).floor() as u64;
+                let frames = (spec.history.as_secs_f64() * spec.rate.as_f64()).floor() as u64;
                 (frames / fpf).max(1) * fpf
             }),
         };
@@ -467,7 +469,7 @@ impl State {
     pub fn frame_producer_time(&self, name: &str, frame: u64) -> Option<SystemTime> {
         let streams = self.streams.lock();
         let stream = streams.get(name)?;
-        let fps = u128::from(stream.fps.max(1));
+        let rate = stream.rate;
         // From the fragment that holds the frame (its producer time may be shifted), else from
         // the camera's start.
         let i = stream
@@ -476,12 +478,12 @@ impl State {
         if let Some(record) = i.checked_sub(1).and_then(|i| stream.ground_truth.get(i))
             && frame < record.first_frame + u64::from(record.frame_count)
         {
-            let nanos = u128::from(frame - record.first_frame) * 1_000_000_000 / fps;
+            let nanos = rate.nanos(frame - record.first_frame);
             return record
                 .producer_start
                 .checked_add(Duration::from_nanos(u64::try_from(nanos).ok()?));
         }
-        let nanos = u128::from(frame) * 1_000_000_000 / fps;
+        let nanos = rate.nanos(frame);
         Some(stream.camera_start + Duration::from_nanos(u64::try_from(nanos).ok()?))
     }
 

@@ -92,6 +92,197 @@ pub(crate) fn init_timescale(init: &[u8]) -> Result<u32> {
     Ok(timescale)
 }
 
+/// How far the earliest presentation time of a media fragment's first track fragment lies after
+/// its decode time (`tfdt`), in ticks: the smallest (decode offset + composition offset) of its
+/// samples. 0 without B-frames; with them an encoder either gives the first (key) frame a
+/// positive composition offset (the key frame is shown after the frames decoded before it,
+/// typically 1–2 frame durations) or uses negative offsets for the B-frames (`trun` version 1,
+/// CMAF) so that it is 0. The reader puts the fragment's *presentation* start on its
+/// timeline, so both give exact producer times. Samples without a duration (none in `trun`
+/// and no default in `tfhd`) count from the first sample's composition offset alone.
+pub(crate) fn presentation_lead(fragment: &[u8]) -> Result<i64> {
+    let Some(traf) = child(fragment, &[b"moof", b"traf"])? else {
+        return Err(protocol("the media fragment has no moof/traf"));
+    };
+    let mut default_duration: Option<u32> = None;
+    let mut lead: Option<i64> = None;
+    for b in boxes(traf) {
+        let (kind, header, range) = b?;
+        let body = &traf[range.start + header..range.end];
+        let u32_at = |at: usize| -> Result<u32> {
+            body.get(at..at.checked_add(4).ok_or_else(|| protocol("trun overflow"))?)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                .ok_or_else(|| protocol(format!("truncated {}", String::from_utf8_lossy(&kind))))
+        };
+        match &kind {
+            b"tfhd" => {
+                let flags = u32_at(0)? & 0x00FF_FFFF;
+                // track_ID, then the optional fields in this order.
+                let mut at = 8usize;
+                if flags & 0x01 != 0 {
+                    at += 8; // base_data_offset
+                }
+                if flags & 0x02 != 0 {
+                    at += 4; // sample_description_index
+                }
+                if flags & 0x08 != 0 {
+                    default_duration = Some(u32_at(at)?);
+                }
+            }
+            b"trun" => {
+                let word = u32_at(0)?;
+                let (version, flags) = (word >> 24, word & 0x00FF_FFFF);
+                if flags & 0x800 == 0 {
+                    // No composition offsets: presented in decode order, from the tfdt.
+                    lead = Some(0);
+                    break;
+                }
+                let count = u32_at(4)?;
+                let mut at = 8usize;
+                if flags & 0x001 != 0 {
+                    at += 4; // data_offset
+                }
+                if flags & 0x004 != 0 {
+                    at += 4; // first_sample_flags
+                }
+                let per_sample = [0x100u32, 0x200, 0x400, 0x800]
+                    .iter()
+                    .filter(|f| flags & **f != 0)
+                    .count()
+                    * 4;
+                let mut decode: i64 = 0;
+                // Bounded by the box: a hostile count cannot make this loop run long.
+                let samples = (count as usize).min(body.len() / per_sample.max(1));
+                for i in 0..samples {
+                    let base = at + i * per_sample;
+                    let mut field = base;
+                    let duration = if flags & 0x100 != 0 {
+                        let d = u32_at(field)?;
+                        field += 4;
+                        Some(d)
+                    } else {
+                        default_duration
+                    };
+                    if flags & 0x200 != 0 {
+                        field += 4;
+                    }
+                    if flags & 0x400 != 0 {
+                        field += 4;
+                    }
+                    let raw = u32_at(field)?;
+                    let offset = if version == 0 {
+                        i64::from(raw)
+                    } else {
+                        i64::from(raw as i32)
+                    };
+                    let presented = decode.saturating_add(offset);
+                    lead = Some(lead.map_or(presented, |l| l.min(presented)));
+                    match duration {
+                        Some(d) => decode = decode.saturating_add(i64::from(d)),
+                        // Unknown durations: only the first sample is placed.
+                        None => break,
+                    }
+                }
+                // Only the first trun starts at the tfdt; later ones follow it.
+                break;
+            }
+            _ => {}
+        }
+    }
+    Ok(lead.unwrap_or(0))
+}
+
+/// Rewrites negative composition offsets (`trun` version 1) as non-negative ones: each
+/// `trun` whose smallest offset is negative gets that much added to every offset and becomes
+/// version 0. Presentation order and spacing stay; only the distance between decode and
+/// presentation time grows, which [`presentation_lead`] then measures. Demuxers treat negative
+/// offsets differently (GStreamer's `qtdemux` shifts the whole stream by them), non-negative
+/// ones all the same way. Returns how many `trun` boxes were rewritten.
+pub(crate) fn normalize_composition_offsets(fragment: &mut [u8]) -> Result<usize> {
+    // (absolute offset of a trun's body, its per-sample composition offset positions)
+    let mut truns: Vec<(usize, Vec<usize>)> = Vec::new();
+    for b in boxes(fragment) {
+        let (kind, header, range) = b?;
+        if &kind != b"moof" {
+            continue;
+        }
+        let moof_body = range.start + header;
+        for t in boxes(&fragment[moof_body..range.end]) {
+            let (kind, header, traf) = t?;
+            if &kind != b"traf" {
+                continue;
+            }
+            let traf_body = moof_body + traf.start + header;
+            for c in boxes(&fragment[traf_body..moof_body + traf.end]) {
+                let (kind, header, trun) = c?;
+                if &kind != b"trun" {
+                    continue;
+                }
+                let body = traf_body + trun.start + header;
+                let end = traf_body + trun.end;
+                let word = |at: usize| {
+                    fragment
+                        .get(at..at.checked_add(4)?)
+                        .filter(|_| at + 4 <= end)
+                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                };
+                let head = word(body).ok_or_else(|| protocol("truncated trun"))?;
+                let (version, flags) = (head >> 24, head & 0x00FF_FFFF);
+                if version != 1 || flags & 0x800 == 0 {
+                    continue;
+                }
+                let count = word(body + 4).ok_or_else(|| protocol("truncated trun"))?;
+                let mut at = body + 8;
+                if flags & 0x001 != 0 {
+                    at += 4;
+                }
+                if flags & 0x004 != 0 {
+                    at += 4;
+                }
+                let before = [0x100u32, 0x200, 0x400]
+                    .iter()
+                    .filter(|f| flags & **f != 0)
+                    .count()
+                    * 4;
+                let per_sample = before + 4;
+                let mut positions = Vec::new();
+                for i in 0..count as usize {
+                    let field = at + i * per_sample + before;
+                    if field + 4 > end {
+                        return Err(protocol(format!(
+                            "trun says {count} samples, its box holds {i}"
+                        )));
+                    }
+                    positions.push(field);
+                }
+                truns.push((body, positions));
+            }
+        }
+    }
+    let mut rewritten = 0;
+    for (body, positions) in truns {
+        let read = |data: &[u8], at: usize| {
+            i32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]])
+        };
+        let Some(min) = positions.iter().map(|&p| read(fragment, p)).min() else {
+            continue;
+        };
+        if min >= 0 {
+            fragment[body] = 0;
+            continue;
+        }
+        let shift = i64::from(min).unsigned_abs();
+        for &p in &positions {
+            let value = u32::try_from(i64::from(read(fragment, p)) + shift as i64)
+                .map_err(|_| protocol("composition offset out of range"))?;
+            fragment[p..p + 4].copy_from_slice(&value.to_be_bytes());
+        }
+        fragment[body] = 0;
+        rewritten += 1;
+    }
+    Ok(rewritten)
+}
+
 /// Where a `tfdt` is: the absolute offset of its full-box body, and its version.
 #[derive(Clone, Copy)]
 struct Tfdt {
@@ -403,6 +594,123 @@ mod tests {
     fn first_tfdt(data: &[u8]) -> (u8, u64) {
         let t = tfdts(data).unwrap()[0];
         (t.version, read_tfdt(data, t).unwrap())
+    }
+
+    /// moof{traf{tfhd(flags, default duration), tfdt, trun(version, flags, samples)}}: each
+    /// sample (duration, composition offset), written as the flags say.
+    fn fragment_with_offsets(
+        tfhd_default: Option<u32>,
+        trun_version: u8,
+        with_durations: bool,
+        samples: &[(u32, i32)],
+    ) -> Vec<u8> {
+        let mut tfhd = vec![0, 0, 0, if tfhd_default.is_some() { 0x08 } else { 0 }];
+        tfhd.extend_from_slice(&1u32.to_be_bytes());
+        if let Some(d) = tfhd_default {
+            tfhd.extend_from_slice(&d.to_be_bytes());
+        }
+        let mut tfdt = vec![0, 0, 0, 0];
+        tfdt.extend_from_slice(&1000u32.to_be_bytes());
+        let flags: u32 = 0x001 | 0x800 | if with_durations { 0x100 } else { 0 };
+        let mut trun = ((u32::from(trun_version) << 24) | flags)
+            .to_be_bytes()
+            .to_vec();
+        trun.extend_from_slice(&(samples.len() as u32).to_be_bytes());
+        trun.extend_from_slice(&0i32.to_be_bytes());
+        for &(duration, offset) in samples {
+            if with_durations {
+                trun.extend_from_slice(&duration.to_be_bytes());
+            }
+            trun.extend_from_slice(&offset.to_be_bytes());
+        }
+        let traf = boxed(
+            b"traf",
+            &[
+                boxed(b"tfhd", &tfhd),
+                boxed(b"tfdt", &tfdt),
+                boxed(b"trun", &trun),
+            ]
+            .concat(),
+        );
+        boxed(b"moof", &[boxed(b"mfhd", &[0; 8]), traf].concat())
+    }
+
+    #[test]
+    fn the_presentation_lead_is_the_earliest_composition_time() {
+        // No B-frames: 0.
+        assert_eq!(presentation_lead(&fragment(0, 5)).unwrap(), 0);
+        // I P B B (decode order), positive offsets (x264 style): the key frame at 2 frames.
+        let ipbb = [(3600, 7200), (3600, 10_800), (3600, 0), (3600, 0)];
+        assert_eq!(
+            presentation_lead(&fragment_with_offsets(None, 0, true, &ipbb)).unwrap(),
+            7200
+        );
+        // The same durations from tfhd's default.
+        let offsets_only = [(0, 7200), (0, 10_800), (0, 0), (0, 0)];
+        assert_eq!(
+            presentation_lead(&fragment_with_offsets(Some(3600), 0, false, &offsets_only)).unwrap(),
+            7200
+        );
+        // Negative offsets (trun version 1, CMAF): the key frame at the tfdt.
+        let cmaf = [(3600, 0), (3600, 3600), (3600, -3600), (3600, -3600)];
+        assert_eq!(
+            presentation_lead(&fragment_with_offsets(None, 1, true, &cmaf)).unwrap(),
+            0
+        );
+        // Unknown durations: the first sample's offset alone.
+        assert_eq!(
+            presentation_lead(&fragment_with_offsets(None, 0, false, &offsets_only)).unwrap(),
+            7200
+        );
+        // No traf: an error, not a panic.
+        assert!(presentation_lead(&boxed(b"moof", &[])).is_err());
+    }
+
+    #[test]
+    fn negative_composition_offsets_become_non_negative_with_the_same_spacing() {
+        let cmaf = [(3600, 0), (3600, 7200), (3600, -3600), (3600, -3600)];
+        let mut f = fragment_with_offsets(None, 1, true, &cmaf);
+        assert_eq!(presentation_lead(&f).unwrap(), 0);
+        assert_eq!(normalize_composition_offsets(&mut f).unwrap(), 1);
+        // Presentation times 0, 3, 1, 2 frames before; 1, 4, 2, 3 frames after: same order
+        // and spacing, the lead is now 1 frame.
+        assert_eq!(presentation_lead(&f).unwrap(), 3600);
+        let positive = fragment_with_offsets(
+            None,
+            0,
+            true,
+            &[(3600, 3600), (3600, 10_800), (3600, 0), (3600, 0)],
+        );
+        assert_eq!(f, positive, "exactly the positive form");
+        // Non-negative fragments are left alone (version 1 becomes 0, values unchanged).
+        let mut p = positive.clone();
+        assert_eq!(normalize_composition_offsets(&mut p).unwrap(), 0);
+        assert_eq!(p, positive);
+        // A count the box cannot hold is an error, not a panic.
+        let mut bad = fragment_with_offsets(None, 1, true, &cmaf);
+        let trun = bad.windows(4).position(|w| w == b"trun").unwrap() + 4;
+        bad[trun + 4..trun + 8].copy_from_slice(&99u32.to_be_bytes());
+        assert!(normalize_composition_offsets(&mut bad).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn presentation_lead_never_panics_on_hostile_fragments(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            count in proptest::num::u32::ANY,
+        ) {
+            let _ = presentation_lead(&data);
+            // A well-formed frame around hostile trun contents and sample counts.
+            let mut trun = 0x0100_0900u32.to_be_bytes().to_vec();
+            trun.extend_from_slice(&count.to_be_bytes());
+            trun.extend_from_slice(&data);
+            let traf = boxed(b"traf", &[boxed(b"tfhd", &[0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 9]), boxed(b"trun", &trun)].concat());
+            let mut moof = boxed(b"moof", &traf);
+            let _ = presentation_lead(&moof);
+            let _ = normalize_composition_offsets(&mut moof);
+            let mut raw = data.clone();
+            let _ = normalize_composition_offsets(&mut raw);
+        }
     }
 
     #[test]

@@ -24,10 +24,15 @@ pub(crate) struct CameraConfig {
     pub width: u32,
     /// Picture height in pixels (even, 16..=8192).
     pub height: u32,
-    /// Integer frames per second, 1..=120.
-    pub fps: u32,
+    /// Frames per second (`num / den`), 1..=120.
+    pub rate: crate::FrameRate,
     /// H.264 or H.265.
     pub codec: crate::VideoCodec,
+    /// B-frames between reference frames (H.264 only; 0: none, one access unit out per
+    /// picture in).
+    pub b_frames: u32,
+    /// How the composition offsets of a fragment with B-frames are written.
+    pub offsets: crate::CompositionOffsets,
     /// GOP length: every fragment holds this many frames and starts with an IDR frame.
     pub frames_per_fragment: u32,
     /// Target bit rate of `x264enc` in kbit/s.
@@ -62,10 +67,17 @@ pub(super) fn validate_size(width: u32, height: u32) -> Result<()> {
 /// Checks a whole configuration.
 pub(super) fn validate(cfg: &CameraConfig) -> Result<()> {
     validate_size(cfg.width, cfg.height)?;
-    if !(1..=120).contains(&cfg.fps) {
+    let crate::FrameRate { num, den } = cfg.rate;
+    if den == 0 || num < den || u64::from(num) > 120 * u64::from(den) {
         return Err(pipeline_error(format!(
             "camera {}: fps {} is outside 1..=120",
-            cfg.name, cfg.fps
+            cfg.name, cfg.rate
+        )));
+    }
+    if cfg.b_frames > 3 || (cfg.b_frames > 0 && cfg.codec != crate::VideoCodec::H264) {
+        return Err(pipeline_error(format!(
+            "camera {}: {} B-frames: 0..=3, and H.264 only",
+            cfg.name, cfg.b_frames
         )));
     }
     if cfg.frames_per_fragment == 0 {

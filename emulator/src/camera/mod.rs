@@ -142,11 +142,11 @@ impl Camera {
     ) -> Result<Camera> {
         validate(&cfg)?;
         gst::init().map_err(|e| pipeline_error(format!("GStreamer init: {e}")))?;
-        let timing = Timing::new(cfg.start, cfg.fps, cfg.decode_time_base);
+        let timing = Timing::new(cfg.start, cfg.rate, cfg.decode_time_base);
         // The label's length with an 8-digit frame number.
         let label_chars = label(&cfg.name, 10_000_000, cfg.start).chars().count();
         let layout = Layout::new(cfg.width, cfg.height, label_chars);
-        let renderer = Renderer::new(cfg.width, cfg.height, cfg.fps, layout)?;
+        let renderer = Renderer::new(cfg.width, cfg.height, cfg.rate, layout)?;
         let pipe = Pipeline::build(&cfg, timing, &renderer.caps()?)?;
         pipe.apply_layout(&layout);
         if let Err(e) = pipe.pipeline.set_state(gst::State::Playing) {
@@ -161,7 +161,7 @@ impl Camera {
             "camera {}x{} at {} fps, {} frames per fragment, {} kbit/s, {:?} of history",
             cfg.width,
             cfg.height,
-            cfg.fps,
+            cfg.rate,
             cfg.frames_per_fragment,
             cfg.bitrate_kbps,
             cfg.history
@@ -186,7 +186,13 @@ impl Camera {
             on_fragment,
             last_caps: None,
             track: None,
-            fragment: None,
+            open: std::collections::VecDeque::new(),
+            lag: if cfg.b_frames == 0 {
+                0
+            } else {
+                u64::from(cfg.b_frames) + 2
+            },
+            offsets: cfg.offsets,
             next_index: 0,
             max_frames: cfg.max_frames,
         };

@@ -64,14 +64,30 @@ impl Pipeline {
         let (encoder, parser, coded_caps) = match cfg.codec {
             crate::VideoCodec::H264 => {
                 let encoder = make("x264enc")?;
-                encoder.set_property_from_str("tune", "zerolatency");
                 encoder.set_property_from_str("speed-preset", "ultrafast");
                 encoder.set_property("bitrate", cfg.bitrate_kbps);
                 encoder.set_property("key-int-max", f);
-                encoder.set_property(
-                    "option-string",
-                    format!("scenecut=0:keyint={f}:min-keyint={f}"),
-                );
+                if cfg.b_frames == 0 {
+                    encoder.set_property_from_str("tune", "zerolatency");
+                    encoder.set_property(
+                        "option-string",
+                        format!("scenecut=0:keyint={f}:min-keyint={f}"),
+                    );
+                } else {
+                    // Fixed B-frame runs in closed GOPs, one thread and no lookahead: the
+                    // encoder holds back at most `b_frames` pictures.
+                    encoder.set_property("bframes", cfg.b_frames);
+                    encoder.set_property("b-adapt", false);
+                    encoder.set_property("threads", 1u32);
+                    encoder.set_property("rc-lookahead", 0i32);
+                    encoder.set_property("sync-lookahead", 0i32);
+                    encoder.set_property(
+                        "option-string",
+                        format!(
+                            "scenecut=0:keyint={f}:min-keyint={f}:b-pyramid=none:open-gop=0:sliced-threads=0"
+                        ),
+                    );
+                }
                 let caps = gst::Caps::builder("video/x-h264")
                     .field("stream-format", "avc")
                     .field("alignment", "au")

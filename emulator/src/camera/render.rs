@@ -65,10 +65,18 @@ pub(super) struct Renderer {
 }
 
 impl Renderer {
-    /// A renderer for `width` × `height` at `fps`.
-    pub(super) fn new(width: u32, height: u32, fps: u32, layout: Layout) -> Result<Self> {
+    /// A renderer for `width` × `height` at `rate`.
+    pub(super) fn new(
+        width: u32,
+        height: u32,
+        rate: crate::FrameRate,
+        layout: Layout,
+    ) -> Result<Self> {
         let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::I420, width, height)
-            .fps(gst::Fraction::new(i32::try_from(fps).unwrap_or(1), 1))
+            .fps(gst::Fraction::new(
+                i32::try_from(rate.num).unwrap_or(1),
+                i32::try_from(rate.den).unwrap_or(1),
+            ))
             .par(gst::Fraction::new(1, 1))
             .build()
             .map_err(|e| pipeline_error(format!("camera: video info {width}x{height}: {e}")))?;

@@ -47,8 +47,10 @@ fn config(name: &str, width: u32, height: u32, fpf: u32, history: Duration) -> C
         name: name.to_owned(),
         width,
         height,
-        fps: 25,
+        rate: crate::FrameRate::integer(25),
         codec: crate::VideoCodec::H264,
+        b_frames: 0,
+        offsets: crate::CompositionOffsets::Positive,
         frames_per_fragment: fpf,
         bitrate_kbps: 800,
         start: SystemTime::now() - history,
@@ -202,11 +204,11 @@ fn assert_text_changes_per_frame(pictures: &[Decoded], name: &str) {
 fn rejects_bad_configs() {
     for cfg in [
         CameraConfig {
-            fps: 0,
+            rate: crate::FrameRate::integer(0),
             ..config("bad", 320, 240, 25, Duration::ZERO)
         },
         CameraConfig {
-            fps: 121,
+            rate: crate::FrameRate::integer(121),
             ..config("bad", 320, 240, 25, Duration::ZERO)
         },
         config("bad", 321, 240, 25, Duration::ZERO),
@@ -216,7 +218,7 @@ fn rejects_bad_configs() {
     ] {
         let name = format!(
             "{}x{} {} fps {}",
-            cfg.width, cfg.height, cfg.fps, cfg.frames_per_fragment
+            cfg.width, cfg.height, cfg.rate, cfg.frames_per_fragment
         );
         let err = Camera::start(cfg, |_| {}).err().expect(&name);
         assert!(err.to_string().contains("camera"), "{err}");

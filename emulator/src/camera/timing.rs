@@ -11,36 +11,41 @@ pub(super) struct Timing {
     /// Producer time of frame 0.
     start: SystemTime,
     /// Frames per second.
-    pub(super) fps: u32,
+    pub(super) rate: crate::FrameRate,
     /// Ticks per second of the decode times.
     pub(super) timescale: u32,
-    /// Ticks per frame (`timescale / fps`, exact).
+    /// Ticks per frame (`timescale · den / num`, exact).
     pub(super) ticks_per_frame: u32,
     /// Decode time of frame 0.
     decode_time_base: u64,
 }
 
 impl Timing {
-    /// Timing for `fps` frames per second: timescale 90 kHz when it divides evenly, else
-    /// `fps * 1000`.
-    pub(super) fn new(start: SystemTime, fps: u32, decode_time_base: u64) -> Self {
-        let timescale = if 90_000u32.is_multiple_of(fps) {
-            90_000
-        } else {
-            fps * 1000
-        };
+    /// Timing for `rate` frames per second: timescale 90 kHz when a frame is a whole number of
+    /// its ticks (25 fps: 3600; 29.97: 3003), else `num · 1000` (a frame: `den · 1000` ticks).
+    pub(super) fn new(start: SystemTime, rate: crate::FrameRate, decode_time_base: u64) -> Self {
+        let (num, den) = (rate.num.max(1), rate.den.max(1));
+        let (timescale, ticks_per_frame) =
+            if (90_000u64 * u64::from(den)).is_multiple_of(u64::from(num)) {
+                (
+                    90_000,
+                    u32::try_from(90_000u64 * u64::from(den) / u64::from(num)).unwrap_or(1),
+                )
+            } else {
+                (num.saturating_mul(1000), den.saturating_mul(1000))
+            };
         Self {
             start,
-            fps,
+            rate,
             timescale,
-            ticks_per_frame: timescale / fps,
+            ticks_per_frame,
             decode_time_base,
         }
     }
 
-    /// Time of frame `n` after frame 0, in nanoseconds (`n * 1e9 / fps`, rounded down).
+    /// Time of frame `n` after frame 0, in nanoseconds (`n · den · 1e9 / num`, rounded down).
     fn offset_ns(&self, n: u64) -> u128 {
-        u128::from(n) * 1_000_000_000 / u128::from(self.fps)
+        self.rate.nanos(n)
     }
 
     /// Time of frame `n` after frame 0.
@@ -60,7 +65,9 @@ impl Timing {
 
     /// Frame number of a buffer with PTS `pts` (the inverse of [`Timing::pts`]).
     pub(super) fn frame_of_pts(&self, pts: gst::ClockTime) -> u64 {
-        let n = (u128::from(pts.nseconds()) * u128::from(self.fps) + 500_000_000) / 1_000_000_000;
+        let (num, den) = (u128::from(self.rate.num), u128::from(self.rate.den.max(1)));
+        let unit = den * 1_000_000_000;
+        let n = (u128::from(pts.nseconds()) * num + unit / 2) / unit;
         u64::try_from(n).unwrap_or(u64::MAX)
     }
 
@@ -147,13 +154,13 @@ mod tests {
     #[test]
     fn timing_is_exact_integer_arithmetic() {
         let start = UNIX_EPOCH + Duration::from_secs(1_000);
-        let t = Timing::new(start, 25, 7);
+        let t = Timing::new(start, crate::FrameRate::integer(25), 7);
         assert_eq!((t.timescale, t.ticks_per_frame), (90_000, 3600));
         assert_eq!(t.decode_time(10), 7 + 36_000);
         assert_eq!(t.producer_time(25), start + Duration::from_secs(1));
-        let t = Timing::new(start, 7, 0);
+        let t = Timing::new(start, crate::FrameRate::integer(7), 0);
         assert_eq!((t.timescale, t.ticks_per_frame), (7000, 1000));
-        let t = Timing::new(start, 3, 0);
+        let t = Timing::new(start, crate::FrameRate::integer(3), 0);
         assert_eq!(
             t.producer_time(3_000_000_000),
             start + Duration::from_secs(1_000_000_000)
@@ -162,10 +169,37 @@ mod tests {
         for n in [0, 1, 2, 3, 1_000_001, 9_999_999_999] {
             assert_eq!(t.frame_of_pts(t.pts(n)), n);
         }
-        let t = Timing::new(start, 120, 0);
+        let t = Timing::new(start, crate::FrameRate::integer(120), 0);
         assert_eq!((t.timescale, t.ticks_per_frame), (90_000, 750));
         for n in [0, 1, 7, 119, 1_234_567] {
             assert_eq!(t.frame_of_pts(t.pts(n)), n);
         }
+        // NTSC: 3003 ticks of 90 kHz a frame; after an hour (107,892 frames) exactly
+        // 107,892 × 1001 / 30 ms, nothing accumulated.
+        let t = Timing::new(start, crate::FrameRate::NTSC, 0);
+        assert_eq!((t.timescale, t.ticks_per_frame), (90_000, 3003));
+        let hour = 107_892u64;
+        assert_eq!(
+            t.producer_time(hour),
+            start + Duration::from_nanos(hour * 1001 * 1_000_000_000 / 30_000)
+        );
+        assert_eq!(t.decode_time(hour), hour * 3003);
+        assert_eq!(t.offset(30), Duration::from_millis(1001));
+        for n in [0, 1, 2, 29, 30, 1001, hour, 9_999_999_999] {
+            assert_eq!(t.frame_of_pts(t.pts(n)), n, "frame {n}");
+        }
+        // 15/1.001 has no whole 90 kHz frame step? It has: 6006 ticks.
+        let t = Timing::new(
+            start,
+            crate::FrameRate {
+                num: 15_000,
+                den: 1001,
+            },
+            0,
+        );
+        assert_eq!(t.ticks_per_frame, 6006);
+        // A rate 90 kHz cannot hold: num · 1000 ticks a second.
+        let t = Timing::new(start, crate::FrameRate { num: 7, den: 3 }, 0);
+        assert_eq!((t.timescale, t.ticks_per_frame), (7000, 3000));
     }
 }

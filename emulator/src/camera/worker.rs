@@ -55,8 +55,13 @@ pub(super) struct Worker<F> {
     pub(super) last_caps: Option<gst::Caps>,
     /// Track of the last encoded sample.
     pub(super) track: Option<Arc<VideoTrack>>,
-    /// The fragment being assembled.
-    pub(super) fragment: Option<PartialFragment>,
+    /// The fragments being assembled, oldest first (more than one while the encoder holds
+    /// back the last pictures of a GOP).
+    pub(super) open: std::collections::VecDeque<PartialFragment>,
+    /// Pictures the encoder may hold back (0 without B-frames).
+    pub(super) lag: u64,
+    /// How composition offsets are written.
+    pub(super) offsets: crate::CompositionOffsets,
     /// Index of the next fragment.
     pub(super) next_index: u64,
     /// Stop at the first fragment boundary at or after this frame.
@@ -65,11 +70,27 @@ pub(super) struct Worker<F> {
 
 impl<F: FnMut(EncodedFragment)> Worker<F> {
     /// Renders, encodes and delivers until stopped or failed.
+    ///
+    /// Pictures go in at their producer time; access units come out in decode order, `lag`
+    /// pictures behind with B-frames (the encoder holds them back), and each goes to the
+    /// fragment (GOP) its picture belongs to, which is delivered once it has all its samples.
     pub(super) fn run(&mut self) -> Result<()> {
         let mut n: u64 = 0;
+        let mut pulled: u64 = 0;
         loop {
             if n.is_multiple_of(self.frames_per_fragment) {
                 if self.max_frames.is_some_and(|max| n >= max) {
+                    // What the encoder still holds comes out at the end of the stream.
+                    if pulled < n {
+                        let _ = self.pipe.appsrc.end_of_stream();
+                        while pulled < n {
+                            let Some(sample) = self.pull_output()? else {
+                                return Ok(());
+                            };
+                            self.take_sample(&sample)?;
+                            pulled += 1;
+                        }
+                    }
                     info!(
                         camera = self.name.as_str(),
                         frames = n,
@@ -78,7 +99,7 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
                     return Ok(());
                 }
                 self.apply_pending_resolution()?;
-                self.fragment = Some(PartialFragment {
+                self.open.push_back(PartialFragment {
                     index: self.next_index,
                     first_frame: n,
                     track: None,
@@ -90,20 +111,21 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
                 return Ok(());
             }
             self.push_frame(n)?;
-            let Some(sample) = self.pull_output()? else {
-                return Ok(());
-            };
-            self.add_sample(n, &sample)?;
-            self.shared.frames.store(n + 1, Ordering::Relaxed);
-            #[cfg(test)]
-            if self.shared.inject_error.swap(false, Ordering::Relaxed) {
-                gst::element_error!(self.pipe.appsrc, gst::CoreError::Failed, ["injected"]);
-            }
-            self.pipe.check_bus(&self.name)?;
-            if (n + 1).is_multiple_of(self.frames_per_fragment) {
-                self.deliver();
-            }
             n += 1;
+            // Every access unit but those of the last `lag` pictures is due now.
+            while pulled + self.lag < n {
+                let Some(sample) = self.pull_output()? else {
+                    return Ok(());
+                };
+                self.take_sample(&sample)?;
+                pulled += 1;
+                self.shared.frames.store(pulled, Ordering::Relaxed);
+                #[cfg(test)]
+                if self.shared.inject_error.swap(false, Ordering::Relaxed) {
+                    gst::element_error!(self.pipe.appsrc, gst::CoreError::Failed, ["injected"]);
+                }
+                self.pipe.check_bus(&self.name)?;
+            }
         }
     }
 
@@ -113,11 +135,19 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
         let Some((width, height)) = self.shared.resolution.lock().take() else {
             return Ok(());
         };
+        if self.lag > 0 {
+            // Pictures of the previous fragment may still wait for their overlay text.
+            warn!(
+                camera = self.name.as_str(),
+                "resolution changes are not supported with B-frames: ignored"
+            );
+            return Ok(());
+        }
         if (width, height) == (self.renderer.info.width(), self.renderer.info.height()) {
             return Ok(());
         }
         let layout = Layout::new(width, height, self.label_chars);
-        let renderer = Renderer::new(width, height, self.timing.fps, layout)?;
+        let renderer = Renderer::new(width, height, self.timing.rate, layout)?;
         let caps = renderer.caps()?;
         info!(
             camera = self.name.as_str(),
@@ -249,8 +279,9 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
         }
     }
 
-    /// Adds the encoded sample of frame `n` to the current fragment.
-    fn add_sample(&mut self, n: u64, sample: &gst::Sample) -> Result<()> {
+    /// Adds an encoded access unit to the fragment of its picture, and delivers the fragments
+    /// that are complete.
+    fn take_sample(&mut self, sample: &gst::Sample) -> Result<()> {
         let track = self.track_for(sample.caps())?;
         let buffer = sample.buffer_owned().ok_or_else(|| {
             pipeline_error(format!("camera {}: sample without buffer", self.name))
@@ -265,16 +296,16 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
                 .and_then(|segment| segment.to_running_time(pts))
                 .unwrap_or(pts)
         });
-        if let Some(pts) = pts
-            && self.timing.frame_of_pts(pts) != n
-        {
-            warn!(
-                camera = self.name.as_str(),
-                "encoded frame has PTS {pts} (frame {}), expected frame {n}",
-                self.timing.frame_of_pts(pts)
-            );
-        }
-        let composition_offset = match (pts, buffer.dts()) {
+        let fpf = self.frames_per_fragment;
+        let n = match pts.map(|pts| self.timing.frame_of_pts(pts)) {
+            Some(n) => n,
+            None => {
+                warn!(camera = self.name.as_str(), "encoded frame without PTS");
+                self.open.front().map_or(0, |f| f.first_frame)
+            }
+        };
+        // PTS − DTS from the buffer's own (shifted alike) timestamps.
+        let composition_offset = match (buffer.pts(), buffer.dts()) {
             (Some(pts), Some(dts)) => {
                 let ns = i128::from(pts.nseconds()) - i128::from(dts.nseconds());
                 i32::try_from(self.timing.ns_to_ticks(ns)).unwrap_or(0)
@@ -290,8 +321,15 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
                 )));
             }
         };
-        let Some(fragment) = self.fragment.as_mut() else {
-            return Err(pipeline_error("camera: sample outside a fragment"));
+        let Some(fragment) = self
+            .open
+            .iter_mut()
+            .find(|f| (f.first_frame..f.first_frame + fpf).contains(&n))
+        else {
+            return Err(pipeline_error(format!(
+                "camera {}: encoded frame {n} belongs to no open fragment",
+                self.name
+            )));
         };
         match &fragment.track {
             None => {
@@ -317,14 +355,28 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
             composition_offset,
             is_sync,
         });
+        while self
+            .open
+            .front()
+            .is_some_and(|f| f.samples.len() as u64 >= fpf)
+        {
+            self.deliver();
+        }
         Ok(())
     }
 
     /// Hands the finished fragment to the callback.
     fn deliver(&mut self) {
-        let Some(fragment) = self.fragment.take() else {
+        let Some(mut fragment) = self.open.pop_front() else {
             return;
         };
+        if self.offsets == crate::CompositionOffsets::Negative
+            && let Some(first) = fragment.samples.first().map(|s| s.composition_offset)
+        {
+            for s in &mut fragment.samples {
+                s.composition_offset = s.composition_offset.saturating_sub(first);
+            }
+        }
         let Some(track) = fragment.track else {
             return;
         };

@@ -32,13 +32,28 @@ impl Reader {
         }
         // The decoder's timeline: program date time − the first one, which keeps gaps and makes
         // producer time = first program date time + PTS; but never backwards (a producer clock
-        // that stepped back): then right after the previous fragment.
+        // that stepped back): then right after the previous fragment. The program date time is
+        // when the fragment's first frame is *shown*: with B-frames that is after its decode
+        // time (the presentation lead), so the decode time goes that much earlier; the epoch
+        // leaves room for the first fragment's lead.
+        let timescale = u128::from(self.position.timescale.unwrap_or(90_000));
+        fmp4::normalize_composition_offsets(&mut data)?;
+        let lead_ticks = fmp4::presentation_lead(&data)?;
+        let lead = Duration::from_nanos(
+            u64::try_from(u128::from(lead_ticks.unsigned_abs()) * 1_000_000_000 / timescale)
+                .unwrap_or(u64::MAX),
+        );
         let natural = match (segment.program_date_time, self.position.epoch) {
             (Some(pdt), Some(epoch)) => pdt.duration_since(epoch).ok(),
             (Some(pdt), None) => {
-                self.position.epoch = Some(pdt);
-                self.decoder.set_epoch(pdt);
-                Some(Duration::ZERO)
+                let epoch = if lead_ticks > 0 {
+                    pdt.checked_sub(lead).unwrap_or(pdt)
+                } else {
+                    pdt
+                };
+                self.position.epoch = Some(epoch);
+                self.decoder.set_epoch(epoch);
+                pdt.duration_since(epoch).ok()
             }
             (None, _) => None,
         };
@@ -46,14 +61,18 @@ impl Reader {
             Some(n) if n + TIMELINE_SLACK >= self.position.cursor => n,
             _ => self.position.cursor,
         };
-        let timescale = u128::from(self.position.timescale.unwrap_or(90_000));
         let ticks = u64::try_from(start.as_nanos() * timescale / 1_000_000_000).map_err(|_| {
             Error::new(
                 ErrorKind::Protocol,
                 format!("a fragment starts {start:?} into the stream: beyond the decode timeline"),
             )
         })?;
-        fmp4::rebase(&mut data, ticks)?;
+        let decode_ticks = if lead_ticks >= 0 {
+            ticks.saturating_sub(lead_ticks.unsigned_abs())
+        } else {
+            ticks.saturating_add(lead_ticks.unsigned_abs())
+        };
+        fmp4::rebase(&mut data, decode_ticks)?;
         self.position.cursor = start.checked_add(segment.duration).unwrap_or(start);
         let bytes = data.len();
         {
