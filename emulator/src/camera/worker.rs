@@ -117,9 +117,9 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
                 let Some(sample) = self.pull_output()? else {
                     return Ok(());
                 };
-                self.take_sample(&sample)?;
                 pulled += 1;
                 self.shared.frames.store(pulled, Ordering::Relaxed);
+                self.take_sample(&sample)?;
                 #[cfg(test)]
                 if self.shared.inject_error.swap(false, Ordering::Relaxed) {
                     gst::element_error!(self.pipe.appsrc, gst::CoreError::Failed, ["injected"]);

@@ -37,8 +37,17 @@ impl Reader {
         // time (the presentation lead), so the decode time goes that much earlier; the epoch
         // leaves room for the first fragment's lead.
         let timescale = u128::from(self.position.timescale.unwrap_or(90_000));
-        fmp4::normalize_composition_offsets(&mut data)?;
-        let lead_ticks = fmp4::presentation_lead(&data)?;
+        // A fragment whose track fragment cannot be read is the decoder's to judge (a decode
+        // error), as before: no lead then, and nothing rewritten.
+        let lead_ticks = match fmp4::normalize_composition_offsets(&mut data)
+            .and_then(|_| fmp4::presentation_lead(&data))
+        {
+            Ok(lead) => lead,
+            Err(e) => {
+                tracing::debug!(camera = %self.camera(), error = %e, "composition offsets unreadable: lead 0");
+                0
+            }
+        };
         let lead = Duration::from_nanos(
             u64::try_from(u128::from(lead_ticks.unsigned_abs()) * 1_000_000_000 / timescale)
                 .unwrap_or(u64::MAX),
