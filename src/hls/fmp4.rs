@@ -283,11 +283,52 @@ pub(crate) fn normalize_composition_offsets(fragment: &mut [u8]) -> Result<usize
     Ok(rewritten)
 }
 
-/// Where a `tfdt` is: the absolute offset of its full-box body, and its version.
+/// (track_ID, media timescale) of every track of an init segment, in order (KVS: track 1 the
+/// video, track 2 the audio when the producer sends it).
+pub(crate) fn init_track_timescales(init: &[u8]) -> Result<Vec<(u32, u32)>> {
+    let moov = child(init, &[b"moov"])?.ok_or_else(|| protocol("the init segment has no moov"))?;
+    let mut tracks = Vec::new();
+    for b in boxes(moov) {
+        let (kind, header, range) = b?;
+        if &kind != b"trak" {
+            continue;
+        }
+        let trak = &moov[range.start + header..range.end];
+        let tkhd = child(trak, &[b"tkhd"])?.ok_or_else(|| protocol("a trak without tkhd"))?;
+        // version(1) flags(3), then v0: ctime(4) mtime(4) track_ID; v1: ctime(8) mtime(8).
+        let at = match tkhd.first() {
+            Some(0) => 12,
+            Some(1) => 20,
+            _ => return Err(protocol("unknown tkhd version")),
+        };
+        let id = tkhd
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(|| protocol("truncated tkhd"))?;
+        let mdhd = child(trak, &[b"mdia", b"mdhd"])?
+            .ok_or_else(|| protocol("a trak without mdia/mdhd"))?;
+        let at = match mdhd.first() {
+            Some(0) => 12,
+            Some(1) => 20,
+            _ => return Err(protocol("unknown mdhd version")),
+        };
+        let timescale = mdhd
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .filter(|t| *t > 0)
+            .ok_or_else(|| protocol("truncated mdhd or timescale 0"))?;
+        tracks.push((id, timescale));
+    }
+    Ok(tracks)
+}
+
+/// Where a `tfdt` is: the absolute offset of its full-box body, its version, and the track of
+/// its `traf` (from `tfhd`; 0 if unreadable).
 #[derive(Clone, Copy)]
 struct Tfdt {
     body: usize,
     version: u8,
+    track: u32,
 }
 
 /// The `tfdt` boxes of every `moof/traf` in `fragment`, in order.
@@ -305,14 +346,24 @@ fn tfdts(fragment: &[u8]) -> Result<Vec<Tfdt>> {
                 continue;
             }
             let traf_body = moof_body + traf.start + header;
+            let mut track = 0;
             for c in boxes(&fragment[traf_body..moof_body + traf.end]) {
                 let (kind, header, range) = c?;
+                let body = traf_body + range.start + header;
+                if &kind == b"tfhd" {
+                    track = fragment
+                        .get(body + 4..body + 8)
+                        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                }
                 if &kind == b"tfdt" {
-                    let body = traf_body + range.start + header;
                     let version = *fragment
                         .get(body)
                         .ok_or_else(|| protocol("truncated tfdt"))?;
-                    found.push(Tfdt { body, version });
+                    found.push(Tfdt {
+                        body,
+                        version,
+                        track,
+                    });
                 }
             }
         }
@@ -344,23 +395,50 @@ fn read_tfdt(data: &[u8], tfdt: Tfdt) -> Result<u64> {
 /// Sets the decode time of a media fragment's first `moof` to `new_time` (ticks) and shifts the
 /// `tfdt` of every further `moof` by the same amount. Returns the original first decode time.
 ///
+/// Track fragments of other tracks (an audio track beside the video) move by the same *time*,
+/// converted to their own timescale from `timescales` ((track_ID, timescale) of the init
+/// segment): an audio `tfdt` in 48 kHz ticks must not be shifted by a count of 90 kHz ticks.
+/// A track missing from `timescales` moves like the first.
+///
 /// A version-0 `tfdt` holds 32 bits (13.25 h at 90 kHz): when a new value does not fit, the
 /// fragment's `tfdt` boxes are rewritten as version 1 (the boxes around them grow by 4 bytes
 /// each and the sample data offsets follow), so a source runs for days on one timeline.
-pub(crate) fn rebase(fragment: &mut Vec<u8>, new_time: u64) -> Result<u64> {
+pub(crate) fn rebase(
+    fragment: &mut Vec<u8>,
+    new_time: u64,
+    timescales: &[(u32, u32)],
+) -> Result<u64> {
     let mut found = tfdts(fragment)?;
     let first = *found
         .first()
         .ok_or_else(|| protocol("the media fragment has no moof/traf/tfdt"))?;
     let original = read_tfdt(fragment, first)?;
+    let timescale = |track: u32| {
+        timescales
+            .iter()
+            .find(|(id, _)| *id == track)
+            .map(|(_, t)| i128::from(*t))
+    };
+    let first_scale = timescale(first.track);
+    // The shift in nanoseconds (of the first track's clock).
+    let shift_ns = first_scale
+        .map(|scale| (i128::from(new_time) - i128::from(original)) * 1_000_000_000 / scale);
     let mut values = Vec::with_capacity(found.len());
     for &tfdt in &found {
         let old = read_tfdt(fragment, tfdt)?;
-        values.push(
-            new_time
+        let other = (tfdt.track != first.track)
+            .then(|| timescale(tfdt.track).zip(shift_ns))
+            .flatten();
+        let value = match other {
+            Some((scale, shift)) => {
+                let moved = i128::from(old) + shift * scale / 1_000_000_000;
+                u64::try_from(moved.max(0)).map_err(|_| protocol("decode time overflow"))?
+            }
+            None => new_time
                 .checked_add(old.saturating_sub(original))
                 .ok_or_else(|| protocol("decode time overflow"))?,
-        );
+        };
+        values.push(value);
     }
     let fits = |(t, v): (&Tfdt, &u64)| t.version == 1 || u32::try_from(*v).is_ok();
     if !found.iter().zip(&values).all(fits) {
@@ -713,14 +791,87 @@ mod tests {
         }
     }
 
+    /// An init segment with (track_ID, timescale) tracks, and a fragment whose trafs carry
+    /// (track_ID, tfdt) (version 1).
+    fn two_tracks(tracks: &[(u32, u32)], trafs: &[(u32, u64)]) -> (Vec<u8>, Vec<u8>) {
+        let traks: Vec<u8> = tracks
+            .iter()
+            .flat_map(|&(id, timescale)| {
+                let mut tkhd = vec![0u8; 12];
+                tkhd.extend_from_slice(&id.to_be_bytes());
+                tkhd.extend_from_slice(&[0; 68]);
+                let mut mdhd = vec![0u8; 12];
+                mdhd.extend_from_slice(&timescale.to_be_bytes());
+                mdhd.extend_from_slice(&[0; 8]);
+                boxed(
+                    b"trak",
+                    &[
+                        boxed(b"tkhd", &tkhd),
+                        boxed(b"mdia", &boxed(b"mdhd", &mdhd)),
+                    ]
+                    .concat(),
+                )
+            })
+            .collect();
+        let init = [boxed(b"ftyp", b"iso6\0\0\0\0"), boxed(b"moov", &traks)].concat();
+        let trafs: Vec<u8> = trafs
+            .iter()
+            .flat_map(|&(id, time)| {
+                let mut tfhd = vec![0, 2, 0, 0];
+                tfhd.extend_from_slice(&id.to_be_bytes());
+                let mut tfdt = vec![1, 0, 0, 0];
+                tfdt.extend_from_slice(&time.to_be_bytes());
+                boxed(
+                    b"traf",
+                    &[boxed(b"tfhd", &tfhd), boxed(b"tfdt", &tfdt)].concat(),
+                )
+            })
+            .collect();
+        let fragment = [
+            boxed(b"moof", &[boxed(b"mfhd", &[0; 8]), trafs].concat()),
+            boxed(b"mdat", &[0]),
+        ]
+        .concat();
+        (init, fragment)
+    }
+
+    #[test]
+    fn an_audio_track_moves_by_the_same_time_in_its_own_timescale() {
+        let (init, mut f) = two_tracks(&[(1, 90_000), (2, 48_000)], &[(1, 1_000), (2, 5_000)]);
+        let scales = init_track_timescales(&init).unwrap();
+        assert_eq!(scales, [(1, 90_000), (2, 48_000)]);
+        assert_eq!(init_timescale(&init).unwrap(), 90_000);
+        // One second later on the video clock: 48,000 audio ticks later.
+        assert_eq!(rebase(&mut f, 91_000, &scales).unwrap(), 1_000);
+        let times: Vec<(u32, u64)> = tfdts(&f)
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.track, read_tfdt(&f, t).unwrap()))
+            .collect();
+        assert_eq!(times, [(1, 91_000), (2, 53_000)]);
+        // Backwards by more than the audio had: clamped at 0, not wrapped.
+        assert_eq!(rebase(&mut f, 0, &scales).unwrap(), 91_000);
+        let audio = tfdts(&f).unwrap()[1];
+        assert_eq!(
+            read_tfdt(&f, audio).unwrap(),
+            4_467,
+            "53,000 − 1.0111 s × 48 kHz"
+        );
+        // Without the timescales (an older caller): the same ticks for every track.
+        let (_, mut g) = two_tracks(&[], &[(1, 1_000), (2, 5_000)]);
+        rebase(&mut g, 2_000, &[]).unwrap();
+        let audio = tfdts(&g).unwrap()[1];
+        assert_eq!(read_tfdt(&g, audio).unwrap(), 6_000);
+    }
+
     #[test]
     fn rebases_version_1_and_0() {
         let mut f = fragment(1, 1 << 40);
-        assert_eq!(rebase(&mut f, 90_000).unwrap(), 1 << 40);
-        assert_eq!(rebase(&mut f, 0).unwrap(), 90_000);
+        assert_eq!(rebase(&mut f, 90_000, &[]).unwrap(), 1 << 40);
+        assert_eq!(rebase(&mut f, 0, &[]).unwrap(), 90_000);
         let mut f = fragment(0, 5000);
-        assert_eq!(rebase(&mut f, 7).unwrap(), 5000);
-        assert_eq!(rebase(&mut f, 8).unwrap(), 7);
+        assert_eq!(rebase(&mut f, 7, &[]).unwrap(), 5000);
+        assert_eq!(rebase(&mut f, 8, &[]).unwrap(), 7);
         assert_eq!(first_tfdt(&f), (0, 8), "a value that fits stays version 0");
     }
 
@@ -735,7 +886,7 @@ mod tests {
         .concat();
         assert_eq!(sample_starts(&original), [7, 5]);
         let mut f = original.clone();
-        assert_eq!(rebase(&mut f, day).unwrap(), 1000);
+        assert_eq!(rebase(&mut f, day, &[]).unwrap(), 1000);
         assert_eq!(
             f.len(),
             original.len() + 8,
@@ -755,25 +906,25 @@ mod tests {
         );
         // The mdat bodies are untouched, and the upgraded fragment rebases back down.
         assert!(f.ends_with(&boxed(b"mdat", &[5, 6])));
-        assert_eq!(rebase(&mut f, 1000).unwrap(), day);
+        assert_eq!(rebase(&mut f, 1000, &[]).unwrap(), day);
         assert_eq!(first_tfdt(&f), (1, 1000));
     }
 
     #[test]
     fn multiple_moofs_keep_their_spacing() {
         let mut f = [fragment(1, 1000), fragment(1, 1500)].concat();
-        rebase(&mut f, 10).unwrap();
+        rebase(&mut f, 10, &[]).unwrap();
         let second = f.len() / 2;
-        assert_eq!(rebase(&mut f[second..].to_vec(), 0).unwrap(), 510);
+        assert_eq!(rebase(&mut f[second..].to_vec(), 0, &[]).unwrap(), 510);
     }
 
     #[test]
     fn garbage_is_a_protocol_error() {
-        assert!(rebase(&mut vec![0, 0, 0, 99, b'm', b'o', b'o', b'f'], 0).is_err());
-        assert!(rebase(&mut boxed(b"mdat", &[1]), 0).is_err());
+        assert!(rebase(&mut vec![0, 0, 0, 99, b'm', b'o', b'o', b'f'], 0, &[]).is_err());
+        assert!(rebase(&mut boxed(b"mdat", &[1]), 0, &[]).is_err());
         assert!(init_timescale(&boxed(b"moov", &[])).is_err());
         let mut two = [fragment(1, 0), fragment(1, 10)].concat();
-        let err = rebase(&mut two, u64::MAX - 5).unwrap_err();
+        let err = rebase(&mut two, u64::MAX - 5, &[]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Protocol);
     }
 
@@ -799,7 +950,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(mut data in proptest::collection::vec(any::<u8>(), 0..512), t in any::<u64>()) {
             let _ = init_timescale(&data);
-            let _ = rebase(&mut data, t);
+            let _ = rebase(&mut data, t, &[]);
         }
 
         /// A valid fragment with a few bytes changed anywhere: never a panic.
@@ -815,7 +966,7 @@ mod tests {
                 let i = at.index(f.len());
                 f[i] = byte;
             }
-            let _ = rebase(&mut f, t);
+            let _ = rebase(&mut f, t, &[]);
         }
 
         /// Rebasing to any time and back restores the fragment; the samples stay where the
@@ -825,11 +976,11 @@ mod tests {
             let original = [fragment_with(version, u64::from(time), &[1, 2]),
                             fragment_with(version, u64::from(time) + u64::from(gap), &[3])].concat();
             let mut f = original.clone();
-            prop_assert_eq!(rebase(&mut f, to).unwrap(), u64::from(time));
+            prop_assert_eq!(rebase(&mut f, to, &[]).unwrap(), u64::from(time));
             prop_assert_eq!(sample_starts(&f), vec![1, 3]);
             let all = tfdts(&f).unwrap();
             prop_assert_eq!(read_tfdt(&f, all[1]).unwrap(), to + u64::from(gap));
-            prop_assert_eq!(rebase(&mut f, u64::from(time)).unwrap(), to);
+            prop_assert_eq!(rebase(&mut f, u64::from(time), &[]).unwrap(), to);
             if f.len() == original.len() {
                 prop_assert_eq!(f, original);
             } else {

@@ -13,6 +13,10 @@ impl Reader {
             // A new codec configuration may bring a new timescale: parse each init once.
             Some(init) if self.position.init.as_ref() != Some(init) => {
                 self.position.timescale = Some(fmp4::init_timescale(init)?);
+                // Other tracks (audio) are rebased in their own timescale; an init whose
+                // other tracks cannot be read leaves them moving like the video.
+                self.position.track_timescales =
+                    fmp4::init_track_timescales(init).unwrap_or_default();
                 self.position.init = Some(init.clone());
             }
             Some(_) => {}
@@ -81,7 +85,7 @@ impl Reader {
         } else {
             ticks.saturating_add(lead_ticks.unsigned_abs())
         };
-        fmp4::rebase(&mut data, decode_ticks)?;
+        fmp4::rebase(&mut data, decode_ticks, &self.position.track_timescales)?;
         self.position.cursor = start.checked_add(segment.duration).unwrap_or(start);
         let bytes = data.len();
         {

@@ -37,6 +37,8 @@ struct Position {
     /// Program date time at timeline 0 (the first fragment's).
     epoch: Option<SystemTime>,
     timescale: Option<u32>,
+    /// (track_ID, timescale) of every track of the init segment (video and audio).
+    track_timescales: Vec<(u32, u32)>,
     /// The init segment the timescale was read from.
     init: Option<Bytes>,
     /// When the last fragment was fed.
