@@ -50,6 +50,61 @@ fn expected_frames(records: &[FragmentRecord]) -> Vec<u32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_is_track_2_in_the_same_fragments_and_decodes() {
+    let emulator = common::start(vec![small("av").audio(true)]);
+    common::wait_fragments(&emulator, "av", 2, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "av").await;
+    let master_url = common::session(&media, "av", &SessionParams::default())
+        .await
+        .unwrap();
+    let text = get(&master_url).await.unwrap().text();
+    assert!(text.contains(",mp4a.40.2\""), "{text}");
+    let media_url = common::media_playlist_url(&master_url).await;
+    let playlist = common::parse_media(&get(&media_url).await.unwrap().text());
+    let map = playlist.segments[0]
+        .map
+        .as_ref()
+        .expect("EXT-X-MAP")
+        .uri
+        .clone();
+    let init = get(&common::resolve(&media_url, &map)).await.unwrap().body;
+    let count = |data: &[u8], kind: &[u8]| data.windows(4).filter(|w| *w == kind).count();
+    assert_eq!(count(&init, b"trak"), 2);
+    assert_eq!(count(&init, b"trex"), 2);
+    assert!(count(&init, b"mp4a") == 1 && count(&init, b"esds") == 1 && count(&init, b"smhd") == 1);
+    let segment = &playlist.segments[0];
+    let fragment = get(&common::resolve(&media_url, &segment.uri))
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(
+        count(&fragment, b"traf"),
+        2,
+        "video and audio in one fragment"
+    );
+    // Decoded by GStreamer (qtdemux sees both tracks): the video frames are all there.
+    let truth = emulator.ground_truth("av");
+    let data = [init, fragment].concat();
+    let frames = tokio::task::spawn_blocking(move || common::decode_mp4(&data))
+        .await
+        .unwrap();
+    let numbers: Vec<u32> = frames.iter().filter_map(|f| f.frame_number).collect();
+    let pdt_ms = segment.program_date_time.unwrap().timestamp_millis();
+    let record = truth
+        .iter()
+        .find(|r| {
+            r.producer_start
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64
+                == pdt_ms
+        })
+        .expect("the fragment in the ground truth");
+    let first = record.first_frame as u32;
+    assert_eq!(numbers, (first..first + 25).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h265_streams_are_served_as_hvc1_with_an_hevc_codecs_attribute() {
     let emulator = common::start(vec![small("hevc").codec(kvs_emulator::VideoCodec::H265)]);
     let media = common::media(&emulator, "hevc").await;

@@ -547,6 +547,44 @@ fn b_frames_decode_in_presentation_order_with_exact_producer_times() {
     }
 }
 
+/// A camera with a microphone: KVS serves AAC as track 2 in the same fMP4 fragments. The
+/// reader decodes the video, every frame with its exact producer time, and ignores the audio
+/// (it hands out frames, not sound); the audio track's decode times are moved in their own
+/// 48 kHz timescale, so the demuxer sees both tracks on one timeline.
+#[test]
+fn a_stream_with_an_aac_track_delivers_every_video_frame_exactly() {
+    let emulator = common::start(vec![
+        common::small("av")
+            .audio(true)
+            .history(Duration::from_secs(6)),
+    ]);
+    assert!(emulator.wait_for_fragments("av", 6, Duration::from_secs(60)));
+    let truth = emulator.ground_truth("av");
+    let archive = source(&emulator, "av")
+        .playback(PlaybackMode::OnDemand {
+            start: truth[1].producer_start,
+            end: truth[4].producer_start,
+        })
+        .build()
+        .unwrap();
+    let frames = drain(&archive);
+    let numbers: Vec<u32> = frames.iter().map(number).collect();
+    assert_eq!(numbers, expected(&emulator, "av", 1..=4));
+    assert_exact(&emulator, "av", &frames);
+    let live = source(&emulator, "av")
+        .pixel_format(PixelFormat::Bgr)
+        .build()
+        .unwrap();
+    let frames = take(&live, 40, Duration::from_secs(20));
+    assert_exact(&emulator, "av", &frames);
+    let stats = live.stats();
+    assert_eq!(
+        (stats.decode_errors, stats.read_errors),
+        (0, 0),
+        "{stats:?}"
+    );
+}
+
 #[test]
 fn long_on_demand_ranges_continue_past_one_playlist() {
     let emulator = history("cam-1", 8);

@@ -47,6 +47,7 @@
 #![deny(missing_docs)]
 #![forbid(clippy::print_stdout, clippy::print_stderr)]
 
+mod audio;
 pub mod barcode;
 mod camera;
 mod control;
@@ -211,6 +212,7 @@ pub struct StreamSpec {
     pub(crate) codec: VideoCodec,
     pub(crate) b_frames: u32,
     pub(crate) offsets: CompositionOffsets,
+    pub(crate) audio: bool,
 }
 
 impl StreamSpec {
@@ -236,7 +238,18 @@ impl StreamSpec {
             codec: VideoCodec::H264,
             b_frames: 0,
             offsets: CompositionOffsets::Positive,
+            audio: false,
         }
+    }
+    /// An AAC audio track beside the video (default none), as from a camera with a
+    /// microphone: KVS track 2 (`A_AAC`), mono 48 kHz, served in the same fMP4 fragments (a
+    /// second `traf`, the init segment with a second `trak`) and listed in the master
+    /// playlist's `CODECS` (`mp4a.40.2`). GetClip stays video only here. The audio is encoded
+    /// silence, real AAC frames on the video's timeline.
+    #[must_use]
+    pub fn audio(mut self, enabled: bool) -> Self {
+        self.audio = enabled;
+        self
     }
     /// B-frames between reference frames (0–3, H.264; default 0): fragments hold their
     /// samples in decode order with composition offsets written as `offsets` says, like the
@@ -369,6 +382,13 @@ impl StreamSpec {
     }
 
     fn validate(&self) -> Result<()> {
+        if self.audio && self.tfdt_version_0 {
+            return Err(Error::invalid_config(
+                "StreamSpec::audio",
+                "with tfdt_version_0",
+                "version-0 tfdt boxes are only written for video-only streams",
+            ));
+        }
         if self.b_frames > 3 || (self.b_frames > 0 && self.codec != VideoCodec::H264) {
             return Err(Error::invalid_config(
                 "StreamSpec::b_frames",

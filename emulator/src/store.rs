@@ -100,6 +100,10 @@ pub(crate) struct StoredFragment {
     pub init: Bytes,
     pub media: Bytes,
     pub samples: Vec<Sample>,
+    /// Decode time of the audio track's first frame (audio ticks), when the stream has audio.
+    pub audio_decode_time: Option<u64>,
+    /// The video track's timescale (to move the audio's decode time with the video's).
+    pub timescale: u32,
 }
 
 impl StoredFragment {
@@ -128,6 +132,8 @@ pub(crate) struct StreamState {
     pub decode_time_origin: super::DecodeTimeOrigin,
     /// Serve media fragments with version-0 `tfdt` boxes where the decode time fits.
     pub tfdt_version_0: bool,
+    /// An AAC track beside the video.
+    pub audio: bool,
     pub camera_start: SystemTime,
     pub fragments: VecDeque<Arc<StoredFragment>>,
     pub ground_truth: Vec<FragmentRecord>,
@@ -281,6 +287,7 @@ impl State {
                 ingest_delay,
                 decode_time_origin,
                 tfdt_version_0: false,
+                audio: false,
                 camera_start: SystemTime::now(),
                 fragments: VecDeque::new(),
                 ground_truth: Vec::new(),
@@ -307,6 +314,7 @@ impl State {
         state.insert_stream(info, spec.rate, spec.ingest_delay, spec.decode_time_origin)?;
         if let Some(stream) = state.streams.lock().get_mut(&spec.name) {
             stream.tfdt_version_0 = spec.tfdt_version_0;
+            stream.audio = spec.audio;
         }
         if !spec.camera {
             return Ok(());
@@ -391,18 +399,50 @@ impl State {
             }
             stream.last_track = Some(Arc::clone(&fragment.track));
         }
+        // Audio: the AAC frames of the fragment's span, on a timeline whose origin is the
+        // video's decode time origin (in audio ticks).
+        let audio = match stream.audio.then(crate::audio::silence) {
+            Some(Ok(silence)) => {
+                let from = stream.rate.nanos(fragment.first_frame);
+                let to = stream
+                    .rate
+                    .nanos(fragment.first_frame + fragment.samples.len() as u64);
+                let (first, frames) = crate::audio::frames_for(silence, from, to);
+                let ticks = u128::from(fragment.track.timescale.max(1));
+                // The decode time of the camera's frame 0, in video ticks.
+                let frame0 = fragment.decode_time.saturating_sub(
+                    u64::try_from(stream.rate.nanos(fragment.first_frame) * ticks / 1_000_000_000)
+                        .unwrap_or(0),
+                );
+                let base = u64::try_from(
+                    u128::from(frame0) * u128::from(crate::audio::SAMPLE_RATE) / ticks,
+                )
+                .unwrap_or(0);
+                Some((silence, base + first, frames))
+            }
+            Some(Err(e)) => {
+                tracing::warn!(stream = name, error = %e, "no audio track");
+                None
+            }
+            None => None,
+        };
         let init = match stream.fragments.back() {
             Some(prev) if !new_codec => prev.init.clone(),
-            _ => Bytes::from(mp4::init_segment(&fragment.track)),
+            _ => Bytes::from(mp4::init_segment(
+                &fragment.track,
+                audio.as_ref().map(|(s, _, _)| &s.track),
+            )),
         };
         let index = stream.next_index;
         stream.next_index += 1;
         let sequence = u32::try_from(index % u64::from(u32::MAX)).unwrap_or(0) + 1;
-        let media = Bytes::from(mp4::media_segment(
+        let media = Bytes::from(mp4::media_segment_with_audio(
             sequence,
             fragment.decode_time,
             &fragment.samples,
+            audio.as_ref().map(|(_, t, f)| (*t, f.as_slice())),
         ));
+        let audio_decode_time = audio.as_ref().map(|(_, t, _)| *t);
         // The server clock is right; a shifted producer clock only moves producer timestamps.
         let server_start = fragment.producer_start + stream.ingest_delay;
         let producer_start = match stream.faults.clock_shift() {
@@ -426,7 +466,9 @@ impl State {
             codec_generation: stream.generation,
             init,
             media: media.clone(),
+            timescale: fragment.track.timescale,
             samples: fragment.samples,
+            audio_decode_time,
         });
         stream.ground_truth.push(FragmentRecord {
             index,

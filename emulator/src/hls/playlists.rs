@@ -202,7 +202,11 @@ fn master_playlist(
     let Some(newest) = list.last() else {
         return Err(KvsError::no_fragments());
     };
-    let codecs = codecs_attribute(&newest.track);
+    let mut codecs = codecs_attribute(&newest.track);
+    if newest.audio_decode_time.is_some() {
+        // AAC-LC.
+        codecs.push_str(",mp4a.40.2");
+    }
     let bandwidth = list
         .iter()
         .map(|f| (f.media.len() as f64 * 8.0 / f.duration.as_secs_f64().max(0.001)) as u64)

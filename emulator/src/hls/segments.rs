@@ -81,10 +81,21 @@ pub(crate) async fn fragment(
         let media = match session.decode_origin {
             Some(origin) => {
                 let mut bytes = fragment.media.to_vec();
-                if !mp4::set_base_media_decode_time(
+                let mut ok = mp4::set_base_media_decode_time(
                     &mut bytes,
                     fragment.decode_time.saturating_sub(origin),
-                ) {
+                );
+                // The audio track moves by the same time, in its own ticks.
+                if let Some(audio) = fragment.audio_decode_time {
+                    let origin_audio = u64::try_from(
+                        u128::from(origin) * u128::from(crate::audio::SAMPLE_RATE)
+                            / u128::from(fragment.timescale.max(1)),
+                    )
+                    .unwrap_or(0);
+                    ok &=
+                        mp4::set_audio_decode_time(&mut bytes, audio.saturating_sub(origin_audio));
+                }
+                if !ok {
                     tracing::warn!(
                         "cannot rewrite the decode time of fragment {}",
                         fragment.index

@@ -58,24 +58,36 @@ pub(super) fn write_ftyp(out: &mut Vec<u8>, major: &[u8; 4], compatible: &[&[u8;
 }
 
 /// Writes `moov` (§8.2.1): `mvhd`, the video `trak` and, when fragmented, `mvex`.
-pub(super) fn write_moov(out: &mut Vec<u8>, track: &VideoTrack, layout: &Layout<'_>) {
+pub(super) fn write_moov(
+    out: &mut Vec<u8>,
+    track: &VideoTrack,
+    audio: Option<&super::audio::AudioTrack>,
+    layout: &Layout<'_>,
+) {
     let duration = match layout {
         Layout::Fragmented => 0,
         Layout::Progressive { tables, .. } => tables.duration,
     };
     write_box(out, b"moov", |o| {
-        write_mvhd(o, track.timescale, duration);
+        let next_track = if audio.is_some() { 3 } else { TRACK_ID + 1 };
+        write_mvhd(o, track.timescale, duration, next_track);
         write_trak(o, track, duration, layout);
+        if let Some(audio) = audio {
+            super::audio::write_audio_trak(o, audio);
+        }
         if let Layout::Fragmented = layout {
             write_box(o, b"mvex", |o| {
                 // trex (§8.8.3): defaults unused, every trun entry carries its own values.
-                write_full_box(o, b"trex", 0, 0, |o| {
-                    o.put_u32(TRACK_ID);
-                    o.put_u32(1); // default_sample_description_index
-                    o.put_u32(0); // default_sample_duration
-                    o.put_u32(0); // default_sample_size
-                    o.put_u32(0); // default_sample_flags
-                });
+                let tracks = [Some(TRACK_ID), audio.map(|_| super::audio::AUDIO_TRACK_ID)];
+                for id in tracks.into_iter().flatten() {
+                    write_full_box(o, b"trex", 0, 0, |o| {
+                        o.put_u32(id);
+                        o.put_u32(1); // default_sample_description_index
+                        o.put_u32(0); // default_sample_duration
+                        o.put_u32(0); // default_sample_size
+                        o.put_u32(0); // default_sample_flags
+                    });
+                }
             });
         }
     });
@@ -91,7 +103,7 @@ fn put_wide(out: &mut Vec<u8>, wide: bool, value: u64) {
 }
 
 /// Writes `mvhd` (§8.2.2); version 1 only when `duration` needs 64 bits.
-fn write_mvhd(out: &mut Vec<u8>, timescale: u32, duration: u64) {
+fn write_mvhd(out: &mut Vec<u8>, timescale: u32, duration: u64, next_track: u32) {
     let wide = duration > u64::from(u32::MAX);
     write_full_box(out, b"mvhd", u8::from(wide), 0, |o| {
         put_wide(o, wide, 0); // creation_time
@@ -103,7 +115,7 @@ fn write_mvhd(out: &mut Vec<u8>, timescale: u32, duration: u64) {
         o.put_bytes(0, 2 + 8); // reserved
         UNITY_MATRIX.iter().for_each(|&m| o.put_u32(m));
         o.put_bytes(0, 6 * 4); // pre_defined
-        o.put_u32(TRACK_ID + 1); // next_track_ID
+        o.put_u32(next_track); // next_track_ID
     });
 }
 

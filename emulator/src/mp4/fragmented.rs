@@ -3,11 +3,12 @@
 
 use bytes::BufMut;
 
+use super::audio::AUDIO_TRACK_ID;
 use super::boxes::{
     mdat_header_len, sample_flags, saturating_u32, write_box, write_ftyp, write_full_box,
     write_mdat, write_moov,
 };
-use super::{Layout, Sample, TRACK_ID, VideoTrack};
+use super::{AudioSample, AudioTrack, Layout, Sample, TRACK_ID, VideoTrack};
 
 /// `tfhd` flag: offsets are relative to the first byte of the enclosing `moof`.
 const TFHD_DEFAULT_BASE_IS_MOOF: u32 = 0x02_0000;
@@ -22,14 +23,14 @@ pub(super) const TRUN_ENTRY_LEN: usize = 16;
 /// avc1+avcC, empty stts/stsc/stsz/stco}}}}, mvex{trex}).
 ///
 /// Durations are 0: the samples and their timing come in [`media_segment`]s.
-pub(crate) fn init_segment(track: &VideoTrack) -> Vec<u8> {
-    let mut out = Vec::with_capacity(768 + track.config.len());
+pub(crate) fn init_segment(track: &VideoTrack, audio: Option<&AudioTrack>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024 + track.config.len());
     write_ftyp(
         &mut out,
         b"iso5",
         &[b"iso5", b"iso6", b"mp41", b"avc1", b"dash"],
     );
-    write_moov(&mut out, track, &Layout::Fragmented);
+    write_moov(&mut out, track, audio, &Layout::Fragmented);
     out
 }
 
@@ -38,14 +39,31 @@ pub(crate) fn init_segment(track: &VideoTrack) -> Vec<u8> {
 /// non-sync, depends-on), composition offset)}} + mdat.
 ///
 /// `trun` is version 0 (unsigned offsets) unless some composition offset is negative.
+#[cfg(test)]
 pub(crate) fn media_segment(
     sequence_number: u32,
     base_media_decode_time: u64,
     samples: &[Sample],
 ) -> Vec<u8> {
-    let payload_len: u64 = samples.iter().map(|s| s.data.len() as u64).sum();
+    media_segment_with_audio(sequence_number, base_media_decode_time, samples, None)
+}
+
+/// [`media_segment`] with a second `traf` for the audio track (its decode time in audio ticks
+/// and its AAC frames): `moof{mfhd, traf video, traf audio}` + `mdat` (video samples, then
+/// audio), each `trun`'s data offset pointing at its own run.
+pub(crate) fn media_segment_with_audio(
+    sequence_number: u32,
+    base_media_decode_time: u64,
+    samples: &[Sample],
+    audio: Option<(u64, &[AudioSample])>,
+) -> Vec<u8> {
+    let video_len: u64 = samples.iter().map(|s| s.data.len() as u64).sum();
+    let audio_len: u64 = audio.map_or(0, |(_, a)| a.iter().map(|s| s.data.len() as u64).sum());
+    let payload_len = video_len + audio_len;
     let trun_version = u8::from(samples.iter().any(|s| s.composition_offset < 0));
-    let mut out = Vec::with_capacity(128 + TRUN_ENTRY_LEN * samples.len() + payload_len as usize);
+    let mut out = Vec::with_capacity(192 + TRUN_ENTRY_LEN * samples.len() + payload_len as usize);
+    let mut audio_offset_at = None;
+    let mut video_offset_at = 0;
     write_box(&mut out, b"moof", |o| {
         write_full_box(o, b"mfhd", 0, 0, |o| o.put_u32(sequence_number));
         write_box(o, b"traf", |o| {
@@ -55,6 +73,7 @@ pub(crate) fn media_segment(
             write_full_box(o, b"tfdt", 1, 0, |o| o.put_u64(base_media_decode_time));
             write_full_box(o, b"trun", trun_version, TRUN_FLAGS, |o| {
                 o.put_u32(saturating_u32(samples.len()));
+                video_offset_at = o.len();
                 o.put_i32(0); // data_offset, patched below once the moof size is known
                 for s in samples {
                     o.put_u32(s.duration);
@@ -65,14 +84,47 @@ pub(crate) fn media_segment(
                 }
             });
         });
+        if let Some((audio_time, audio_samples)) = audio {
+            write_box(o, b"traf", |o| {
+                write_full_box(o, b"tfhd", 0, TFHD_DEFAULT_BASE_IS_MOOF, |o| {
+                    o.put_u32(AUDIO_TRACK_ID)
+                });
+                write_full_box(o, b"tfdt", 1, 0, |o| o.put_u64(audio_time));
+                // data-offset, per-sample duration and size (every AAC frame is a sync sample).
+                write_full_box(o, b"trun", 0, 0x00_0001 | 0x00_0100 | 0x00_0200, |o| {
+                    o.put_u32(saturating_u32(audio_samples.len()));
+                    audio_offset_at = Some(o.len());
+                    o.put_i32(0); // data_offset, patched below
+                    for s in audio_samples {
+                        o.put_u32(s.duration);
+                        o.put_u32(saturating_u32(s.data.len()));
+                    }
+                });
+            });
+        }
     });
-    // `trun` ends the `moof`: its data_offset sits just before the sample entries.
     let moof_len = out.len();
-    let data_offset = moof_len + mdat_header_len(payload_len);
-    let at = moof_len - TRUN_ENTRY_LEN * samples.len() - 4;
-    let data_offset = i32::try_from(data_offset).unwrap_or(i32::MAX);
-    out[at..at + 4].copy_from_slice(&data_offset.to_be_bytes());
+    let video_offset = moof_len + mdat_header_len(payload_len);
+    let at = video_offset_at;
+    out[at..at + 4].copy_from_slice(
+        &i32::try_from(video_offset)
+            .unwrap_or(i32::MAX)
+            .to_be_bytes(),
+    );
+    if let Some(at) = audio_offset_at {
+        let audio_offset = video_offset as u64 + video_len;
+        out[at..at + 4].copy_from_slice(
+            &i32::try_from(audio_offset)
+                .unwrap_or(i32::MAX)
+                .to_be_bytes(),
+        );
+    }
     write_mdat(&mut out, samples, payload_len);
+    if let Some((_, audio_samples)) = audio {
+        for s in audio_samples {
+            out.put_slice(&s.data);
+        }
+    }
     out
 }
 
@@ -89,6 +141,31 @@ pub(crate) fn set_base_media_decode_time(segment: &mut [u8], base_media_decode_t
     match segment.get_mut(TFDT_VALUE_AT..TFDT_VALUE_AT + 8) {
         Some(value) if tfdt_ok => {
             value.copy_from_slice(&base_media_decode_time.to_be_bytes());
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Rewrites the `baseMediaDecodeTime` of the audio `traf` (the second) of a segment made by
+/// [`media_segment_with_audio`]; false, changing nothing, when there is none.
+pub(crate) fn set_audio_decode_time(segment: &mut [u8], decode_time: u64) -> bool {
+    // moof header (8) + mfhd (16), then the video traf (its size at its start).
+    let Some(video_traf) = segment
+        .get(24..28)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    else {
+        return false;
+    };
+    let audio_traf = 24 + video_traf;
+    // traf header (8) + tfhd (16), then tfdt: header (8), version/flags (4), value.
+    let tfdt = audio_traf + 8 + 16;
+    let ok = segment.get(audio_traf + 4..audio_traf + 8) == Some(b"traf".as_slice())
+        && segment.get(tfdt + 4..tfdt + 8) == Some(b"tfdt".as_slice())
+        && segment.get(tfdt + 8) == Some(&1);
+    match segment.get_mut(tfdt + 12..tfdt + 20) {
+        Some(value) if ok => {
+            value.copy_from_slice(&decode_time.to_be_bytes());
             true
         }
         _ => false,

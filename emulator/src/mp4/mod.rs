@@ -13,15 +13,19 @@
 //! of a media segment), [`progressive`] the GetClip file and its sample tables, and [`boxes`]
 //! the individual boxes both are made of.
 
+mod audio;
 mod boxes;
 mod fragmented;
 mod progressive;
 
 use bytes::Bytes;
 
+pub(crate) use self::audio::{AudioSample, AudioTrack};
+#[cfg(test)]
+pub(crate) use self::fragmented::media_segment;
 pub(crate) use self::fragmented::{
-    garble, garble_media, init_segment, media_segment, set_base_media_decode_time,
-    tfdt_as_version_0,
+    garble, garble_media, init_segment, media_segment_with_audio, set_audio_decode_time,
+    set_base_media_decode_time, tfdt_as_version_0,
 };
 use self::progressive::SampleTables;
 pub(crate) use self::progressive::progressive_mp4;

@@ -36,7 +36,7 @@ pub(super) fn progressive_mp4_with_stco_limit(
             base,
             co64,
         };
-        write_moov(&mut moov, track, &layout);
+        write_moov(&mut moov, track, None, &layout);
         moov
     };
     let payload_start = |moov_len: usize| (ftyp_len + moov_len + mdat_header) as u64;

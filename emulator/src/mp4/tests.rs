@@ -140,7 +140,7 @@ fn zerolatency() -> &'static Encoded {
 
 /// Init segment followed by one media segment per group of pictures, as KVS fragments.
 fn fragmented(enc: &Encoded) -> Vec<Vec<u8>> {
-    let mut out = vec![init_segment(&enc.track)];
+    let mut out = vec![init_segment(&enc.track, None)];
     let mut decode_time = BASE_DECODE_TIME;
     for (i, fragment) in enc.samples.chunk_by(|_, b| !b.is_sync).enumerate() {
         out.push(media_segment(i as u32 + 1, decode_time, fragment));
@@ -322,7 +322,7 @@ fn fragmented_mp4_decodes_every_frame() {
 #[test]
 fn version_0_tfdt_segments_decode_every_frame() {
     let enc = zerolatency();
-    let mut segments = vec![init_segment(&enc.track)];
+    let mut segments = vec![init_segment(&enc.track, None)];
     let mut decode_time = 0u64;
     for (i, fragment) in enc.samples.chunk_by(|_, b| !b.is_sync).enumerate() {
         let v1 = media_segment(i as u32 + 1, decode_time, fragment);
@@ -393,7 +393,7 @@ fn b_frames_decode_without_loss_or_duplicates() {
 #[test]
 fn box_sizes_and_fields() {
     let enc = zerolatency();
-    let init = init_segment(&enc.track);
+    let init = init_segment(&enc.track, None);
     assert_eq!(kinds(&init), [*b"ftyp", *b"moov"]);
     check_tree(&init);
     assert_eq!(&find(&init, &[b"ftyp"])[..4], b"iso5");
