@@ -74,6 +74,7 @@ pub const ELEMENTS: &[ElementPackage] = &[
     e("rtph264depay", GOOD),
     e("rtph264pay", GOOD),
     e("rtph265depay", GOOD),
+    e("rtph265pay", GOOD),
     e("rtpjitterbuffer", GOOD),
     e("rtspsrc", GOOD),
     e("souphttpsrc", GOOD),
@@ -83,6 +84,7 @@ pub const ELEMENTS: &[ElementPackage] = &[
     e("hlsdemux", BAD),
     e("hlssink2", BAD),
     e("tsdemux", BAD),
+    e("x265enc", BAD),
     // plugins-ugly
     e("x264enc", UGLY),
     // libav

@@ -309,6 +309,51 @@ fn rtsp_frames_arrive_at_the_camera_rate_with_the_sender_ntp_time() {
     );
 }
 
+/// IP cameras that send H.265, or H.264 with B-frames: every frame in presentation order at
+/// the camera's pace, the sender's NTP time on each once RTCP reports arrive.
+#[test]
+fn rtsp_cameras_with_h265_or_b_frames_deliver_frames_in_order_with_ntp_time() {
+    for encoder in [rtsp::Encoder::H265, rtsp::Encoder::H264BFrames] {
+        let server = rtsp::RtspServer::builder()
+            .encoder(encoder)
+            .start_retrying(Duration::from_secs(10))
+            .unwrap();
+        let source = rtsp_source(&server.url()).build().unwrap();
+        let mut frames = take(&source, 30, Duration::from_secs(15));
+        assert!(
+            frames.iter().all(|f| f.width() == 320 && f.height() == 240),
+            "{encoder:?}"
+        );
+        for pair in frames.windows(2) {
+            let step = pair[1].pts().unwrap() - pair[0].pts().unwrap();
+            assert!(
+                step.abs_diff(Duration::from_micros(66_667)) < Duration::from_millis(10),
+                "{encoder:?}: PTS step {step:?}"
+            );
+            assert_eq!(pair[1].sequence(), pair[0].sequence() + 1);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while frames.last().unwrap().producer_time().is_none() {
+            assert!(Instant::now() < deadline, "{encoder:?}: no NTP time");
+            frames.extend(take(&source, 1, Duration::from_secs(5)));
+        }
+        let with_ntp = take(&source, 15, Duration::from_secs(5));
+        for pair in with_ntp.windows(2) {
+            let step = pair[1]
+                .producer_time()
+                .unwrap()
+                .duration_since(pair[0].producer_time().unwrap())
+                .unwrap();
+            assert!(
+                step.abs_diff(Duration::from_micros(66_667)) < Duration::from_millis(2),
+                "{encoder:?}: NTP step {step:?}"
+            );
+        }
+        assert_eq!(source.stats().decode_errors, 0, "{encoder:?}");
+        source.stop();
+    }
+}
+
 #[test]
 fn rtsp_over_udp_and_auto_deliver_frames() {
     let server = rtsp::RtspServer::start();

@@ -34,6 +34,19 @@ pub struct RtspServerBuilder {
     key_int: u32,
     credentials: Option<(String, String)>,
     udp_only: bool,
+    encoder: Encoder,
+}
+
+/// What the test camera sends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encoder {
+    /// H.264 without B-frames (x264enc zerolatency).
+    #[default]
+    H264,
+    /// H.264 with 2 B-frames between reference frames.
+    H264BFrames,
+    /// H.265 (x265enc zerolatency, rtph265pay).
+    H265,
 }
 
 impl Default for RtspServerBuilder {
@@ -47,6 +60,7 @@ impl Default for RtspServerBuilder {
             key_int: 15,
             credentials: None,
             udp_only: false,
+            encoder: Encoder::H264,
         }
     }
 }
@@ -81,6 +95,12 @@ impl RtspServerBuilder {
     /// Requires basic authentication with these credentials.
     pub fn credentials(mut self, user: &str, password: &str) -> Self {
         self.credentials = Some((user.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// The codec (default H.264 without B-frames).
+    pub fn encoder(mut self, encoder: Encoder) -> Self {
+        self.encoder = encoder;
         self
     }
 
@@ -140,11 +160,25 @@ fn serve(options: RtspServerBuilder, tx: mpsc::Sender<Result<(u16, glib::MainLoo
         return;
     };
     let factory = rtsp_server::RTSPMediaFactory::new();
+    let k = options.key_int;
+    let encode = match options.encoder {
+        Encoder::H264 => format!(
+            "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={k} bitrate=300 \
+             ! rtph264pay name=pay0 pt=96 config-interval=1"
+        ),
+        Encoder::H264BFrames => format!(
+            "x264enc speed-preset=ultrafast bframes=2 b-adapt=false key-int-max={k} bitrate=300 \
+             ! rtph264pay name=pay0 pt=96 config-interval=1"
+        ),
+        Encoder::H265 => format!(
+            "x265enc tune=zerolatency speed-preset=ultrafast key-int-max={k} bitrate=300 \
+             ! rtph265pay name=pay0 pt=96 config-interval=1"
+        ),
+    };
     factory.set_launch(&format!(
         "( videotestsrc is-live=true pattern=ball ! video/x-raw,width={},height={},framerate={}/1 \
-         ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={} bitrate=300 \
-         ! rtph264pay name=pay0 pt=96 config-interval=1 )",
-        options.width, options.height, options.fps, options.key_int
+         ! {encode} )",
+        options.width, options.height, options.fps
     ));
     // One encoder for every client.
     factory.set_shared(true);
