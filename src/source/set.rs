@@ -114,6 +114,9 @@ struct Inner {
 ///   ON_DEMAND range) leaves the rotation; its stats stay until it is removed.
 /// - [`stop`](Self::stop) stops every source; the stream and the iterator end when every queue
 ///   is drained. Dropping the set stops them too.
+/// - Across replicas of a service, add only the cameras this replica owns:
+///   [`Shard::owns`](crate::kvs::Shard::owns), or discover them with
+///   [`DiscoveryOptions::shard`](crate::kvs::DiscoveryOptions::shard).
 ///
 /// ```no_run
 /// use futures_util::StreamExt;
