@@ -29,9 +29,8 @@ use clap::Parser;
 use futures_util::StreamExt as _;
 use kvs_emulator::{Emulator, StreamSpec};
 use kvs_frames::kvs::KvsClient;
-use kvs_frames::metrics::{self, FrameSourceMetrics};
+use kvs_frames::metrics::FrameSourceMetrics;
 use kvs_frames::{DeliveryPolicy, KvsHlsFrameSource, PixelFormat, SourceSet, UriFrameSource};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 #[derive(Parser, Debug)]
 #[command(about = "Many cameras as one stream of frames, with metrics and a clean stop")]
@@ -84,7 +83,7 @@ async fn main() -> Result<()> {
             .await
             .with_context(|| format!("binding the metrics endpoint {addr}"))?;
         println!("metrics: http://{}/metrics", listener.local_addr()?);
-        tokio::spawn(serve_metrics(listener, registry.clone()));
+        tokio::spawn(support::serve_metrics(listener, registry.clone()));
     }
 
     // The emulator lives as long as the service (dropping it stops it).
@@ -199,35 +198,4 @@ fn print_stats(set: &SourceSet) {
         "all cameras={} healthy={} frames={} dropped={}",
         total.cameras, total.healthy, total.frames_delivered, total.frames_dropped
     );
-}
-
-/// A minimal `/metrics` endpoint (one request per connection).
-async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    registry: kvs_frames::prometheus::Registry,
-) {
-    loop {
-        let Ok((mut socket, _)) = listener.accept().await else {
-            continue;
-        };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let mut request = vec![0u8; 8192];
-            let n = socket.read(&mut request).await.unwrap_or(0);
-            let head = String::from_utf8_lossy(&request[..n]);
-            let response = if head.starts_with("GET /metrics") {
-                let body = metrics::encode_text(&registry)
-                    .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    metrics::TEXT_CONTENT_TYPE,
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_owned()
-            };
-            let _ = socket.write_all(response.as_bytes()).await;
-        });
-    }
 }

@@ -41,7 +41,6 @@ use kvs_frames::producer::{
     ProducerSpec, ProducerStatus, StopMode, Supervisor,
 };
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser, Debug)]
 #[command(about = "Supervise RTSP→KVS producers listed in a TOML file")]
@@ -216,7 +215,7 @@ fn print_table(statuses: &[ProducerStatus]) {
     println!();
 }
 
-/// A minimal `/metrics` endpoint (one request per connection).
+/// Binds the `/metrics` endpoint and serves it (see `support::serve_metrics`).
 async fn serve_metrics(
     addr: String,
     registry: kvs_frames::prometheus::Registry,
@@ -225,29 +224,8 @@ async fn serve_metrics(
         .await
         .with_context(|| format!("binding the metrics endpoint {addr}"))?;
     println!("metrics: http://{addr}/metrics");
-    loop {
-        let (mut socket, _) = listener.accept().await?;
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let mut request = vec![0u8; 8192];
-            let n = socket.read(&mut request).await.unwrap_or(0);
-            let head = String::from_utf8_lossy(&request[..n]);
-            let response = if head.starts_with("GET /metrics") {
-                let body = kvs_frames::metrics::encode_text(&registry)
-                    .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: {}\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    kvs_frames::metrics::TEXT_CONTENT_TYPE,
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_owned()
-            };
-            let _ = socket.write_all(response.as_bytes()).await;
-        });
-    }
+    support::serve_metrics(listener, registry).await;
+    Ok(())
 }
 
 async fn shutdown_signal(run_for: Option<Duration>) {

@@ -201,63 +201,47 @@ pub(crate) fn presentation_lead(fragment: &[u8]) -> Result<i64> {
 pub(crate) fn normalize_composition_offsets(fragment: &mut [u8]) -> Result<usize> {
     // (absolute offset of a trun's body, its per-sample composition offset positions)
     let mut truns: Vec<(usize, Vec<usize>)> = Vec::new();
-    for b in boxes(fragment) {
-        let (kind, header, range) = b?;
-        if &kind != b"moof" {
+    for (_, kind, range) in traf_children(fragment)? {
+        if &kind != b"trun" {
             continue;
         }
-        let moof_body = range.start + header;
-        for t in boxes(&fragment[moof_body..range.end]) {
-            let (kind, header, traf) = t?;
-            if &kind != b"traf" {
-                continue;
-            }
-            let traf_body = moof_body + traf.start + header;
-            for c in boxes(&fragment[traf_body..moof_body + traf.end]) {
-                let (kind, header, trun) = c?;
-                if &kind != b"trun" {
-                    continue;
-                }
-                let body = traf_body + trun.start + header;
-                let end = traf_body + trun.end;
-                let word = |at: usize| {
-                    fragment
-                        .get(at..at.checked_add(4)?)
-                        .filter(|_| at + 4 <= end)
-                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                };
-                let head = word(body).ok_or_else(|| protocol("truncated trun"))?;
-                let (version, flags) = (head >> 24, head & 0x00FF_FFFF);
-                if version != 1 || flags & 0x800 == 0 {
-                    continue;
-                }
-                let count = word(body + 4).ok_or_else(|| protocol("truncated trun"))?;
-                let mut at = body + 8;
-                if flags & 0x001 != 0 {
-                    at += 4;
-                }
-                if flags & 0x004 != 0 {
-                    at += 4;
-                }
-                let before = [0x100u32, 0x200, 0x400]
-                    .iter()
-                    .filter(|f| flags & **f != 0)
-                    .count()
-                    * 4;
-                let per_sample = before + 4;
-                let mut positions = Vec::new();
-                for i in 0..count as usize {
-                    let field = at + i * per_sample + before;
-                    if field + 4 > end {
-                        return Err(protocol(format!(
-                            "trun says {count} samples, its box holds {i}"
-                        )));
-                    }
-                    positions.push(field);
-                }
-                truns.push((body, positions));
-            }
+        let (body, end) = (range.start, range.end);
+        let word = |at: usize| {
+            fragment
+                .get(at..at.checked_add(4)?)
+                .filter(|_| at + 4 <= end)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let head = word(body).ok_or_else(|| protocol("truncated trun"))?;
+        let (version, flags) = (head >> 24, head & 0x00FF_FFFF);
+        if version != 1 || flags & 0x800 == 0 {
+            continue;
         }
+        let count = word(body + 4).ok_or_else(|| protocol("truncated trun"))?;
+        let mut at = body + 8;
+        if flags & 0x001 != 0 {
+            at += 4;
+        }
+        if flags & 0x004 != 0 {
+            at += 4;
+        }
+        let before = [0x100u32, 0x200, 0x400]
+            .iter()
+            .filter(|f| flags & **f != 0)
+            .count()
+            * 4;
+        let per_sample = before + 4;
+        let mut positions = Vec::new();
+        for i in 0..count as usize {
+            let field = at + i * per_sample + before;
+            if field + 4 > end {
+                return Err(protocol(format!(
+                    "trun says {count} samples, its box holds {i}"
+                )));
+            }
+            positions.push(field);
+        }
+        truns.push((body, positions));
     }
     let mut rewritten = 0;
     for (body, positions) in truns {
@@ -331,9 +315,14 @@ struct Tfdt {
     track: u32,
 }
 
-/// The `tfdt` boxes of every `moof/traf` in `fragment`, in order.
-fn tfdts(fragment: &[u8]) -> Result<Vec<Tfdt>> {
-    let mut found = Vec::new();
+/// A child box of a `moof/traf`: which `traf` (counted over the whole fragment), the box type,
+/// and the absolute range of its body.
+type TrafChild = (usize, [u8; 4], std::ops::Range<usize>);
+
+/// Every child box of every `moof/traf` in `fragment`, in order.
+fn traf_children(fragment: &[u8]) -> Result<Vec<TrafChild>> {
+    let mut out = Vec::new();
+    let mut traf_number = 0;
     for b in boxes(fragment) {
         let (kind, header, range) = b?;
         if &kind != b"moof" {
@@ -346,26 +335,41 @@ fn tfdts(fragment: &[u8]) -> Result<Vec<Tfdt>> {
                 continue;
             }
             let traf_body = moof_body + traf.start + header;
-            let mut track = 0;
             for c in boxes(&fragment[traf_body..moof_body + traf.end]) {
-                let (kind, header, range) = c?;
-                let body = traf_body + range.start + header;
-                if &kind == b"tfhd" {
-                    track = fragment
-                        .get(body + 4..body + 8)
-                        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-                }
-                if &kind == b"tfdt" {
-                    let version = *fragment
-                        .get(body)
-                        .ok_or_else(|| protocol("truncated tfdt"))?;
-                    found.push(Tfdt {
-                        body,
-                        version,
-                        track,
-                    });
-                }
+                let (kind, header, child) = c?;
+                out.push((
+                    traf_number,
+                    kind,
+                    traf_body + child.start + header..traf_body + child.end,
+                ));
             }
+            traf_number += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// The `tfdt` boxes of every `moof/traf` in `fragment`, in order.
+fn tfdts(fragment: &[u8]) -> Result<Vec<Tfdt>> {
+    let mut found = Vec::new();
+    let mut track = (usize::MAX, 0u32);
+    for (traf, kind, range) in traf_children(fragment)? {
+        let body = range.start;
+        if &kind == b"tfhd" {
+            let id = fragment
+                .get(body + 4..body + 8)
+                .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            track = (traf, id);
+        }
+        if &kind == b"tfdt" {
+            let version = *fragment
+                .get(body)
+                .ok_or_else(|| protocol("truncated tfdt"))?;
+            found.push(Tfdt {
+                body,
+                version,
+                track: if track.0 == traf { track.1 } else { 0 },
+            });
         }
     }
     Ok(found)
