@@ -418,7 +418,7 @@ impl State {
                     u128::from(frame0) * u128::from(crate::audio::SAMPLE_RATE) / ticks,
                 )
                 .unwrap_or(0);
-                Some((silence, base + first, frames))
+                Some((silence, base.saturating_add(first), frames))
             }
             Some(Err(e)) => {
                 tracing::warn!(stream = name, error = %e, "no audio track");

@@ -42,6 +42,17 @@ const MILLI: Duration = Duration::from_millis(1);
 /// Taken off the lower bound of the next fragment's start (timestamp rounding).
 const MARGIN: Duration = Duration::from_millis(5);
 
+/// `t` + `d`, or an error naming the time (a range at the end of what `SystemTime` holds).
+fn later(t: SystemTime, d: Duration) -> Result<SystemTime> {
+    t.checked_add(d).ok_or_else(|| {
+        Error::invalid_config(
+            "ClipRequest::end",
+            super::format_time(t),
+            "is too far in the future to extend",
+        )
+    })
+}
+
 /// `t` rounded down to the millisecond (KVS's precision), so that a lower bound stays one.
 fn floor_millis(t: SystemTime) -> SystemTime {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -78,7 +89,7 @@ impl ClipExtractor {
                 .checked_add(GET_CLIP_MAX_RANGE)
                 .map_or(request.end, |t| t.min(request.end));
             // KVS wants End > Start.
-            let call_end = window_end.max(cursor + MILLI);
+            let call_end = window_end.max(later(cursor, MILLI)?);
             let part = join.part_path();
             let result = self.get_clip_range(request, cursor, call_end, &part).await;
             join.calls += 1;
@@ -87,7 +98,7 @@ impl ClipExtractor {
                 Err(err) if err.kind() == ErrorKind::NoFragments => {
                     // Nothing starts in the window.
                     previous = None;
-                    cursor = window_end + MILLI;
+                    cursor = later(window_end, MILLI)?;
                     continue;
                 }
                 Err(err) => return Err(err),
@@ -126,15 +137,15 @@ impl ClipExtractor {
                 // (Less a margin for the millisecond rounding of KVS timestamps: what the
                 // margin lets in again is a repeat, found and skipped.)
                 let span = Duration::from(report.part_duration);
-                let next = floor_millis(cursor + span)
+                let next = floor_millis(later(cursor, span)?)
                     .checked_sub(MARGIN)
                     .unwrap_or(cursor)
-                    .max(cursor + MILLI);
+                    .max(later(cursor, MILLI)?);
                 previous = Some(report.keys);
                 cursor = next;
             } else {
                 previous = None;
-                cursor = window_end + MILLI;
+                cursor = later(window_end, MILLI)?;
             }
         }
         if join.frames == 0 {
@@ -164,7 +175,7 @@ impl ClipExtractor {
             frames,
             media_duration: Duration::from(offset),
             first_fragment_start: first,
-            last_fragment_end: first + Duration::from(offset),
+            last_fragment_end: first.checked_add(Duration::from(offset)).unwrap_or(first),
             first_fragment_number: String::new(),
             last_fragment_number: String::new(),
             planning: ClipPlanning::GetClipOnly,
@@ -183,7 +194,9 @@ impl ClipExtractor {
         let Some(from) = start.checked_sub(self.options.max_fragment_duration) else {
             return Ok(None);
         };
-        let before = start - MILLI;
+        let Some(before) = start.checked_sub(MILLI) else {
+            return Ok(None);
+        };
         let Some(scan) = self.probe(request, from, before, join).await? else {
             return Ok(None);
         };
@@ -196,7 +209,7 @@ impl ClipExtractor {
             return Ok(None);
         }
         // It runs at `start` if it starts after `start − length`.
-        let Some(late) = start.checked_sub(length).map(|t| t + MILLI) else {
+        let Some(late) = start.checked_sub(length).and_then(|t| t.checked_add(MILLI)) else {
             return Ok(None);
         };
         let part = join.part_path();
