@@ -181,8 +181,15 @@ pub struct FragmentId {
     pub program_date_time: Option<SystemTime>,
     /// Its media sequence number in the session that delivered it (session-local).
     pub media_sequence: u64,
-    /// Which session of this source delivered it (1 for the first, +1 per refresh or reconnect).
+    /// Which session of this source delivered it (1 for the first, +1 per refresh or reconnect;
+    /// GetMedia: per connection).
     pub session: u64,
+    /// The KVS fragment number (`AWS_KINESISVIDEO_FRAGMENT_NUMBER`), when the transport carries
+    /// it (GetMedia; HLS does not).
+    pub fragment_number: Option<std::sync::Arc<str>>,
+    /// The fragment's server timestamp (`AWS_KINESISVIDEO_SERVER_TIMESTAMP`: when KVS received
+    /// its first frame), when the transport carries it (GetMedia).
+    pub server_time: Option<SystemTime>,
 }
 
 /// One decoded frame. The pixels are the GStreamer buffer itself (no copy after the decoder

@@ -80,7 +80,8 @@ pub use frame::{ColorConversion, FragmentId, Frame, FrameGeometry, PixelFormat, 
 /// re-export rather than a `prometheus` dependency of your own whose version must match.
 pub use prometheus;
 pub use source::{
-    DeliveryPolicy, EndOfStream, FrameStream, Frames, KvsHlsFrameSource, KvsHlsFrameSourceBuilder,
-    PlaybackMode, RtspTransport, SetFrames, SetItem, SetMember, SetStats, SetStream, SourceSet,
-    SourceState, SourceStats, UriFrameSource, UriFrameSourceBuilder, UriKind,
+    DeliveryPolicy, EndOfStream, FrameStream, Frames, GetMediaStart, KvsGetMediaFrameSource,
+    KvsGetMediaFrameSourceBuilder, KvsHlsFrameSource, KvsHlsFrameSourceBuilder, PlaybackMode,
+    RtspTransport, SetFrames, SetItem, SetMember, SetStats, SetStream, SourceSet, SourceState,
+    SourceStats, UriFrameSource, UriFrameSourceBuilder, UriKind,
 };

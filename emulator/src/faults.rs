@@ -81,6 +81,14 @@ pub(crate) struct FaultState {
     stall_until: Option<Instant>,
     stall_for: Duration,
     denied_until: Option<Instant>,
+    /// GetMedia: frames the stream's connections may still write before the one writing the
+    /// next is cut (one-shot).
+    pub(crate) get_media_cut_after: Option<u64>,
+    /// GetMedia: connections opened while set end (cleanly) after this long.
+    pub(crate) get_media_lifetime: Option<Duration>,
+    /// GetMedia: the next fragment boundary of a connection writes these error tags and ends
+    /// the connection (one-shot).
+    pub(crate) get_media_error: Option<(String, u32)>,
 }
 
 fn active(until: Option<Instant>) -> bool {
@@ -261,6 +269,31 @@ impl Faults {
     pub fn shift_producer_timestamps(&self, shift: ClockShift, duration: Duration) {
         tracing::info!(stream = %self.stream, ?shift, ?duration, "fault: producer clock shifted");
         self.with(|f| f.clock_shift = Some((shift, Instant::now() + duration)));
+    }
+
+    /// GetMedia: after `frames` more frames written (by any connection of the stream), the
+    /// connection about to write the next one is cut: its response ends without the chunked
+    /// encoding's last chunk, in the middle of a cluster, as when the network drops (one-shot).
+    pub fn cut_get_media_after(&self, frames: u64) {
+        tracing::info!(stream = %self.stream, frames, "fault: GetMedia connection cut");
+        self.with(|f| f.get_media_cut_after = Some(frames));
+    }
+
+    /// GetMedia: connections opened from now on end after `lifetime`, cleanly (the last chunk is
+    /// sent) but wherever they are, mid-cluster too, as KVS ends long connections (about 45
+    /// minutes) without an error. `None` ends the fault.
+    pub fn get_media_lifetime(&self, lifetime: Option<Duration>) {
+        tracing::info!(stream = %self.stream, ?lifetime, "fault: GetMedia connection lifetime");
+        self.with(|f| f.get_media_lifetime = lifetime);
+    }
+
+    /// GetMedia: at the next fragment boundary a connection writes an error chunk (the tags
+    /// `AWS_KINESISVIDEO_ERROR_CODE` = `code`, `AWS_KINESISVIDEO_ERROR_ID` = `error_id`, e.g.
+    /// 3002 for a write error) and ends (one-shot).
+    pub fn get_media_error(&self, code: &str, error_id: u32) {
+        tracing::info!(stream = %self.stream, code, error_id, "fault: GetMedia error tag");
+        let code = code.to_owned();
+        self.with(|f| f.get_media_error = Some((code, error_id)));
     }
 
     /// Ends every active fault of this stream.

@@ -10,6 +10,9 @@
 //!   `x-amzn-ErrorType` errors the AWS SDKs parse into their typed errors;
 //! * the archived-media API: `GetHLSStreamingSessionURL` (LIVE, LIVE_REPLAY, ON_DEMAND, every
 //!   parameter validated like KVS does) and `GetClip` (a real, playable MP4);
+//! * the media API's `GetMedia`: one chunked MKV response per connection, written frame by
+//!   frame as the camera encodes them, with KVS's tags, every `StartSelector`, continuation
+//!   tokens and the per-stream connection and call-rate limits;
 //! * HLS in the shape KVS serves it: master and media playlists, fMP4 init and media fragments,
 //!   `EXT-X-PROGRAM-DATE-TIME`, discontinuities, session-local fragment numbers, session expiry,
 //!   per-session request quotas;
@@ -39,7 +42,7 @@
 //! ```
 //!
 //! What it does not do (yet): MPEG-TS HLS (`ContainerFormat=MPEG_TS` is refused with an
-//! `InvalidArgumentException` that says so), DASH, GetMedia, GetImages, PutMedia ingestion, and
+//! `InvalidArgumentException` that says so), DASH, GetImages, PutMedia ingestion, and
 //! SigV4 signature *verification* (requests must carry a well-formed SigV4 `Authorization` header
 //! for the `kinesisvideo` service, like AWS requires, but any access key and signature is
 //! accepted so that any client configuration works).
@@ -57,6 +60,8 @@ mod faults;
 mod fragments;
 mod hls;
 mod http;
+mod media;
+mod mkv;
 mod mp4;
 mod refusals;
 mod server;
@@ -68,6 +73,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use faults::{ClockShift, Failure, Faults, Request};
+pub use media::GetMediaStats;
 pub use refusals::{OPERATIONS, Refusal};
 pub use store::{FragmentRecord, RequestStats, StreamStatus};
 
@@ -768,6 +774,12 @@ impl Emulator {
     /// Counts of the requests served so far, by kind, and of the errors returned, by code.
     pub fn request_stats(&self) -> RequestStats {
         self.state.request_stats()
+    }
+
+    /// GetMedia counters of `stream` (connections open and the most at once, calls accepted
+    /// and refused by the connection and call-rate limits, frames written), if it exists.
+    pub fn get_media_stats(&self, stream: &str) -> Option<GetMediaStats> {
+        self.state.get_media_stats(stream)
     }
 
     /// The producer timestamp of frame `frame_number` of `stream` (frame numbers are the ones

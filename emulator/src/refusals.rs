@@ -18,6 +18,7 @@ pub const OPERATIONS: &[&str] = &[
     "GetClip",
     "GetDataEndpoint",
     "GetHLSStreamingSessionURL",
+    "GetMedia",
     "ListFragments",
     "ListStreams",
 ];

@@ -9,12 +9,13 @@ use axum::routing::{get, post};
 use tokio::sync::oneshot;
 
 use super::store::State;
-use super::{control, fragments, hls};
+use super::{control, fragments, hls, media};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Paths of the archived-media API and HLS, served at the data endpoint only.
-const DATA_PATHS: [&str; 7] = [
+const DATA_PATHS: [&str; 8] = [
     "/getHLSStreamingSessionURL",
+    "/getMedia",
     "/getClip",
     "/listFragments",
     "/hls/v1/getHLSMasterPlaylist.m3u8",
@@ -65,6 +66,7 @@ fn data_router(state: Arc<State>) -> Router {
             post(hls::get_hls_streaming_session_url),
         )
         .route("/getClip", post(hls::get_clip))
+        .route("/getMedia", post(media::get_media))
         .route("/listFragments", post(fragments::list_fragments))
         .route("/hls/v1/getHLSMasterPlaylist.m3u8", get(hls::master))
         .route("/hls/v1/getHLSMediaPlaylist.m3u8", get(hls::media))

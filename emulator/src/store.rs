@@ -9,8 +9,9 @@ use parking_lot::Mutex;
 use rand::Rng;
 
 use super::StreamSpec;
-use super::camera::{Camera, CameraConfig, EncodedFragment};
+use super::camera::{Camera, CameraConfig, CameraEvent, EncodedFragment, LiveSample};
 use super::faults::FaultState;
+use super::media::{LiveFragment, LiveFrame, LiveHeader};
 use super::mp4::{self, Sample, VideoTrack};
 use super::session::Session;
 use crate::error::{Error, ErrorKind, Result};
@@ -104,6 +105,8 @@ pub(crate) struct StoredFragment {
     pub audio_decode_time: Option<u64>,
     /// The video track's timescale (to move the audio's decode time with the video's).
     pub timescale: u32,
+    /// The frames as GetMedia writes them (decode order, presentation offsets).
+    pub blocks: Vec<Arc<LiveFrame>>,
 }
 
 impl StoredFragment {
@@ -142,9 +145,37 @@ pub(crate) struct StreamState {
     next_index: u64,
     generation: u64,
     last_track: Option<Arc<VideoTrack>>,
+    /// The fragment being ingested (GetMedia streams its frames as they come).
+    pub live: Option<LiveFragment>,
+    /// Bumped on every frame and fragment ingested: wakes GetMedia connections.
+    pub changes: tokio::sync::watch::Sender<u64>,
+    /// GetMedia limits and counters.
+    pub get_media: crate::media::Limits,
 }
 
 impl StreamState {
+    /// The stream index the next fragment to be ingested will get.
+    pub fn next_index(&self) -> u64 {
+        self.next_index
+    }
+
+    /// The stored fragment with stream index `index`.
+    pub fn find(&self, index: u64) -> Option<&Arc<StoredFragment>> {
+        let first = self.fragments.front()?.index;
+        let at = usize::try_from(index.checked_sub(first)?).ok()?;
+        self.fragments.get(at).filter(|f| f.index == index)
+    }
+
+    /// The KVS-style fragment number of the fragment with stream index `index` (a long decimal
+    /// string that grows with time, ending with the index in 15 digits).
+    pub fn fragment_number(&self, index: u64) -> String {
+        format!(
+            "9134385233318{:020}{:015}",
+            millis(self.info.created) % 100_000_000_000_000_000_000,
+            index
+        )
+    }
+
     /// Time of the newest fragment's end on the server clock, if any.
     pub fn newest_server_end(&self) -> Option<SystemTime> {
         self.fragments.back().map(|f| f.server_start + f.duration)
@@ -296,6 +327,9 @@ impl State {
                 next_index: 0,
                 generation: 0,
                 last_track: None,
+                live: None,
+                changes: tokio::sync::watch::Sender::new(0),
+                get_media: crate::media::Limits::default(),
             },
         );
         Ok(())
@@ -351,9 +385,12 @@ impl State {
         };
         let weak = Arc::downgrade(state);
         let name = spec.name.clone();
-        let camera = Camera::start(config, move |fragment| {
+        let camera = Camera::start(config, move |event| {
             if let Some(state) = weak.upgrade() {
-                state.publish(&name, fragment);
+                match event {
+                    CameraEvent::Sample(sample) => state.ingest_frame(&name, sample),
+                    CameraEvent::Fragment(fragment) => state.publish(&name, fragment),
+                }
             }
         })
         .map_err(|e| e.context(format!("camera of stream {}", spec.name)))?;
@@ -375,20 +412,86 @@ impl State {
         Ok(())
     }
 
+    /// Called from a camera thread for every access unit, as it is encoded: the fragment it
+    /// belongs to is ingested (or dropped, when the camera is offline) from its first frame on.
+    fn ingest_frame(&self, name: &str, sample: LiveSample) {
+        let mut streams = self.streams.lock();
+        let Some(stream) = streams.get_mut(name) else {
+            return;
+        };
+        if stream
+            .live
+            .as_ref()
+            .is_none_or(|l| l.camera_index != sample.fragment)
+        {
+            let header = (!stream.faults.camera_offline()).then(|| {
+                let index = stream.next_index;
+                Arc::new(LiveHeader {
+                    index,
+                    fragment_number: stream.fragment_number(index),
+                    producer_start: match stream.faults.clock_shift() {
+                        Some(shift) => shift.apply(sample.fragment_start),
+                        None => sample.fragment_start,
+                    },
+                    server_start: sample.fragment_start + stream.ingest_delay,
+                    track: Arc::clone(&sample.track),
+                })
+            });
+            stream.live = Some(LiveFragment {
+                camera_index: sample.fragment,
+                header,
+                frames: Vec::new(),
+            });
+        }
+        let Some(live) = stream.live.as_mut() else {
+            return;
+        };
+        if live.header.is_none() {
+            return;
+        }
+        live.frames.push(Arc::new(LiveFrame {
+            offset: sample
+                .producer_time
+                .duration_since(sample.fragment_start)
+                .unwrap_or_default(),
+            key: sample.sample.is_sync,
+            data: sample.sample.data,
+        }));
+        stream.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
     /// Called from a camera thread for every finished fragment.
     fn publish(&self, name: &str, fragment: EncodedFragment) {
         let mut streams = self.streams.lock();
         let Some(stream) = streams.get_mut(name) else {
             return;
         };
-        if stream.faults.camera_offline() {
-            tracing::debug!(
-                stream = name,
-                index = fragment.index,
-                "camera offline: fragment dropped"
-            );
-            return;
-        }
+        // Ingested or not was decided at its first frame.
+        let live = stream.live.take_if(|l| l.camera_index == fragment.index);
+        let (header, blocks) = match live {
+            Some(LiveFragment {
+                header: Some(header),
+                frames,
+                ..
+            }) => (Some(header), frames),
+            Some(LiveFragment { header: None, .. }) => {
+                tracing::debug!(
+                    stream = name,
+                    index = fragment.index,
+                    "camera offline: fragment dropped"
+                );
+                return;
+            }
+            None if stream.faults.camera_offline() => {
+                tracing::debug!(
+                    stream = name,
+                    index = fragment.index,
+                    "camera offline: fragment dropped"
+                );
+                return;
+            }
+            None => (None, Vec::new()),
+        };
         let new_codec = stream
             .last_track
             .as_ref()
@@ -445,16 +548,12 @@ impl State {
         let audio_decode_time = audio.as_ref().map(|(_, t, _)| *t);
         // The server clock is right; a shifted producer clock only moves producer timestamps.
         let server_start = fragment.producer_start + stream.ingest_delay;
-        let producer_start = match stream.faults.clock_shift() {
-            Some(shift) => shift.apply(fragment.producer_start),
-            None => fragment.producer_start,
+        let producer_start = match (&header, stream.faults.clock_shift()) {
+            (Some(header), _) => header.producer_start,
+            (None, Some(shift)) => shift.apply(fragment.producer_start),
+            (None, None) => fragment.producer_start,
         };
-        // KVS fragment numbers are long decimal strings that grow with time.
-        let fragment_number = format!(
-            "9134385233318{:020}{:015}",
-            millis(stream.info.created) % 100_000_000_000_000_000_000,
-            index
-        );
+        let fragment_number = stream.fragment_number(index);
         let stored = Arc::new(StoredFragment {
             index,
             producer_start,
@@ -469,6 +568,7 @@ impl State {
             timescale: fragment.track.timescale,
             samples: fragment.samples,
             audio_decode_time,
+            blocks,
         });
         stream.ground_truth.push(FragmentRecord {
             index,
@@ -486,6 +586,12 @@ impl State {
         while stream.fragments.len() > self.settings.max_fragments_per_stream {
             stream.fragments.pop_front();
         }
+        stream.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// GetMedia counters of a stream.
+    pub fn get_media_stats(&self, name: &str) -> Option<crate::media::GetMediaStats> {
+        self.streams.lock().get(name).map(|s| s.get_media.stats())
     }
 
     pub fn has_stream(&self, name: &str) -> bool {

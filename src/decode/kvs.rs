@@ -5,6 +5,8 @@ use super::*;
 
 pub(super) enum Command {
     Fragment(FragmentInput),
+    /// One access unit (elementary head).
+    Unit(UnitInput),
     /// End of stream: flush the decoder (its last frames) and answer when the appsink saw EOS.
     Finish(tokio::sync::oneshot::Sender<()>),
 }
@@ -24,6 +26,18 @@ pub(super) struct Shared {
     pipelines_built: std::sync::atomic::AtomicU64,
     /// Set by the appsink when end-of-stream reached it.
     eos: (parking_lot::Mutex<bool>, parking_lot::Condvar),
+    /// What the appsrc takes: fMP4 bytes, or access units with caps and timestamps.
+    head: Head,
+}
+
+/// What a [`Decoder`] is fed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Head {
+    /// Init segments and fMP4 fragments (HLS), demuxed by `qtdemux`.
+    Fmp4,
+    /// Timestamped access units with their caps (`video/x-h264,stream-format=avc` +
+    /// `codec_data`, …): the GetMedia reader's demuxed MKV blocks.
+    Elementary,
 }
 
 /// Handle of the decoder thread.
@@ -37,6 +51,15 @@ impl Decoder {
     /// Starts the decoder thread; the pipeline is built before this returns, so a missing
     /// plugin is reported here.
     pub fn start(config: DecodeConfig, sink: Arc<dyn FrameSink>) -> Result<Decoder> {
+        Self::start_with(config, sink, Head::Fmp4)
+    }
+
+    /// Like [`start`](Self::start), for a head of `head`'s kind.
+    pub fn start_with(
+        config: DecodeConfig,
+        sink: Arc<dyn FrameSink>,
+        head: Head,
+    ) -> Result<Decoder> {
         crate::elements::init()?;
         let shared = Arc::new(Shared {
             timeline: Mutex::new(Timeline {
@@ -48,6 +71,7 @@ impl Decoder {
             pipeline: Mutex::new(None),
             pipelines_built: std::sync::atomic::AtomicU64::new(0),
             eos: (parking_lot::Mutex::new(false), parking_lot::Condvar::new()),
+            head,
         });
         let first = build_pipeline(&config, &shared, &sink)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Command>(2);
@@ -84,6 +108,18 @@ impl Decoder {
             .clone()
             .ok_or_else(|| Error::new(ErrorKind::Stopped, "the decoder is stopped"))?;
         tx.send(Command::Fragment(fragment))
+            .await
+            .map_err(|_| Error::new(ErrorKind::Stopped, "the decoder thread has ended"))
+    }
+
+    /// Queues an access unit (elementary head); waits (asynchronously) while two are queued.
+    pub async fn push_unit(&self, unit: UnitInput) -> Result<()> {
+        let tx = self
+            .tx
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::new(ErrorKind::Stopped, "the decoder is stopped"))?;
+        tx.send(Command::Unit(unit))
             .await
             .map_err(|_| Error::new(ErrorKind::Stopped, "the decoder thread has ended"))
     }
@@ -172,7 +208,10 @@ pub(super) fn build_pipeline(
     let pipeline = gst::Pipeline::with_name(&format!("kvs-frames-{}", config.name));
     let appsrc = gst_app::AppSrc::builder()
         .name("src")
-        .format(gst::Format::Bytes)
+        .format(match shared.head {
+            Head::Fmp4 => gst::Format::Bytes,
+            Head::Elementary => gst::Format::Time,
+        })
         .is_live(false)
         .block(true)
         .max_bytes(16 * 1024 * 1024)
@@ -264,6 +303,7 @@ pub(super) fn run(
 ) {
     let mut built = Some(first);
     let mut current_init: Option<Bytes> = None;
+    let mut current_caps: Option<gst::Caps> = None;
     let mut init_sent = false;
     while let Some(command) = rx.blocking_recv() {
         if shared.stopping.load(Ordering::SeqCst) {
@@ -271,6 +311,28 @@ pub(super) fn run(
         }
         let fragment = match command {
             Command::Fragment(f) => f,
+            Command::Unit(unit) => {
+                if shared.failed.load(Ordering::SeqCst) || built.is_none() {
+                    if let Some(old) = built.take() {
+                        let _ = old.pipeline.set_state(gst::State::Null);
+                    }
+                    shared.failed.store(false, Ordering::SeqCst);
+                    match build_pipeline(&config, &shared, &sink) {
+                        Ok(b) => {
+                            tracing::info!(source = %config.name, "decode pipeline rebuilt");
+                            built = Some(b);
+                            current_caps = None;
+                        }
+                        Err(e) => {
+                            sink.error(e);
+                            continue;
+                        }
+                    }
+                }
+                let Some(b) = built.as_ref() else { continue };
+                push_unit(b, &shared, unit, &mut current_caps, &config.name);
+                continue;
+            }
             Command::Finish(done) => {
                 if let Some(b) = built.as_ref() {
                     *shared.eos.0.lock() = false;
@@ -345,4 +407,37 @@ pub(super) fn run(
         let _ = b.pipeline.set_state(gst::State::Null);
     }
     *shared.pipeline.lock() = None;
+}
+
+/// Pushes one access unit: its caps first when they changed, its fragment onto the timeline.
+fn push_unit(
+    b: &Built,
+    shared: &Shared,
+    unit: UnitInput,
+    current_caps: &mut Option<gst::Caps>,
+    name: &str,
+) {
+    if current_caps.as_ref() != Some(&unit.caps) {
+        b.appsrc.set_caps(Some(&unit.caps));
+        *current_caps = Some(unit.caps);
+    }
+    if let Some((start, id)) = unit.fragment {
+        let mut timeline = shared.timeline.lock();
+        timeline.fragments.push_back((start, id));
+        while timeline.fragments.len() > 64 {
+            timeline.fragments.pop_front();
+        }
+    }
+    let mut buffer = gst::Buffer::from_slice(unit.data);
+    if let Some(buffer) = buffer.get_mut() {
+        buffer.set_pts(gst::ClockTime::from_nseconds(
+            u64::try_from(unit.pts.as_nanos()).unwrap_or(u64::MAX),
+        ));
+        if !unit.key {
+            buffer.set_flags(gst::BufferFlags::DELTA_UNIT);
+        }
+    }
+    if b.appsrc.push_buffer(buffer).is_err() {
+        tracing::debug!(source = %name, "appsrc refused an access unit (flushing or failed)");
+    }
 }

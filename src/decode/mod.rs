@@ -45,7 +45,7 @@ mod tail;
 pub use convert::ColorConversion;
 
 pub(crate) use convert::converts as pads_letterbox;
-pub(crate) use kvs::{Decoder, KVS_HEAD_ELEMENTS};
+pub(crate) use kvs::{Decoder, Head, KVS_HEAD_ELEMENTS};
 #[cfg(test)]
 pub(crate) use tail::ntp_to_system_time;
 pub(crate) use tail::{Stamp, TailHooks, add_tail, ntp_reference, tail_elements};
@@ -130,6 +130,21 @@ pub(crate) struct FragmentInput {
     /// Where the fragment starts on the source's timeline.
     pub start: Duration,
     pub id: FragmentId,
+}
+
+/// One access unit to decode (elementary head).
+pub(crate) struct UnitInput {
+    /// Its caps (`video/x-h264,stream-format=avc,alignment=au,codec_data=…`, …).
+    pub caps: gst::Caps,
+    /// The access unit.
+    pub data: Bytes,
+    /// Its presentation time on the source's timeline.
+    pub pts: Duration,
+    /// A key frame.
+    pub key: bool,
+    /// Set on the first unit of a fragment: where the fragment starts on the timeline, and
+    /// which it is.
+    pub fragment: Option<(Duration, FragmentId)>,
 }
 
 /// Why frames were dropped before delivery.

@@ -115,6 +115,8 @@ fn classify_code(code: &str) -> Option<ErrorKind> {
         ("ResourceNotFoundException", ErrorKind::StreamNotFound),
         ("NotAuthorizedException", ErrorKind::NotAuthorized),
         ("ClientLimitExceededException", ErrorKind::Throttled),
+        // GetMedia: a fourth connection to the stream (transient: one of the three may close).
+        ("ConnectionLimitExceededException", ErrorKind::Throttled),
         ("InvalidArgumentException", ErrorKind::InvalidArgument),
         ("NoDataRetentionException", ErrorKind::UnsupportedMedia),
         // Archived media.

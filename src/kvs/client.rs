@@ -112,6 +112,7 @@ struct Inner {
     control: aws_sdk_kinesisvideo::Client,
     endpoints: Mutex<HashMap<(StreamId, ApiName), CachedEndpoint>>,
     media_clients: Mutex<HashMap<String, aws_sdk_kinesisvideoarchivedmedia::Client>>,
+    get_media_clients: Mutex<HashMap<String, aws_sdk_kinesisvideomedia::Client>>,
     endpoint_ttl: Duration,
     /// Set when `ListFragments` was refused (IAM) or unknown to the endpoint: clips go on with
     /// GetClip alone without asking again.
@@ -144,6 +145,7 @@ impl KvsClient {
                 control: aws_sdk_kinesisvideo::Client::new(config),
                 endpoints: Mutex::new(HashMap::new()),
                 media_clients: Mutex::new(HashMap::new()),
+                get_media_clients: Mutex::new(HashMap::new()),
                 endpoint_ttl: Duration::from_secs(3600),
                 list_fragments_refused: Mutex::new(None),
             }),
@@ -253,6 +255,22 @@ impl KvsClient {
                     .endpoint_url(endpoint)
                     .build();
             aws_sdk_kinesisvideoarchivedmedia::Client::from_conf(config)
+        });
+        Ok(client.clone())
+    }
+
+    /// A media-API client (`GetMedia`) at the `GET_MEDIA` data endpoint of `stream` (reused
+    /// per endpoint). The SDK's own retries are off: a GetMedia caller reconnects with its own
+    /// backoff and must stay within KVS's 5 calls per second per stream.
+    pub async fn media(&self, stream: &StreamId) -> Result<aws_sdk_kinesisvideomedia::Client> {
+        let endpoint = self.data_endpoint(stream, ApiName::GetMedia).await?;
+        let mut clients = self.inner.get_media_clients.lock();
+        let client = clients.entry(endpoint.clone()).or_insert_with(|| {
+            let config = aws_sdk_kinesisvideomedia::config::Builder::from(&self.inner.config)
+                .endpoint_url(endpoint)
+                .retry_config(aws_config::retry::RetryConfig::disabled())
+                .build();
+            aws_sdk_kinesisvideomedia::Client::from_conf(config)
         });
         Ok(client.clone())
     }

@@ -3,6 +3,7 @@
 //! delivery queue and its [`DeliveryPolicy`], [`SourceState`], [`SourceStats`], the blocking
 //! [`Frames`] iterator and the async [`FrameStream`].
 
+mod kvs_getmedia;
 mod kvs_hls;
 mod queue;
 mod set;
@@ -16,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 
+pub use kvs_getmedia::{GetMediaStart, KvsGetMediaFrameSource, KvsGetMediaFrameSourceBuilder};
 pub use kvs_hls::{
     Container, DiscontinuityMode, KvsHlsFrameSource, KvsHlsFrameSourceBuilder, PlaybackMode,
     TimestampSelector,

@@ -73,6 +73,32 @@ pub(crate) struct EncodedFragment {
     pub samples: Vec<Sample>,
 }
 
+/// One encoded access unit, handed out as soon as the encoder produced it (before its fragment
+/// is complete): what a live `GetMedia` connection streams.
+#[derive(Clone, Debug)]
+pub(crate) struct LiveSample {
+    /// The camera's counter of the fragment the frame belongs to ([`EncodedFragment::index`]).
+    pub fragment: u64,
+    /// Producer time of that fragment's first frame.
+    pub fragment_start: SystemTime,
+    /// The frame's producer time.
+    pub producer_time: SystemTime,
+    /// The track of the fragment.
+    pub track: Arc<VideoTrack>,
+    /// The access unit.
+    pub sample: Sample,
+}
+
+/// What the camera hands out, in order: every access unit as it is encoded (decode order), and
+/// each fragment once all its access units are out.
+#[derive(Clone, Debug)]
+pub(crate) enum CameraEvent {
+    /// An access unit.
+    Sample(LiveSample),
+    /// A finished fragment.
+    Fragment(EncodedFragment),
+}
+
 /// A running synthetic camera: a thread that renders, encodes and delivers fragments.
 ///
 /// Dropping it stops it like [`Camera::stop`].
@@ -131,14 +157,14 @@ fn pipeline_error(message: impl Into<String>) -> Error {
 }
 
 impl Camera {
-    /// Starts the camera thread. `on_fragment` is called (from the camera thread) for every
-    /// finished fragment, in order; while it runs, the camera does not encode, so it should
-    /// return quickly.
+    /// Starts the camera thread. `on_event` is called (from the camera thread) for every access
+    /// unit and every finished fragment, in order; while it runs, the camera does not encode, so
+    /// it should return quickly.
     ///
     /// Fails when the configuration is out of range or the pipeline cannot be built or started.
     pub fn start(
         cfg: CameraConfig,
-        on_fragment: impl FnMut(EncodedFragment) + Send + 'static,
+        on_event: impl FnMut(CameraEvent) + Send + 'static,
     ) -> Result<Camera> {
         validate(&cfg)?;
         gst::init().map_err(|e| pipeline_error(format!("GStreamer init: {e}")))?;
@@ -183,7 +209,7 @@ impl Camera {
             renderer,
             label_chars,
             shared: shared.clone(),
-            on_fragment,
+            on_event,
             last_caps: None,
             track: None,
             open: std::collections::VecDeque::new(),

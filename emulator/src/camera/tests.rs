@@ -63,12 +63,14 @@ fn config(name: &str, width: u32, height: u32, fpf: u32, history: Duration) -> C
 /// Starts a camera that sends every fragment, with its arrival time, to the receiver.
 fn start(cfg: CameraConfig) -> (Camera, mpsc::Receiver<Received>) {
     let (tx, rx) = mpsc::channel();
-    let camera = Camera::start(cfg, move |fragment| {
-        let _ = tx.send(Received {
-            at: Instant::now(),
-            wall: SystemTime::now(),
-            fragment,
-        });
+    let camera = Camera::start(cfg, move |event| {
+        if let CameraEvent::Fragment(fragment) = event {
+            let _ = tx.send(Received {
+                at: Instant::now(),
+                wall: SystemTime::now(),
+                fragment,
+            });
+        }
     })
     .expect("camera starts");
     (camera, rx)

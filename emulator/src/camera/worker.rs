@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 use super::pipeline::Pipeline;
 use super::render::{Layout, Renderer};
 use super::timing::Timing;
-use super::{EncodedFragment, Shared, pipeline_error};
+use super::{CameraEvent, EncodedFragment, LiveSample, Shared, pipeline_error};
 use crate::error::Result;
 use crate::mp4::{Sample, VideoTrack};
 
@@ -49,8 +49,8 @@ pub(super) struct Worker<F> {
     pub(super) label_chars: usize,
     /// Shared state.
     pub(super) shared: Arc<Shared>,
-    /// Receives the finished fragments.
-    pub(super) on_fragment: F,
+    /// Receives each access unit as it is encoded, and the finished fragments.
+    pub(super) on_event: F,
     /// Caps of the last encoded sample.
     pub(super) last_caps: Option<gst::Caps>,
     /// Track of the last encoded sample.
@@ -68,7 +68,7 @@ pub(super) struct Worker<F> {
     pub(super) max_frames: Option<u64>,
 }
 
-impl<F: FnMut(EncodedFragment)> Worker<F> {
+impl<F: FnMut(CameraEvent)> Worker<F> {
     /// Renders, encodes and delivers until stopped or failed.
     ///
     /// Pictures go in at their producer time; access units come out in decode order, `lag`
@@ -339,7 +339,7 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
                         "fragment {} starts with a non-sync sample (frame {n})", fragment.index
                     );
                 }
-                fragment.track = Some(track);
+                fragment.track = Some(track.clone());
             }
             Some(first) if !Arc::ptr_eq(first, &track) => {
                 warn!(
@@ -349,12 +349,21 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
             }
             Some(_) => {}
         }
-        fragment.samples.push(Sample {
+        let sample = Sample {
             data,
             duration: self.timing.ticks_per_frame,
             composition_offset,
             is_sync,
-        });
+        };
+        let live = LiveSample {
+            fragment: fragment.index,
+            fragment_start: self.timing.producer_time(fragment.first_frame),
+            producer_time: self.timing.producer_time(n),
+            track: fragment.track.clone().unwrap_or(track),
+            sample: sample.clone(),
+        };
+        fragment.samples.push(sample);
+        (self.on_event)(CameraEvent::Sample(live));
         while self
             .open
             .front()
@@ -396,6 +405,6 @@ impl<F: FnMut(EncodedFragment)> Worker<F> {
             first_frame = encoded.first_frame,
             "fragment ready"
         );
-        (self.on_fragment)(encoded);
+        (self.on_event)(CameraEvent::Fragment(encoded));
     }
 }

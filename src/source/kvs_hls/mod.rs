@@ -40,9 +40,11 @@ mod options;
 mod reader;
 
 use options::ClientSource;
+pub(crate) use options::ClientSource as SharedClientSource;
 pub use options::{
     Container, DiscontinuityMode, KvsHlsFrameSourceBuilder, PlaybackMode, TimestampSelector,
 };
+pub(crate) use reader::fail;
 use reader::run;
 
 /// Live (or archived) video of one KVS stream as decoded frames with producer timestamps.
@@ -152,25 +154,26 @@ impl Drop for KvsHlsFrameSource {
     }
 }
 
-/// State shared by the source handle, its task and the decoder callbacks.
-struct Ctx {
-    camera_id: String,
-    core: Arc<Core>,
-    metrics: Option<FrameSourceMetrics>,
-    stop: AtomicBool,
-    stop_notify: Notify,
-    sequence: AtomicU64,
+/// State shared by the source handle, its task and the decoder callbacks (also the GetMedia
+/// source's).
+pub(crate) struct Ctx {
+    pub(crate) camera_id: String,
+    pub(crate) core: Arc<Core>,
+    pub(crate) metrics: Option<FrameSourceMetrics>,
+    pub(crate) stop: AtomicBool,
+    pub(crate) stop_notify: Notify,
+    pub(crate) sequence: AtomicU64,
     /// Last time a frame was decoded (or the watch was reset).
-    last_progress: Mutex<Instant>,
-    decode_failed: Mutex<Option<Error>>,
+    pub(crate) last_progress: Mutex<Instant>,
+    pub(crate) decode_failed: Mutex<Option<Error>>,
     /// Wakes the control task early (decode error).
-    wake: Notify,
+    pub(crate) wake: Notify,
     /// Set by the stall watchdog when it fired: the error it caused is a stall.
-    stalled: AtomicBool,
+    pub(crate) stalled: AtomicBool,
 }
 
 impl Ctx {
-    fn set_state(&self, state: SourceState) {
+    pub(crate) fn set_state(&self, state: SourceState) {
         if self.core.state() != state {
             tracing::debug!(camera = %self.camera_id, state = state.as_str(), "state");
         }
@@ -180,20 +183,20 @@ impl Ctx {
         }
     }
 
-    fn stopped(&self) -> bool {
+    pub(crate) fn stopped(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
 
-    fn reset_progress(&self) {
+    pub(crate) fn reset_progress(&self) {
         *self.last_progress.lock() = Instant::now();
     }
 
-    async fn sleep(&self, d: Duration) -> Result<()> {
+    pub(crate) async fn sleep(&self, d: Duration) -> Result<()> {
         sleep_unless_stopped(&self.stop, &self.stop_notify, d).await
     }
 }
 
-struct Sink(Arc<Ctx>);
+pub(crate) struct Sink(pub(crate) Arc<Ctx>);
 
 impl FrameSink for Sink {
     fn frame(&self, mut frame: Frame) {

@@ -56,7 +56,7 @@ pub enum DiscontinuityMode {
 }
 
 #[derive(Clone)]
-pub(super) enum ClientSource {
+pub(crate) enum ClientSource {
     Env { region: Option<String> },
     Config(Box<aws_config::SdkConfig>),
     Client(KvsClient),

@@ -109,6 +109,8 @@ impl Reader {
                     program_date_time: segment.program_date_time,
                     media_sequence: segment.sequence,
                     session,
+                    fragment_number: None,
+                    server_time: None,
                 },
             })
             .await?;

@@ -226,7 +226,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, decoder: Arc<Decoder>, opts: KvsHlsFrameS
     reader.run().await;
 }
 
-fn fail(ctx: &Ctx, error: Error) {
+pub(crate) fn fail(ctx: &Ctx, error: Error) {
     tracing::error!(camera = %ctx.camera_id, %error, "source failed");
     ctx.core.stats.lock().last_error = Some(error.to_string());
     ctx.set_state(SourceState::Error);
