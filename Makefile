@@ -39,7 +39,7 @@ if [ -n "$$missing" ]; then \
 fi
 endef
 
-.PHONY: deps test lint demo bench bench-compare perf-memory emulator fresh-check fmt clean
+.PHONY: deps test lint demo bench bench-compare bench-latency perf-memory emulator fresh-check fmt clean
 
 deps:
 	@$(call install_missing,deps,$(DEB_PACKAGES))
@@ -68,6 +68,11 @@ demo: deps
 bench: deps
 	$(CARGO) bench --workspace --all-features
 	$(MAKE) bench-compare
+
+# Frame latency behind the camera, HLS and GetMedia side by side on one emulator camera (also
+# part of `cargo bench`); LATENCY_SECONDS sets the run length.
+bench-latency: deps
+	$(CARGO) bench --all-features --bench latency
 
 # CPU per frame beside the ffmpeg CLI and Python OpenCV: installs Debian's ffmpeg and python3-venv
 # (only for this target), OpenCV from PyPI into a venv under target/compare/.

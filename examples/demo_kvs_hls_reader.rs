@@ -12,7 +12,8 @@
 //! ```
 //!
 //! `make demo` runs it for 20 s against the embedded emulator. Against AWS:
-//! `cargo run --example demo_kvs_hls_reader -- --stream-name my-stream --region us-east-1`;
+//! `cargo run --example demo_kvs_hls_reader -- --stream-name my-stream --region us-east-1`
+//! (add `--getmedia` to read through GetMedia, sub-second behind the camera, instead of HLS);
 //! from a camera: `… -- --uri rtsp://user:pass@10.0.0.5/live --duration 30`; from a file at its
 //! own pace: `… -- --uri clip.mp4 --realtime`.
 
@@ -33,8 +34,8 @@ use gstreamer_app as gst_app;
 use kvs_emulator::{Emulator, StreamSpec};
 use kvs_frames::metrics::FrameSourceMetrics;
 use kvs_frames::{
-    DeliveryPolicy, Frame, Frames, KvsHlsFrameSource, PixelFormat, SourceState, SourceStats,
-    UriFrameSource,
+    DeliveryPolicy, Frame, Frames, KvsGetMediaFrameSource, KvsHlsFrameSource, PixelFormat,
+    SourceState, SourceStats, UriFrameSource,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -111,6 +112,9 @@ struct Args {
     /// Start the embedded KVS emulator and read from it (the default without --stream-name).
     #[arg(long)]
     emulator: bool,
+    /// KVS: read through GetMedia (MKV, frame by frame: sub-second latency) instead of HLS.
+    #[arg(long, conflicts_with_all = ["uri", "expires", "max_playlist_fragments"])]
+    getmedia: bool,
     /// Per-frame output.
     #[arg(long, value_enum)]
     output: Option<Output>,
@@ -227,30 +231,51 @@ fn run(args: Args) -> Result<()> {
             .clone()
             .unwrap_or_else(|| "demo-camera".to_owned());
         let camera_id = args.camera_id.clone().unwrap_or_else(|| stream.clone());
-        let mut builder = KvsHlsFrameSource::builder(&camera_id, stream.as_str())
-            .pixel_format(pixel_format)
-            .color_conversion(color_conversion)
-            .decoder_threads(decoder_threads)
-            .metrics(metrics)
-            .runtime(runtime.handle().clone());
-        if let Some(emulator) = &emulator {
-            builder = builder.sdk_config(&emulator.sdk_config());
-        } else if let Some(region) = &args.region {
-            builder = builder.region(region);
+        if args.getmedia {
+            let mut builder = KvsGetMediaFrameSource::builder(&camera_id, stream.as_str())
+                .pixel_format(pixel_format)
+                .color_conversion(color_conversion)
+                .decoder_threads(decoder_threads)
+                .metrics(metrics.clone())
+                .runtime(runtime.handle().clone());
+            if let Some(emulator) = &emulator {
+                builder = builder.sdk_config(&emulator.sdk_config());
+            } else if let Some(region) = &args.region {
+                builder = builder.region(region);
+            }
+            if let Some(fps) = args.target_fps {
+                builder = builder.target_fps(fps);
+            }
+            if let Some(d) = args.delivery {
+                builder = builder.delivery(d.into());
+            }
+            Arc::new(Source::GetMedia(builder.build()?))
+        } else {
+            let mut builder = KvsHlsFrameSource::builder(&camera_id, stream.as_str())
+                .pixel_format(pixel_format)
+                .color_conversion(color_conversion)
+                .decoder_threads(decoder_threads)
+                .metrics(metrics)
+                .runtime(runtime.handle().clone());
+            if let Some(emulator) = &emulator {
+                builder = builder.sdk_config(&emulator.sdk_config());
+            } else if let Some(region) = &args.region {
+                builder = builder.region(region);
+            }
+            if let Some(fps) = args.target_fps {
+                builder = builder.target_fps(fps);
+            }
+            if let Some(d) = args.delivery {
+                builder = builder.delivery(d.into());
+            }
+            if let Some(secs) = args.expires {
+                builder = builder.expires(Duration::from_secs(secs));
+            }
+            if let Some(n) = args.max_playlist_fragments {
+                builder = builder.max_playlist_fragments(n);
+            }
+            Arc::new(Source::Kvs(builder.build()?))
         }
-        if let Some(fps) = args.target_fps {
-            builder = builder.target_fps(fps);
-        }
-        if let Some(d) = args.delivery {
-            builder = builder.delivery(d.into());
-        }
-        if let Some(secs) = args.expires {
-            builder = builder.expires(Duration::from_secs(secs));
-        }
-        if let Some(n) = args.max_playlist_fragments {
-            builder = builder.max_playlist_fragments(n);
-        }
-        Arc::new(Source::Kvs(builder.build()?))
     };
 
     if let Some(port) = args.metrics_port {
@@ -313,6 +338,7 @@ fn run(args: Args) -> Result<()> {
     let mut last_report = Instant::now();
     let mut count = 0u64;
     let mut window_count = 0u64;
+    let mut latencies = Latencies::default();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut frames = source.frames();
@@ -332,7 +358,7 @@ fn run(args: Args) -> Result<()> {
                 break;
             }
             None => {
-                report_if_due(&source, &mut last_report, &mut window_count);
+                report_if_due(&source, &mut last_report, &mut window_count, &mut latencies);
                 continue;
             }
         };
@@ -345,6 +371,7 @@ fn run(args: Args) -> Result<()> {
         };
         count += 1;
         window_count += 1;
+        latencies.note(&frame);
         if let Some(Output::Jsonl) = args.output {
             writeln!(out, "{}", jsonl(&frame, ts)).context("writing to stdout")?;
         }
@@ -367,11 +394,15 @@ fn run(args: Args) -> Result<()> {
             eprintln!("display: {e:#}; closing the window");
             display = None;
         }
-        report_if_due(&source, &mut last_report, &mut window_count);
+        report_if_due(&source, &mut last_report, &mut window_count, &mut latencies);
     }
     let stats = source.stats();
     source.stop();
-    eprintln!("final: {}", summary(&stats, count, started.elapsed()));
+    eprintln!(
+        "final: {} latency {}",
+        summary(&stats, count, started.elapsed()),
+        latencies.total.describe()
+    );
     drop(emulator);
     match failure {
         Some(e) => Err(e.into()),
@@ -379,46 +410,92 @@ fn run(args: Args) -> Result<()> {
     }
 }
 
-/// Either source: the demo uses the API they share.
+/// Any source: the demo uses the API they share.
 enum Source {
     Kvs(KvsHlsFrameSource),
+    GetMedia(KvsGetMediaFrameSource),
     Uri(UriFrameSource),
+}
+
+/// Emit time − producer time of the frames, per report window and over the run.
+#[derive(Default)]
+struct Latencies {
+    window: Percentiles,
+    total: Percentiles,
+}
+
+impl Latencies {
+    fn note(&mut self, frame: &Frame) {
+        if let Some(t) = frame.producer_time()
+            && let Ok(d) = frame.emitted_at().duration_since(t)
+        {
+            self.window.0.push(d);
+            self.total.0.push(d);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Percentiles(Vec<Duration>);
+
+impl Percentiles {
+    fn describe(&mut self) -> String {
+        if self.0.is_empty() {
+            return "p50=n/a p95=n/a p99=n/a".to_owned();
+        }
+        self.0.sort_unstable();
+        let at = |q: f64| {
+            let i = ((self.0.len() as f64 - 1.0) * q).round() as usize;
+            self.0[i.min(self.0.len() - 1)].as_secs_f64() * 1000.0
+        };
+        format!(
+            "p50={:.0}ms p95={:.0}ms p99={:.0}ms",
+            at(0.50),
+            at(0.95),
+            at(0.99)
+        )
+    }
 }
 
 impl Source {
     fn frames(&self) -> Frames<'_> {
         match self {
             Source::Kvs(s) => s.frames(),
+            Source::GetMedia(s) => s.frames(),
             Source::Uri(s) => s.frames(),
         }
     }
     fn stats(&self) -> SourceStats {
         match self {
             Source::Kvs(s) => s.stats(),
+            Source::GetMedia(s) => s.stats(),
             Source::Uri(s) => s.stats(),
         }
     }
     fn state(&self) -> SourceState {
         match self {
             Source::Kvs(s) => s.state(),
+            Source::GetMedia(s) => s.state(),
             Source::Uri(s) => s.state(),
         }
     }
     fn camera_id(&self) -> &str {
         match self {
             Source::Kvs(s) => s.camera_id(),
+            Source::GetMedia(s) => s.camera_id(),
             Source::Uri(s) => s.camera_id(),
         }
     }
     fn stop(&self) {
         match self {
             Source::Kvs(s) => s.stop(),
+            Source::GetMedia(s) => s.stop(),
             Source::Uri(s) => s.stop(),
         }
     }
 }
 
-fn report_if_due(source: &Source, last: &mut Instant, window: &mut u64) {
+fn report_if_due(source: &Source, last: &mut Instant, window: &mut u64, latencies: &mut Latencies) {
     let elapsed = last.elapsed();
     if elapsed < Duration::from_secs(10) {
         return;
@@ -432,7 +509,7 @@ fn report_if_due(source: &Source, last: &mut Instant, window: &mut u64) {
         .last_frame_producer_time
         .map_or_else(|| "n/a".to_owned(), rfc3339);
     eprintln!(
-        "[{}] state={} last_producer_time={producer_time} fps={:.1} frames={} dropped={} fragments={} reconnects={} refreshes={} latency={} queue={}",
+        "[{}] state={} last_producer_time={producer_time} fps={:.1} frames={} dropped={} fragments={} reconnects={} refreshes={} latency={} queue={} frame_latency {}",
         source.camera_id(),
         stats.state.as_str(),
         *window as f64 / elapsed.as_secs_f64(),
@@ -443,7 +520,9 @@ fn report_if_due(source: &Source, last: &mut Instant, window: &mut u64) {
         stats.url_refreshes,
         latency,
         stats.queue_len,
+        latencies.window.describe(),
     );
+    latencies.window.0.clear();
     *last = Instant::now();
     *window = 0;
 }
@@ -484,6 +563,8 @@ fn jsonl(frame: &Frame, ts: SystemTime) -> serde_json::Value {
             "program_date_time": f.program_date_time.map(rfc3339),
             "media_sequence": f.media_sequence,
             "session": f.session,
+            "fragment_number": f.fragment_number.as_deref(),
+            "server_time": f.server_time.map(rfc3339),
         })
     });
     serde_json::json!({

@@ -71,6 +71,9 @@ struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/service.md")]
 struct ServiceGuideDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/getmedia.md")]
+struct GetMediaGuideDoctests;
 
 pub use decode::DecoderThreads;
 pub use error::{Error, ErrorKind, Result};

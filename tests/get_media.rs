@@ -504,3 +504,39 @@ fn earliest_reads_an_archive_and_bad_starts_are_refused() {
     assert_eq!(err.kind(), kvs_frames::ErrorKind::InvalidConfig);
     assert!(err.to_string().contains("12ab"), "{err}");
 }
+
+/// A GetMedia source is a `SourceSet` member like the others: beside an HLS reader of the same
+/// camera, both deliver in order.
+#[test]
+fn a_get_media_source_joins_a_source_set() {
+    let emulator = common::start(vec![common::small("set")]);
+    let set = kvs_frames::SourceSet::new();
+    set.add(source(&emulator, "set").build().unwrap()).unwrap();
+    set.add(
+        kvs_frames::KvsHlsFrameSource::builder("hls", "set")
+            .sdk_config(&emulator.sdk_config())
+            .pixel_format(PixelFormat::Gray8)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut seen: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    for (camera, item) in set.frames() {
+        let (frame, _) = item.expect("no error");
+        seen.entry(camera.to_string())
+            .or_default()
+            .push(number(&frame));
+        if seen.values().filter(|v| v.len() >= 30).count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{seen:?}");
+    }
+    for (camera, numbers) in &seen {
+        for pair in numbers.windows(2) {
+            assert_eq!(pair[1], pair[0] + 1, "{camera}: {numbers:?}");
+        }
+    }
+    assert!(seen.contains_key("getmedia-camera") && seen.contains_key("hls"));
+    set.stop();
+}

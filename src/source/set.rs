@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use futures_util::Stream;
 use parking_lot::Mutex;
 
-use super::{FrameStream, KvsHlsFrameSource, SourceStats, UriFrameSource};
+use super::{FrameStream, KvsGetMediaFrameSource, KvsHlsFrameSource, SourceStats, UriFrameSource};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 
@@ -19,6 +19,8 @@ use crate::frame::Frame;
 pub enum SetMember {
     /// A KVS stream over HLS.
     Kvs(KvsHlsFrameSource),
+    /// A KVS stream over GetMedia.
+    GetMedia(KvsGetMediaFrameSource),
     /// An RTSP camera, an HLS URL or a file.
     Uri(UriFrameSource),
 }
@@ -26,6 +28,12 @@ pub enum SetMember {
 impl From<KvsHlsFrameSource> for SetMember {
     fn from(source: KvsHlsFrameSource) -> Self {
         SetMember::Kvs(source)
+    }
+}
+
+impl From<KvsGetMediaFrameSource> for SetMember {
+    fn from(source: KvsGetMediaFrameSource) -> Self {
+        SetMember::GetMedia(source)
     }
 }
 
@@ -40,6 +48,7 @@ impl SetMember {
     pub fn camera_id(&self) -> &str {
         match self {
             SetMember::Kvs(s) => s.camera_id(),
+            SetMember::GetMedia(s) => s.camera_id(),
             SetMember::Uri(s) => s.camera_id(),
         }
     }
@@ -48,6 +57,7 @@ impl SetMember {
     pub fn stats(&self) -> SourceStats {
         match self {
             SetMember::Kvs(s) => s.stats(),
+            SetMember::GetMedia(s) => s.stats(),
             SetMember::Uri(s) => s.stats(),
         }
     }
@@ -56,6 +66,7 @@ impl SetMember {
     pub fn is_healthy(&self) -> bool {
         match self {
             SetMember::Kvs(s) => s.is_healthy(),
+            SetMember::GetMedia(s) => s.is_healthy(),
             SetMember::Uri(s) => s.is_healthy(),
         }
     }
@@ -63,6 +74,7 @@ impl SetMember {
     fn stream(&self) -> FrameStream {
         match self {
             SetMember::Kvs(s) => s.stream(),
+            SetMember::GetMedia(s) => s.stream(),
             SetMember::Uri(s) => s.stream(),
         }
     }
@@ -70,6 +82,7 @@ impl SetMember {
     fn stop(&self) {
         match self {
             SetMember::Kvs(s) => s.stop(),
+            SetMember::GetMedia(s) => s.stop(),
             SetMember::Uri(s) => s.stop(),
         }
     }

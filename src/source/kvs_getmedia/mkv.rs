@@ -434,21 +434,24 @@ mod tests {
     }
 
     #[test]
-    fn garbage_is_a_protocol_error() {
+    fn an_element_larger_than_the_bound_is_a_protocol_error_not_a_buffer() {
+        // A cluster, then a SimpleBlock that claims 2^40 bytes.
+        let mut payload = fragment("1", &[]);
+        payload.extend_from_slice(&[0x1F, 0x43, 0xB6, 0x75]);
+        payload.extend_from_slice(&UNKNOWN);
+        payload.extend_from_slice(&[0xA3, 0x01, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00]);
+        payload.extend_from_slice(&[0u8; 64]);
         let mut reader = MkvReader::new();
-        reader.push(&[
-            0x1A, 0x45, 0xDF, 0xA3, 0x81, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
-        ]);
-        let mut result = Ok(None);
-        for _ in 0..8 {
-            result = reader.next();
-            if result.is_err() {
-                break;
+        reader.push(&payload);
+        let err = loop {
+            match reader.next() {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("waited for 2^40 bytes instead of refusing the element"),
+                Err(e) => break e,
             }
-        }
-        if let Err(e) = result {
-            assert_eq!(e.kind(), ErrorKind::Protocol);
-        }
+        };
+        assert_eq!(err.kind(), ErrorKind::Protocol, "{err}");
+        assert!(err.to_string().contains("byte"), "{err}");
     }
 
     proptest::proptest! {
@@ -459,12 +462,7 @@ mod tests {
             let mut reader = MkvReader::new();
             for chunk in data.chunks(cut) {
                 reader.push(chunk);
-                loop {
-                    match reader.next() {
-                        Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = reader.next() {}
             }
             proptest::prop_assert!(reader.buffered() <= data.len());
         }
