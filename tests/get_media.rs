@@ -540,3 +540,34 @@ fn a_get_media_source_joins_a_source_set() {
     assert!(seen.contains_key("getmedia-camera") && seen.contains_key("hls"));
     set.stop();
 }
+
+/// H.265 and H.264 with B-frames over GetMedia: blocks come in decode order with presentation
+/// timecodes; every frame is delivered once, in order, at its producer time.
+#[test]
+fn h265_and_b_frame_streams_decode_every_frame_with_exact_producer_times() {
+    let emulator = common::start(vec![
+        common::small("hevc").codec(kvs_emulator::VideoCodec::H265),
+        common::small("bframes").b_frames(2, kvs_emulator::CompositionOffsets::Positive),
+    ]);
+    for stream in ["hevc", "bframes"] {
+        let source = source(&emulator, stream)
+            .start(GetMediaStart::Earliest)
+            .build()
+            .unwrap();
+        let frames =
+            common::frames::take_frames(source.frames(), 60, Duration::from_secs(15), || {
+                source.stats()
+            });
+        let numbers: Vec<u64> = frames.iter().map(|f| u64::from(number(f))).collect();
+        for pair in numbers.windows(2) {
+            assert_eq!(pair[1], pair[0] + 1, "{stream}: {numbers:?}");
+        }
+        for (frame, n) in frames.iter().zip(&numbers) {
+            assert_eq!(
+                frame.producer_time(),
+                emulator.frame_producer_time(stream, *n),
+                "{stream}: producer time of frame {n}"
+            );
+        }
+    }
+}
