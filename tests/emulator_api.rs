@@ -474,15 +474,15 @@ async fn session_parameters_are_validated_like_kvs() {
         );
     }
 
-    // MPEG_TS: a clear refusal.
+    // A container format that does not exist: a clear refusal naming it.
     let err = media
         .get_hls_streaming_session_url()
         .stream_name("cam-1")
-        .container_format(ContainerFormat::MpegTs)
+        .container_format(ContainerFormat::from("MP4_TS"))
         .send()
         .await
         .unwrap_err();
-    assert!(err.message().unwrap().contains("MPEG_TS"));
+    assert!(err.message().unwrap().contains("MP4_TS"), "{err:?}");
 
     // Both name and ARN.
     let err = media

@@ -984,3 +984,71 @@ async fn a_sixth_session_closes_the_oldest_active_one() {
     }
     assert_eq!(emulator.request_stats().sessions_closed, 1);
 }
+
+/// `ContainerFormat=MPEG_TS`: playlists without `EXT-X-MAP` listing `getTSFragment.ts`
+/// segments, each a self-contained transport stream that GStreamer's `tsdemux` decodes to the
+/// fragment's frames; an fMP4 session cannot fetch TS segments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mpeg_ts_sessions_serve_transport_streams_that_tsdemux_decodes() {
+    use aws_sdk_kinesisvideoarchivedmedia::types::ContainerFormat;
+    let emulator = common::start(vec![
+        small("ts").live(false).history(Duration::from_secs(3)),
+    ]);
+    common::wait_fragments(&emulator, "ts", 3, Duration::from_secs(30)).await;
+    let truth = emulator.ground_truth("ts");
+    let media = common::media(&emulator, "ts").await;
+    let start = truth[0].producer_start - Duration::from_millis(1);
+    let params = SessionParams {
+        mode: HlsPlaybackMode::OnDemand,
+        range: Some((dt(start), Some(dt(SystemTime::now())))),
+        container: Some(ContainerFormat::MpegTs),
+        ..SessionParams::default()
+    };
+    let master_url = common::session(&media, "ts", &params).await.unwrap();
+    let media_url = common::media_playlist_url(&master_url).await;
+    let text = get(&media_url).await.unwrap().text();
+    assert!(!text.contains("EXT-X-MAP"), "{text}");
+    let playlist = common::parse_media(&text);
+    assert_eq!(playlist.segments.len(), truth.len());
+    let mut expected = 0;
+    for (segment, record) in playlist.segments.iter().zip(&truth) {
+        assert!(
+            segment.uri.starts_with("getTSFragment.ts?"),
+            "{}",
+            segment.uri
+        );
+        let body = get(&resolve(&media_url, &segment.uri)).await.unwrap();
+        assert_eq!(body.status, 200, "{}", body.text());
+        assert_eq!(body.body.len() % 188, 0);
+        let decoded = common::decode_mp4(&body.body);
+        let numbers: Vec<u32> = decoded
+            .iter()
+            .map(|d| d.frame_number.expect("barcode"))
+            .collect();
+        let want: Vec<u32> = (record.first_frame
+            ..record.first_frame + u64::from(record.frame_count))
+            .map(|n| n as u32)
+            .collect();
+        assert_eq!(numbers, want, "segment {}", segment.uri);
+        expected += want.len();
+    }
+    assert!(expected >= 75);
+    // An fMP4 session's token on the TS path: refused.
+    let fmp4 = common::session(
+        &media,
+        "ts",
+        &SessionParams {
+            container: None,
+            ..params
+        },
+    )
+    .await
+    .unwrap();
+    let fmp4_media = common::media_playlist_url(&fmp4).await;
+    let fmp4_text = get(&fmp4_media).await.unwrap().text();
+    let first = common::parse_media(&fmp4_text).segments[0]
+        .uri
+        .replace("getMP4MediaFragment.mp4", "getTSFragment.ts");
+    let refused = get(&resolve(&fmp4_media, &first)).await.unwrap();
+    assert_eq!(refused.status, 400, "{}", refused.text());
+}

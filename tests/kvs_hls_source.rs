@@ -699,10 +699,6 @@ fn every_invalid_option_is_a_typed_error_naming_it() {
             }),
         ),
         (
-            "container",
-            source(&emulator, "cam-1").container(kvs_frames::source::Container::MpegTs),
-        ),
-        (
             "poll_interval",
             source(&emulator, "cam-1").poll_interval(Duration::from_millis(10)),
         ),
@@ -2310,4 +2306,50 @@ fn version_0_fragments_decode_past_the_32_bit_timeline() {
         (0, 0, 1),
         "{stats:?}"
     );
+}
+
+/// MPEG-TS sessions: H.264, H.265 and H.264 with B-frames, every frame once and in order at its
+/// producer time; and across a camera outage (a gap in the timeline) the times stay exact.
+#[test]
+fn mpeg_ts_sessions_deliver_every_frame_with_exact_producer_times() {
+    let emulator = common::start(vec![
+        common::small("ts-264"),
+        common::small("ts-265").codec(VideoCodec::H265),
+        common::small("ts-b").b_frames(2, CompositionOffsets::Positive),
+    ]);
+    for stream in ["ts-264", "ts-265", "ts-b"] {
+        let source = source(&emulator, stream)
+            .container(kvs_frames::source::Container::MpegTs)
+            .build()
+            .unwrap();
+        let frames = take(&source, 50, Duration::from_secs(15));
+        assert_exact(&emulator, stream, &frames);
+        source.stop();
+    }
+    // A 3 s outage of the camera: the fragments after it carry later program date times.
+    let source = source(&emulator, "ts-264")
+        .container(kvs_frames::source::Container::MpegTs)
+        .build()
+        .unwrap();
+    let before = take(&source, 10, Duration::from_secs(15));
+    emulator
+        .faults("ts-264")
+        .unwrap()
+        .camera_offline(Duration::from_secs(3));
+    let mut after = take(&source, 80, Duration::from_secs(20));
+    let mut all = before;
+    all.append(&mut after);
+    let numbers: Vec<u32> = all.iter().map(number).collect();
+    let gap = numbers
+        .windows(2)
+        .position(|p| p[1] != p[0] + 1)
+        .expect("the outage shows as a gap in frame numbers");
+    assert!(numbers[gap + 1] >= numbers[gap] + 50, "{numbers:?}");
+    for (frame, n) in all.iter().zip(&numbers) {
+        assert_eq!(
+            frame.producer_time(),
+            emulator.frame_producer_time("ts-264", u64::from(*n)),
+            "producer time of frame {n}"
+        );
+    }
 }

@@ -67,6 +67,7 @@ mod refusals;
 mod server;
 mod session;
 mod store;
+mod ts;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -13,7 +13,7 @@ use super::{control, fragments, hls, media};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Paths of the archived-media API and HLS, served at the data endpoint only.
-const DATA_PATHS: [&str; 8] = [
+const DATA_PATHS: [&str; 9] = [
     "/getHLSStreamingSessionURL",
     "/getMedia",
     "/getClip",
@@ -22,6 +22,7 @@ const DATA_PATHS: [&str; 8] = [
     "/hls/v1/getHLSMediaPlaylist.m3u8",
     "/hls/v1/getMP4InitFragment.mp4",
     "/hls/v1/getMP4MediaFragment.mp4",
+    "/hls/v1/getTSFragment.ts",
 ];
 
 /// The answer for a request at the wrong endpoint, or for an operation the emulator lacks.
@@ -72,6 +73,7 @@ fn data_router(state: Arc<State>) -> Router {
         .route("/hls/v1/getHLSMediaPlaylist.m3u8", get(hls::media))
         .route("/hls/v1/getMP4InitFragment.mp4", get(hls::init))
         .route("/hls/v1/getMP4MediaFragment.mp4", get(hls::fragment))
+        .route("/hls/v1/getTSFragment.ts", get(hls::ts_fragment))
         .fallback(unknown)
         .with_state(state)
 }

@@ -97,6 +97,8 @@ pub(crate) struct Session {
     pub base_generation: u64,
     /// Subtracted from fragments' decode times when served (`DecodeTimeOrigin::Session`).
     pub decode_origin: Option<u64>,
+    /// `ContainerFormat=MPEG_TS`: TS segments instead of fMP4.
+    pub mpeg_ts: bool,
     buckets: [Bucket; 4],
 }
 
@@ -131,6 +133,7 @@ impl Session {
             base_index,
             base_generation,
             decode_origin: None,
+            mpeg_ts: false,
             buckets: [
                 Bucket::new(HlsRequest::Master.tps()),
                 Bucket::new(HlsRequest::MediaPlaylist.tps()),

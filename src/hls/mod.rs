@@ -1,6 +1,7 @@
 //! HLS as KVS serves it: playlist parsing and the fMP4 boxes the reader rewrites.
 
 pub(crate) mod fmp4;
+pub(crate) mod ts;
 
 use std::time::{Duration, SystemTime};
 

@@ -81,6 +81,7 @@ pub struct SessionParams {
     pub display: bool,
     pub max_results: Option<i64>,
     pub expires: Option<i32>,
+    pub container: Option<aws_sdk_kinesisvideoarchivedmedia::types::ContainerFormat>,
 }
 
 impl Default for SessionParams {
@@ -93,6 +94,7 @@ impl Default for SessionParams {
             display: true,
             max_results: None,
             expires: None,
+            container: None,
         }
     }
 }
@@ -137,6 +139,9 @@ pub async fn session(
     }
     if let Some(expires) = p.expires {
         request = request.expires(expires);
+    }
+    if let Some(container) = &p.container {
+        request = request.container_format(container.clone());
     }
     let out = request.send().await?;
     Ok(out.hls_streaming_session_url().expect("URL").to_owned())

@@ -23,7 +23,7 @@ use super::store::{StoredFragment, StreamState, StreamStatus};
 
 pub(crate) use self::clip::get_clip;
 pub(crate) use self::playlists::{master, media};
-pub(crate) use self::segments::{fragment, init};
+pub(crate) use self::segments::{fragment, init, ts_fragment};
 pub(crate) use self::session_url::get_hls_streaming_session_url;
 
 /// KVS: LIVE requests fail when no fragment was ingested in the last 30 s.

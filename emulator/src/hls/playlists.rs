@@ -99,7 +99,12 @@ fn media_playlist(
     let first_local = list.first().map_or(0, |f| f.index - session.base_index);
     let mut out = String::with_capacity(256 + list.len() * 200);
     let _ = writeln!(out, "#EXTM3U");
-    let _ = writeln!(out, "#EXT-X-VERSION:7");
+    // fMP4 segments need version 7 (EXT-X-MAP in a media playlist); TS segments version 3.
+    let _ = writeln!(
+        out,
+        "#EXT-X-VERSION:{}",
+        if session.mpeg_ts { 3 } else { 7 }
+    );
     let _ = writeln!(out, "#EXT-X-TARGETDURATION:{target}");
     let _ = writeln!(out, "#EXT-X-MEDIA-SEQUENCE:{first_local}");
     if session.mode == PlaybackMode::OnDemand {
@@ -132,7 +137,7 @@ fn media_playlist(
         if discontinuity {
             let _ = writeln!(out, "#EXT-X-DISCONTINUITY");
         }
-        if previous_generation != Some(f.codec_generation) {
+        if !session.mpeg_ts && previous_generation != Some(f.codec_generation) {
             if f.codec_generation == session.base_generation {
                 let _ = writeln!(
                     out,
@@ -154,9 +159,14 @@ fn media_playlist(
             );
         }
         let _ = writeln!(out, "#EXTINF:{},", format_duration(f.duration));
+        let segment = if session.mpeg_ts {
+            "getTSFragment.ts"
+        } else {
+            "getMP4MediaFragment.mp4"
+        };
         let _ = writeln!(
             out,
-            "getMP4MediaFragment.mp4?FragmentNumber={local}&SessionToken={token}&TrackNumber=1"
+            "{segment}?FragmentNumber={local}&SessionToken={token}&TrackNumber=1"
         );
     }
     if complete {
@@ -203,7 +213,7 @@ fn master_playlist(
         return Err(KvsError::no_fragments());
     };
     let mut codecs = codecs_attribute(&newest.track);
-    if newest.audio_decode_time.is_some() {
+    if newest.audio_decode_time.is_some() && !session.mpeg_ts {
         // AAC-LC.
         codecs.push_str(",mp4a.40.2");
     }

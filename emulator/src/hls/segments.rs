@@ -159,3 +159,42 @@ pub(super) fn fragment_response(
     }
     response
 }
+
+/// `GET /hls/v1/getTSFragment.ts`: one fragment as an MPEG-TS segment (`MPEG_TS` sessions).
+pub(crate) async fn ts_fragment(
+    AxState(state): AxState<Arc<State>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let result = with_session(&state, HlsRequest::Fragment, &params, |session, stream| {
+        if !session.mpeg_ts {
+            return Err(KvsError::invalid_argument(
+                "getTSFragment.ts is served to MPEG_TS sessions only; this session is FRAGMENTED_MP4",
+            ));
+        }
+        let fragment = fragment_by_local(session, stream, &params)?.ok_or_else(|| {
+            KvsError::invalid_argument("The FragmentNumber query parameter is missing")
+        })?;
+        let decode_time = fragment
+            .decode_time
+            .saturating_sub(session.decode_origin.unwrap_or(0));
+        let media = Bytes::from(crate::ts::media_segment_ts(
+            &fragment.track,
+            decode_time,
+            &fragment.samples,
+        ));
+        Ok((media, stream.faults.reset_fragments(), stream.faults.stall()))
+    })
+    .map(|((media, reset, stall), failure)| match failure {
+        Some(Failure::Reset) => fragment_response(media, true, None, "video/MP2T"),
+        Some(Failure::Corrupt | Failure::GarbledMedia) => {
+            // Every packet's sync byte gone: no demuxer accepts it.
+            let mut bad = media.to_vec();
+            for p in bad.chunks_mut(188) {
+                p[0] = 0;
+            }
+            with_type(Bytes::from(bad), "video/MP2T")
+        }
+        _ => fragment_response(media, reset, stall, "video/MP2T"),
+    });
+    hls_result(&state, result)
+}

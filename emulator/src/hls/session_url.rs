@@ -103,23 +103,19 @@ pub(crate) async fn get_hls_streaming_session_url(
                 ));
             }
         }
-        match input
+        let mpeg_ts = match input
             .container_format
             .as_deref()
             .unwrap_or("FRAGMENTED_MP4")
         {
-            "FRAGMENTED_MP4" => {}
-            "MPEG_TS" => {
-                return Err(KvsError::invalid_argument(
-                    "ContainerFormat MPEG_TS is not supported by the kvs-frames emulator; use FRAGMENTED_MP4",
-                ));
-            }
+            "FRAGMENTED_MP4" => false,
+            "MPEG_TS" => true,
             other => {
                 return Err(KvsError::invalid_argument(format!(
                     "ContainerFormat '{other}' is not valid: it must be FRAGMENTED_MP4 or MPEG_TS"
                 )));
             }
-        }
+        };
         let discontinuity = match input.discontinuity_mode.as_deref() {
             None => match selector {
                 Selector::Server => Discontinuity::Always,
@@ -200,6 +196,7 @@ pub(crate) async fn get_hls_streaming_session_url(
             0,
             0,
         );
+        session.mpeg_ts = mpeg_ts;
         let base = match mode {
             PlaybackMode::Live => {
                 if !live_recent(stream) {

@@ -40,7 +40,8 @@ pub enum Container {
     /// fMP4 (default, less overhead).
     #[default]
     FragmentedMp4,
-    /// MPEG-TS (5–25 % more bytes). Not supported by the reader yet: `build()` refuses it.
+    /// MPEG-TS (5–25 % more bytes): each segment is demuxed by the reader and its access units
+    /// decoded with their presentation times; the video stream (H.264 or H.265) only.
     MpegTs,
 }
 
@@ -269,13 +270,6 @@ impl KvsHlsFrameSourceBuilder {
                 "keeps a LIVE reader at the live edge; with a past range every frame would be too old",
             ));
         }
-        if self.container == Container::MpegTs {
-            return Err(Error::invalid_config(
-                "container",
-                "MPEG_TS",
-                "the reader supports FRAGMENTED_MP4 only for now",
-            ));
-        }
         let within = |name: &str, v: Duration, lo: Duration, hi: Duration| -> Result<()> {
             if (lo..=hi).contains(&v) {
                 Ok(())
@@ -342,7 +336,15 @@ impl KvsHlsFrameSourceBuilder {
             m.init_camera(&ctx.camera_id);
         }
         let sink: Arc<dyn FrameSink> = Arc::new(Sink(Arc::clone(&ctx)));
-        let decoder = Arc::new(Decoder::start(self.common.decode_config(), sink)?);
+        let head = match self.container {
+            Container::FragmentedMp4 => crate::decode::Head::Fmp4,
+            Container::MpegTs => crate::decode::Head::Elementary,
+        };
+        let decoder = Arc::new(Decoder::start_with(
+            self.common.decode_config(),
+            sink,
+            head,
+        )?);
         let handle = self.common.runtime_handle()?;
         ctx.set_state(SourceState::Connecting);
         let task = handle.spawn(run(Arc::clone(&ctx), Arc::clone(&decoder), self));

@@ -2,6 +2,7 @@
 //! the decoder timeline.
 
 use super::*;
+use crate::decode::UnitInput;
 
 impl Reader {
     pub(super) async fn feed(&mut self, segment: &Segment, contiguous: bool) -> Result<()> {
@@ -20,6 +21,7 @@ impl Reader {
                 self.position.init = Some(init.clone());
             }
             Some(_) => {}
+            None if self.opts.container == Container::MpegTs => {}
             None if self.position.timescale.is_none() => {
                 return Err(Error::new(
                     ErrorKind::UnsupportedMedia,
@@ -33,6 +35,9 @@ impl Reader {
         let fetch = started.elapsed();
         if contiguous {
             self.note_clock_step(segment);
+        }
+        if self.opts.container == Container::MpegTs {
+            return self.feed_ts(segment, data, fetch).await;
         }
         // The decoder's timeline: program date time − the first one, which keeps gaps and makes
         // producer time = first program date time + PTS; but never backwards (a producer clock
@@ -124,6 +129,88 @@ impl Reader {
             self.position.fed.pop_front();
         }
         self.position.fed_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// An MPEG-TS segment: its access units go to the decoder's elementary head with
+    /// presentation times on the source's timeline (program date time − epoch, never backwards).
+    async fn feed_ts(&mut self, segment: &Segment, data: Vec<u8>, fetch: Duration) -> Result<()> {
+        let bytes = data.len();
+        {
+            let mut stats = self.ctx.core.stats.lock();
+            stats.fragments_fetched += 1;
+            stats.bytes_fetched += bytes as u64;
+        }
+        if let Some(m) = &self.ctx.metrics {
+            m.fragment(self.camera(), bytes, fetch);
+        }
+        let session = self.session_number();
+        let natural = match (segment.program_date_time, self.position.epoch) {
+            (Some(pdt), Some(epoch)) => pdt.duration_since(epoch).ok(),
+            (Some(pdt), None) => {
+                self.position.epoch = Some(pdt);
+                self.decoder.set_epoch(pdt);
+                Some(Duration::ZERO)
+            }
+            (None, _) => None,
+        };
+        let start = match natural {
+            Some(n) if n + TIMELINE_SLACK >= self.position.cursor => n,
+            _ => self.position.cursor,
+        };
+        self.position.cursor = start.checked_add(segment.duration).unwrap_or(start);
+        self.position.fed.push_back(Fed {
+            session,
+            sequence: segment.sequence,
+            pdt: segment.program_date_time,
+            duration: segment.duration,
+        });
+        while self.position.fed.len() > FED_HISTORY {
+            self.position.fed.pop_front();
+        }
+        self.position.fed_at = Some(Instant::now());
+        // A segment that cannot be demuxed is lost (counted), like one the decoder refuses.
+        let video = match hls::ts::demux(&data) {
+            Ok(v) => v,
+            Err(error) => {
+                tracing::warn!(camera = %self.camera(), %error, sequence = segment.sequence, "MPEG-TS segment unreadable: its frames are lost");
+                self.ctx.core.stats.lock().decode_errors += 1;
+                self.count_read_error(&error);
+                return Ok(());
+            }
+        };
+        let caps = gstreamer::Caps::builder(match video.codec {
+            hls::ts::TsCodec::H264 => "video/x-h264",
+            hls::ts::TsCodec::H265 => "video/x-h265",
+        })
+        .field("stream-format", "byte-stream")
+        .field("alignment", "au")
+        .build();
+        if self.position.fed.len() <= 1 {
+            self.ctx.reset_progress();
+        }
+        let mut first = Some((
+            start,
+            FragmentId {
+                program_date_time: segment.program_date_time,
+                media_sequence: segment.sequence,
+                session,
+                fragment_number: None,
+                server_time: None,
+            },
+        ));
+        for unit in video.units {
+            let offset = Duration::from_nanos(unit.offset.saturating_mul(100_000) / 9);
+            self.decoder
+                .push_unit(UnitInput {
+                    caps: caps.clone(),
+                    data: unit.data,
+                    pts: start.saturating_add(offset),
+                    key: unit.key,
+                    fragment: first.take(),
+                })
+                .await?;
+        }
         Ok(())
     }
 

@@ -45,7 +45,10 @@ impl Reader {
             .get_hls_streaming_session_url()
             .playback_mode(mode)
             .hls_fragment_selector(selector.build())
-            .container_format(am::ContainerFormat::FragmentedMp4)
+            .container_format(match self.opts.container {
+                Container::FragmentedMp4 => am::ContainerFormat::FragmentedMp4,
+                Container::MpegTs => am::ContainerFormat::MpegTs,
+            })
             .display_fragment_timestamp(if self.opts.display_timestamps {
                 am::HlsDisplayFragmentTimestamp::Always
             } else {
