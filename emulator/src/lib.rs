@@ -41,8 +41,8 @@
 //! # }
 //! ```
 //!
-//! What it does not do (yet): MPEG-TS HLS (`ContainerFormat=MPEG_TS` is refused with an
-//! `InvalidArgumentException` that says so), DASH, GetImages, PutMedia ingestion, and
+//! What it does not do (yet): DASH, GetImages, PutMedia ingestion, audio in MPEG-TS sessions and
+//! GetMedia, and
 //! SigV4 signature *verification* (requests must carry a well-formed SigV4 `Authorization` header
 //! for the `kinesisvideo` service, like AWS requires, but any access key and signature is
 //! accepted so that any client configuration works).
