@@ -49,12 +49,7 @@ pub(crate) struct Decoder {
 
 impl Decoder {
     /// Starts the decoder thread; the pipeline is built before this returns, so a missing
-    /// plugin is reported here.
-    pub fn start(config: DecodeConfig, sink: Arc<dyn FrameSink>) -> Result<Decoder> {
-        Self::start_with(config, sink, Head::Fmp4)
-    }
-
-    /// Like [`start`](Self::start), for a head of `head`'s kind.
+    /// plugin is reported here. `head` says what it is fed (fMP4 bytes or access units).
     pub fn start_with(
         config: DecodeConfig,
         sink: Arc<dyn FrameSink>,

@@ -71,7 +71,7 @@ fn is_key(codec: TsCodec, data: &[u8]) -> bool {
 /// The video access units of a TS segment. Errors name what is wrong (no PMT, no H.264/H.265
 /// stream, a PES without PTS, broken packets).
 pub(crate) fn demux(data: &[u8]) -> Result<TsVideo> {
-    if data.is_empty() || data.len() % 188 != 0 || data.first() != Some(&0x47) {
+    if data.is_empty() || !data.len().is_multiple_of(188) || data.first() != Some(&0x47) {
         return Err(protocol(format!(
             "an MPEG-TS segment of {} bytes is not a whole number of 188-byte packets starting with 0x47",
             data.len()
