@@ -307,22 +307,10 @@ pub(super) fn run(
         let fragment = match command {
             Command::Fragment(f) => f,
             Command::Unit(unit) => {
-                if shared.failed.load(Ordering::SeqCst) || built.is_none() {
-                    if let Some(old) = built.take() {
-                        let _ = old.pipeline.set_state(gst::State::Null);
-                    }
-                    shared.failed.store(false, Ordering::SeqCst);
-                    match build_pipeline(&config, &shared, &sink) {
-                        Ok(b) => {
-                            tracing::info!(source = %config.name, "decode pipeline rebuilt");
-                            built = Some(b);
-                            current_caps = None;
-                        }
-                        Err(e) => {
-                            sink.error(e);
-                            continue;
-                        }
-                    }
+                match ready(&mut built, &config, &shared, &sink) {
+                    None => continue,
+                    Some(true) => current_caps = None,
+                    Some(false) => {}
                 }
                 let Some(b) = built.as_ref() else { continue };
                 push_unit(b, &shared, unit, &mut current_caps, &config.name);
@@ -353,22 +341,10 @@ pub(super) fn run(
                 continue;
             }
         };
-        if shared.failed.load(Ordering::SeqCst) || built.is_none() {
-            if let Some(old) = built.take() {
-                let _ = old.pipeline.set_state(gst::State::Null);
-            }
-            shared.failed.store(false, Ordering::SeqCst);
-            match build_pipeline(&config, &shared, &sink) {
-                Ok(b) => {
-                    tracing::info!(source = %config.name, "decode pipeline rebuilt");
-                    built = Some(b);
-                    init_sent = false;
-                }
-                Err(e) => {
-                    sink.error(e);
-                    continue;
-                }
-            }
+        match ready(&mut built, &config, &shared, &sink) {
+            None => continue,
+            Some(true) => init_sent = false,
+            Some(false) => {}
         }
         let Some(b) = built.as_ref() else { continue };
         if let Some(init) = &fragment.init
@@ -402,6 +378,35 @@ pub(super) fn run(
         let _ = b.pipeline.set_state(gst::State::Null);
     }
     *shared.pipeline.lock() = None;
+}
+
+/// A working pipeline in `built`: the current one, or a new one after a failure (or a finished
+/// stream). `Some(true)` when it was rebuilt (what was sent to the old one must be sent again),
+/// `None` when it cannot be built (the source is told).
+fn ready(
+    built: &mut Option<Built>,
+    config: &DecodeConfig,
+    shared: &Arc<Shared>,
+    sink: &Arc<dyn FrameSink>,
+) -> Option<bool> {
+    if !shared.failed.load(Ordering::SeqCst) && built.is_some() {
+        return Some(false);
+    }
+    if let Some(old) = built.take() {
+        let _ = old.pipeline.set_state(gst::State::Null);
+    }
+    shared.failed.store(false, Ordering::SeqCst);
+    match build_pipeline(config, shared, sink) {
+        Ok(b) => {
+            tracing::info!(source = %config.name, "decode pipeline rebuilt");
+            *built = Some(b);
+            Some(true)
+        }
+        Err(e) => {
+            sink.error(e);
+            None
+        }
+    }
 }
 
 /// Pushes one access unit: its caps first when they changed, its fragment onto the timeline.

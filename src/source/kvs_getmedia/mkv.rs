@@ -176,12 +176,7 @@ impl MkvReader {
                         ),
                     )
                 })?;
-                if block.lacing.is_some() {
-                    return Err(Error::new(
-                        ErrorKind::UnsupportedMedia,
-                        "GetMedia payload: laced blocks (several frames in one block) are not supported for video",
-                    ));
-                }
+                refuse_lacing(block.lacing.is_some())?;
                 Event::Block {
                     track: block.track,
                     timecode: block.timestamp,
@@ -211,12 +206,7 @@ impl MkvReader {
                         ),
                     )
                 })?;
-                if block.lacing.is_some() {
-                    return Err(Error::new(
-                        ErrorKind::UnsupportedMedia,
-                        "GetMedia payload: laced blocks (several frames in one block) are not supported for video",
-                    ));
-                }
+                refuse_lacing(block.lacing.is_some())?;
                 Event::Block {
                     track: block.track,
                     timecode: block.timestamp,
@@ -229,6 +219,17 @@ impl MkvReader {
         self.pending.push_back(event);
         Ok(())
     }
+}
+
+/// Laced blocks (several frames in one block, an audio technique) are refused for video.
+fn refuse_lacing(laced: bool) -> Result<()> {
+    if laced {
+        return Err(Error::new(
+            ErrorKind::UnsupportedMedia,
+            "GetMedia payload: laced blocks (several frames in one block) are not supported for video",
+        ));
+    }
+    Ok(())
 }
 
 /// The video track described by a TrackEntry's children (other track types: `None`).

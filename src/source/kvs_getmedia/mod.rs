@@ -24,11 +24,10 @@ mod mkv;
 mod reader;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 use super::kvs_hls::{Ctx, SharedClientSource as ClientSource, Sink};
 use super::{CommonOptions, common_setters};
@@ -297,21 +296,7 @@ impl KvsGetMediaFrameSourceBuilder {
             ))
             .counting_into(self.common.metrics.clone(), &self.common.camera_id),
         );
-        let ctx = Arc::new(Ctx {
-            camera_id: self.common.camera_id.clone(),
-            core: Arc::clone(&core),
-            metrics: self.common.metrics.clone(),
-            stop: AtomicBool::new(false),
-            stop_notify: Notify::new(),
-            sequence: AtomicU64::new(0),
-            last_progress: Mutex::new(Instant::now()),
-            decode_failed: Mutex::new(None),
-            wake: Notify::new(),
-            stalled: AtomicBool::new(false),
-        });
-        if let Some(m) = &ctx.metrics {
-            m.init_camera(&ctx.camera_id);
-        }
+        let ctx = Ctx::new(&self.common, Arc::clone(&core));
         let sink: Arc<dyn FrameSink> = Arc::new(Sink(Arc::clone(&ctx)));
         let decoder = Arc::new(Decoder::start_with(
             self.common.decode_config(),

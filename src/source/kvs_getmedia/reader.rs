@@ -541,31 +541,7 @@ impl Reader {
 
     /// A "not found" is checked with DescribeStream before the source gives up.
     async fn confirm_fatal(&self, error: Error) -> Error {
-        if error.kind() != ErrorKind::StreamNotFound {
-            return error;
-        }
-        let mut request = self.client.control().describe_stream();
-        request = match &self.opts.stream {
-            StreamId::Name(n) => request.stream_name(n),
-            StreamId::Arn(a) => request.stream_arn(a),
-        };
-        match request.send().await {
-            Err(e) => {
-                let e = Error::from_sdk("DescribeStream", e);
-                if e.kind() == ErrorKind::StreamNotFound {
-                    e.context(format!("stream {} is gone", self.opts.stream))
-                } else {
-                    Error::new(
-                        ErrorKind::NoFragments,
-                        format!("{error} (DescribeStream: {e})"),
-                    )
-                }
-            }
-            Ok(_) => Error::new(
-                ErrorKind::NoFragments,
-                format!("{error} (the stream exists: retrying)"),
-            ),
-        }
+        crate::source::kvs_hls::confirm_stream_gone(&self.client, &self.opts.stream, error).await
     }
 }
 

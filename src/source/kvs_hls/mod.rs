@@ -44,8 +44,8 @@ pub(crate) use options::ClientSource as SharedClientSource;
 pub use options::{
     Container, DiscontinuityMode, KvsHlsFrameSourceBuilder, PlaybackMode, TimestampSelector,
 };
-pub(crate) use reader::fail;
 use reader::run;
+pub(crate) use reader::{confirm_stream_gone, fail};
 
 /// Live (or archived) video of one KVS stream as decoded frames with producer timestamps.
 ///
@@ -173,6 +173,26 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// The context of a new source with `core`, its metrics registered.
+    pub(crate) fn new(common: &CommonOptions, core: Arc<Core>) -> Arc<Ctx> {
+        let ctx = Arc::new(Ctx {
+            camera_id: common.camera_id.clone(),
+            core,
+            metrics: common.metrics.clone(),
+            stop: AtomicBool::new(false),
+            stop_notify: Notify::new(),
+            sequence: AtomicU64::new(0),
+            last_progress: Mutex::new(Instant::now()),
+            decode_failed: Mutex::new(None),
+            wake: Notify::new(),
+            stalled: AtomicBool::new(false),
+        });
+        if let Some(m) = &ctx.metrics {
+            m.init_camera(&ctx.camera_id);
+        }
+        ctx
+    }
+
     pub(crate) fn set_state(&self, state: SourceState) {
         if self.core.state() != state {
             tracing::debug!(camera = %self.camera_id, state = state.as_str(), "state");

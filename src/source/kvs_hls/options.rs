@@ -320,21 +320,7 @@ impl KvsHlsFrameSourceBuilder {
             ))
             .counting_into(self.common.metrics.clone(), &self.common.camera_id),
         );
-        let ctx = Arc::new(Ctx {
-            camera_id: self.common.camera_id.clone(),
-            core: Arc::clone(&core),
-            metrics: self.common.metrics.clone(),
-            stop: AtomicBool::new(false),
-            stop_notify: Notify::new(),
-            sequence: AtomicU64::new(0),
-            last_progress: Mutex::new(Instant::now()),
-            decode_failed: Mutex::new(None),
-            wake: Notify::new(),
-            stalled: AtomicBool::new(false),
-        });
-        if let Some(m) = &ctx.metrics {
-            m.init_camera(&ctx.camera_id);
-        }
+        let ctx = Ctx::new(&self.common, Arc::clone(&core));
         let sink: Arc<dyn FrameSink> = Arc::new(Sink(Arc::clone(&ctx)));
         let head = match self.container {
             Container::FragmentedMp4 => crate::decode::Head::Fmp4,

@@ -119,16 +119,7 @@ impl Reader {
                 },
             })
             .await?;
-        self.position.fed.push_back(Fed {
-            session,
-            sequence: segment.sequence,
-            pdt: segment.program_date_time,
-            duration: segment.duration,
-        });
-        while self.position.fed.len() > FED_HISTORY {
-            self.position.fed.pop_front();
-        }
-        self.position.fed_at = Some(Instant::now());
+        self.note_fed(segment, session);
         Ok(())
     }
 
@@ -159,16 +150,7 @@ impl Reader {
             _ => self.position.cursor,
         };
         self.position.cursor = start.checked_add(segment.duration).unwrap_or(start);
-        self.position.fed.push_back(Fed {
-            session,
-            sequence: segment.sequence,
-            pdt: segment.program_date_time,
-            duration: segment.duration,
-        });
-        while self.position.fed.len() > FED_HISTORY {
-            self.position.fed.pop_front();
-        }
-        self.position.fed_at = Some(Instant::now());
+        self.note_fed(segment, session);
         // A segment that cannot be demuxed is lost (counted), like one the decoder refuses.
         let video = match hls::ts::demux(&data) {
             Ok(v) => v,
@@ -212,6 +194,20 @@ impl Reader {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Remembers that `segment` of session `session` went to the decoder.
+    fn note_fed(&mut self, segment: &Segment, session: u64) {
+        self.position.fed.push_back(Fed {
+            session,
+            sequence: segment.sequence,
+            pdt: segment.program_date_time,
+            duration: segment.duration,
+        });
+        while self.position.fed.len() > FED_HISTORY {
+            self.position.fed.pop_front();
+        }
+        self.position.fed_at = Some(Instant::now());
     }
 
     pub(super) async fn init(&mut self, url: &str) -> Result<Bytes> {

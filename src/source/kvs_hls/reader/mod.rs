@@ -441,30 +441,41 @@ impl Reader {
     /// A 404 that looks like "stream not found" is confirmed with DescribeStream before the
     /// source gives up (KVS also answers 404 when a camera is merely offline).
     async fn confirm_fatal(&self, error: Error) -> Error {
-        if error.kind() != ErrorKind::StreamNotFound {
-            return error;
-        }
-        let mut request = self.client.control().describe_stream();
-        request = match &self.opts.stream {
-            StreamId::Name(n) => request.stream_name(n),
-            StreamId::Arn(a) => request.stream_arn(a),
-        };
-        match request.send().await {
-            Err(e) => {
-                let e = Error::from_sdk("DescribeStream", e);
-                if e.kind() == ErrorKind::StreamNotFound {
-                    e.context(format!("stream {} is gone", self.opts.stream))
-                } else {
-                    Error::new(
-                        ErrorKind::NoFragments,
-                        format!("{error} (DescribeStream: {e})"),
-                    )
-                }
+        confirm_stream_gone(&self.client, &self.opts.stream, error).await
+    }
+}
+
+/// A 404 that says "stream not found" is confirmed with DescribeStream: fatal if the stream is
+/// gone, else a transient "no fragments" (KVS also answers 404 when a camera is merely
+/// offline). Other errors are returned as they are.
+pub(crate) async fn confirm_stream_gone(
+    client: &KvsClient,
+    stream: &StreamId,
+    error: Error,
+) -> Error {
+    if error.kind() != ErrorKind::StreamNotFound {
+        return error;
+    }
+    let mut request = client.control().describe_stream();
+    request = match stream {
+        StreamId::Name(n) => request.stream_name(n),
+        StreamId::Arn(a) => request.stream_arn(a),
+    };
+    match request.send().await {
+        Err(e) => {
+            let e = Error::from_sdk("DescribeStream", e);
+            if e.kind() == ErrorKind::StreamNotFound {
+                e.context(format!("stream {stream} is gone"))
+            } else {
+                Error::new(
+                    ErrorKind::NoFragments,
+                    format!("{error} (DescribeStream: {e})"),
+                )
             }
-            Ok(_) => Error::new(
-                ErrorKind::NoFragments,
-                format!("{error} (the stream exists: retrying)"),
-            ),
         }
+        Ok(_) => Error::new(
+            ErrorKind::NoFragments,
+            format!("{error} (the stream exists: retrying)"),
+        ),
     }
 }
