@@ -122,6 +122,21 @@ fn simple_tags(out: &mut Vec<u8>, tags: &[(&str, &str)]) {
     });
 }
 
+/// An EBML header (DocType matroska) and the start of a Segment of unknown size.
+fn document_start(out: &mut Vec<u8>) {
+    master(out, id::EBML, |e| {
+        uint(e, id::EBML_VERSION, 1);
+        uint(e, id::EBML_READ_VERSION, 1);
+        uint(e, id::EBML_MAX_ID_LENGTH, 4);
+        uint(e, id::EBML_MAX_SIZE_LENGTH, 8);
+        element(e, id::DOC_TYPE, b"matroska");
+        uint(e, id::DOC_TYPE_VERSION, 4);
+        uint(e, id::DOC_TYPE_READ_VERSION, 2);
+    });
+    put_id(out, id::SEGMENT);
+    out.extend_from_slice(&UNKNOWN_SIZE);
+}
+
 /// Seconds since the epoch with millisecond precision, as KVS writes its timestamp tags.
 pub(crate) fn decimal_seconds(t: SystemTime) -> String {
     let ms = crate::http::to_millis(t)
@@ -150,17 +165,7 @@ pub(crate) struct FragmentTags {
 /// (unknown size), Info, Tracks, the identity tags, Cluster (unknown size).
 pub(crate) fn fragment_head(track: &VideoTrack, tags: &FragmentTags) -> Vec<u8> {
     let mut out = Vec::with_capacity(512 + track.config.len());
-    master(&mut out, id::EBML, |e| {
-        uint(e, id::EBML_VERSION, 1);
-        uint(e, id::EBML_READ_VERSION, 1);
-        uint(e, id::EBML_MAX_ID_LENGTH, 4);
-        uint(e, id::EBML_MAX_SIZE_LENGTH, 8);
-        element(e, id::DOC_TYPE, b"matroska");
-        uint(e, id::DOC_TYPE_VERSION, 4);
-        uint(e, id::DOC_TYPE_READ_VERSION, 2);
-    });
-    put_id(&mut out, id::SEGMENT);
-    out.extend_from_slice(&UNKNOWN_SIZE);
+    document_start(&mut out);
     master(&mut out, id::INFO, |i| {
         uint(i, id::TIMECODE_SCALE, TIMECODE_SCALE_NS);
         element(i, id::MUXING_APP, b"kvs-emulator");
@@ -230,15 +235,7 @@ pub(crate) fn fragment_tail(millis_behind_now: u64, continuation_token: &str) ->
 /// An error chunk: an EBML header and a Segment holding only the error tags.
 pub(crate) fn error_chunk(code: &str, error_id: u32) -> Vec<u8> {
     let mut out = Vec::new();
-    master(&mut out, id::EBML, |e| {
-        uint(e, id::EBML_VERSION, 1);
-        uint(e, id::EBML_READ_VERSION, 1);
-        element(e, id::DOC_TYPE, b"matroska");
-        uint(e, id::DOC_TYPE_VERSION, 4);
-        uint(e, id::DOC_TYPE_READ_VERSION, 2);
-    });
-    put_id(&mut out, id::SEGMENT);
-    out.extend_from_slice(&UNKNOWN_SIZE);
+    document_start(&mut out);
     simple_tags(
         &mut out,
         &[
