@@ -512,7 +512,7 @@ async fn h265_clips_and_thumbnails_hold_exactly_the_ground_truth_frames() {
         );
         // The clip as a file, read by UriFrameSource: the same frames.
         let dir = tempdir("hevc-file");
-        let path = dir.join("clip.mp4");
+        let path = dir.0.join("clip.mp4");
         std::fs::write(&path, &mp4).unwrap();
         let from_file = tokio::task::spawn_blocking(move || {
             let source = UriFrameSource::builder("hevc-file", path.to_str().unwrap())
@@ -909,7 +909,7 @@ async fn empty_ranges_unknown_and_inactive_streams_are_typed_errors() {
     let client = KvsClient::new(&emulator.sdk_config());
     let clips = ClipExtractor::new(client.clone(), fast()).unwrap();
     let dir = tempdir("errors");
-    let path = dir.join("clip.mp4");
+    let path = dir.0.join("clip.mp4");
     let now = SystemTime::now();
 
     let future = ClipRequest::new(
@@ -1251,4 +1251,111 @@ fn tempdir(name: &str) -> TempDir {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     TempDir(dir)
+}
+
+/// (PTS, duration) of every sample of a clip's video and audio tracks, as `qtdemux` gives them.
+fn track_times(mp4: &[u8]) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+    gst::init().unwrap();
+    let dir = tempdir("track-times");
+    let path = dir.0.join("clip.mp4");
+    std::fs::write(&path, mp4).unwrap();
+    let pipeline = gst::parse::launch(&format!(
+        "filesrc location={} ! qtdemux name=d \
+         d.video_0 ! queue max-size-buffers=0 max-size-bytes=0 max-size-time=0 ! appsink name=v sync=false async=false \
+         d.audio_0 ! queue max-size-buffers=0 max-size-bytes=0 max-size-time=0 ! appsink name=a sync=false async=false",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let collect = |name: &str| {
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = pipeline
+            .by_name(name)
+            .unwrap()
+            .downcast::<gst_app::AppSink>()
+            .unwrap();
+        let o = std::sync::Arc::clone(&out);
+        sink.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |s| {
+                    let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let b = sample.buffer().unwrap();
+                    o.lock().unwrap().push((
+                        b.pts().map_or(0, |t| t.nseconds()),
+                        b.duration().map_or(0, |t| t.nseconds()),
+                    ));
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+        out
+    };
+    let video = collect("v");
+    let audio = collect("a");
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let bus = pipeline.bus().unwrap();
+    let msg = bus
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(30),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
+        .expect("end of the clip");
+    assert!(matches!(msg.view(), gst::MessageView::Eos(_)), "{msg:?}");
+    pipeline.set_state(gst::State::Null).unwrap();
+    let v = video.lock().unwrap().clone();
+    let a = audio.lock().unwrap().clone();
+    (v, a)
+}
+
+/// A stream with an AAC track 2: GetClip keeps it, and so does a clip joined from several
+/// calls: the audio is contiguous and starts and ends with the video (within one AAC frame,
+/// 21.3 ms), while the video holds exactly the ground-truth frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clips_of_streams_with_audio_keep_track_2_in_sync() {
+    let emulator = common::start(vec![
+        small("av-clip").audio(true).history(Duration::from_secs(8)),
+    ]);
+    common::wait_fragments(&emulator, "av-clip", 8, Duration::from_secs(60)).await;
+    let truth = emulator.ground_truth("av-clip");
+    let request = ClipRequest::new("av-clip", truth[1].producer_start, truth[6].producer_start);
+    let expected = expected_frames(&truth[1..=6]);
+    let frame_ns = 40_000_000u64;
+    let aac_ns = 1024 * 1_000_000_000 / 48_000;
+    for per_call in [200, 2] {
+        let clips = ClipExtractor::new(
+            KvsClient::new(&emulator.sdk_config()),
+            fast().max_fragments_per_call(per_call),
+        )
+        .unwrap();
+        let clip = clips.extract_to_bytes(&request).await.unwrap();
+        let mp4 = clip.mp4.clone();
+        let (video, audio) = tokio::task::spawn_blocking(move || track_times(&mp4))
+            .await
+            .unwrap();
+        let frames = tokio::task::spawn_blocking(move || decoded_frames(clip.mp4))
+            .await
+            .unwrap();
+        assert_eq!(frames, expected, "{per_call} fragments per call");
+        assert!(!audio.is_empty(), "{per_call}: no audio track");
+        for pair in audio.windows(2) {
+            let gap = pair[1].0 as i64 - (pair[0].0 + pair[0].1) as i64;
+            assert!(
+                gap.abs() <= 1_000_000,
+                "{per_call}: audio gap/overlap {gap} ns"
+            );
+        }
+        let v_start = video.iter().map(|v| v.0).min().unwrap();
+        let v_end = video.iter().map(|v| v.0).max().unwrap() + frame_ns;
+        let a_start = audio[0].0;
+        let a_end = audio.last().map(|a| a.0 + a.1).unwrap();
+        assert!(
+            a_start >= v_start && a_start - v_start <= aac_ns,
+            "{per_call}: audio starts at {a_start}, video at {v_start}"
+        );
+        assert!(
+            (a_end as i64 - v_end as i64).unsigned_abs() <= aac_ns,
+            "{per_call}: audio ends at {a_end}, video at {v_end}"
+        );
+    }
 }

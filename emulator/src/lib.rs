@@ -251,7 +251,7 @@ impl StreamSpec {
     /// An AAC audio track beside the video (default none), as from a camera with a
     /// microphone: KVS track 2 (`A_AAC`), mono 48 kHz, served in the same fMP4 fragments (a
     /// second `traf`, the init segment with a second `trak`) and listed in the master
-    /// playlist's `CODECS` (`mp4a.40.2`). GetClip stays video only here. The audio is encoded
+    /// playlist's `CODECS` (`mp4a.40.2`); GetClip keeps it as track 2. The audio is encoded
     /// silence, real AAC frames on the video's timeline.
     #[must_use]
     pub fn audio(mut self, enabled: bool) -> Self {

@@ -94,6 +94,8 @@ pub(crate) async fn get_clip(
             bytes += f.media.len();
             chosen.push(Arc::clone(f));
         }
+        let rate = stream.rate;
+        let with_audio = stream.audio;
         drop(streams);
         let Some(first) = chosen.first() else {
             return Err(KvsError::not_found(
@@ -104,7 +106,39 @@ pub(crate) async fn get_clip(
             .iter()
             .flat_map(|f| f.samples.iter().cloned())
             .collect();
-        let clip = mp4::progressive_mp4(&first.track, &samples);
+        // Track 2: the AAC frames of each fragment's span (KVS's clips keep the audio track).
+        let audio = match with_audio.then(crate::audio::silence) {
+            Some(Ok(silence)) => {
+                let mut frames = Vec::new();
+                let mut delay = 0;
+                for (i, f) in chosen.iter().enumerate() {
+                    let from = rate.nanos(f.first_frame);
+                    let to = rate.nanos(f.first_frame + u64::from(f.frame_count()));
+                    let (first_sample, mut part) = crate::audio::frames_for(silence, from, to);
+                    if i == 0 {
+                        let from_samples =
+                            from * u128::from(crate::audio::SAMPLE_RATE) / 1_000_000_000;
+                        delay =
+                            first_sample.saturating_sub(u64::try_from(from_samples).unwrap_or(0));
+                    }
+                    frames.append(&mut part);
+                }
+                Some((silence, frames, delay))
+            }
+            Some(Err(e)) => {
+                tracing::warn!(stream = %name, error = %e, "clip without its audio track");
+                None
+            }
+            None => None,
+        };
+        let clip_audio = audio
+            .as_ref()
+            .map(|(silence, frames, delay)| mp4::ClipAudio {
+                track: &silence.track,
+                samples: frames,
+                delay: *delay,
+            });
+        let clip = mp4::progressive_mp4_with_audio(&first.track, &samples, clip_audio.as_ref());
         Ok(with_type(clip, "video/mp4"))
     })
 }

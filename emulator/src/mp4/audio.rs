@@ -5,7 +5,30 @@
 
 use bytes::{BufMut, Bytes};
 
-use super::boxes::{saturating_u32, write_box, write_full_box};
+use super::SampleTables;
+use super::boxes::{saturating_u32, write_box, write_full_box, write_sample_tables};
+
+/// The audio track of a progressive MP4 (GetClip): its sample tables, where its samples start
+/// in the file, and how long after the video it starts.
+pub(crate) struct ProgressiveAudio<'a> {
+    /// Sample tables (chunk offsets relative to the first audio byte).
+    pub tables: &'a SampleTables,
+    /// File offset of the first audio byte.
+    pub base: u64,
+    /// `co64` instead of `stco`.
+    pub co64: bool,
+    /// Its first frame's time after the video's first, in audio ticks (an empty edit).
+    pub delay: u64,
+}
+
+impl ProgressiveAudio<'_> {
+    /// The track's duration in the movie timescale (the delay included).
+    pub(super) fn movie_duration(&self, audio: &AudioTrack, movie_timescale: u32) -> u64 {
+        let ticks = u128::from(self.delay + self.tables.duration);
+        u64::try_from(ticks * u128::from(movie_timescale) / u128::from(audio.sample_rate.max(1)))
+            .unwrap_or(u64::MAX)
+    }
+}
 
 /// Track id of the audio track (KVS: track 2).
 pub(crate) const AUDIO_TRACK_ID: u32 = 2;
@@ -31,9 +54,17 @@ pub(crate) struct AudioSample {
     pub duration: u32,
 }
 
-/// Writes the audio `trak` of an init segment (empty sample tables: samples come in movie
-/// fragments).
-pub(super) fn write_audio_trak(out: &mut Vec<u8>, audio: &AudioTrack) {
+/// Writes the audio `trak`: of an init segment (empty sample tables: samples come in movie
+/// fragments), or with `progressive` its sample tables and an edit list that starts it
+/// `delay` after the video.
+pub(super) fn write_audio_trak(
+    out: &mut Vec<u8>,
+    audio: &AudioTrack,
+    progressive: Option<&ProgressiveAudio<'_>>,
+    movie_timescale: u32,
+) {
+    let movie_duration = progressive.map_or(0, |p| p.movie_duration(audio, movie_timescale));
+    let media_duration = progressive.map_or(0, |p| p.tables.duration);
     write_box(out, b"trak", |o| {
         // tkhd, flags track_enabled | track_in_movie; volume 1.0; no width/height.
         write_full_box(o, b"tkhd", 0, 0x3, |o| {
@@ -41,7 +72,7 @@ pub(super) fn write_audio_trak(out: &mut Vec<u8>, audio: &AudioTrack) {
             o.put_u32(0); // modification_time
             o.put_u32(AUDIO_TRACK_ID);
             o.put_u32(0); // reserved
-            o.put_u32(0); // duration
+            o.put_u32(saturating_u32(movie_duration as usize)); // duration
             o.put_bytes(0, 2 * 4); // reserved
             o.put_u16(0); // layer
             o.put_u16(1); // alternate_group
@@ -53,12 +84,35 @@ pub(super) fn write_audio_trak(out: &mut Vec<u8>, audio: &AudioTrack) {
             o.put_u32(0); // width
             o.put_u32(0); // height
         });
+        if let Some(p) = progressive
+            && p.delay > 0
+        {
+            // An empty edit for the delay, then the whole media (§8.6.6).
+            let delay = u64::try_from(
+                u128::from(p.delay) * u128::from(movie_timescale)
+                    / u128::from(audio.sample_rate.max(1)),
+            )
+            .unwrap_or(0);
+            write_box(o, b"edts", |o| {
+                write_full_box(o, b"elst", 0, 0, |o| {
+                    o.put_u32(2);
+                    o.put_u32(saturating_u32(delay as usize));
+                    o.put_i32(-1);
+                    o.put_u16(1);
+                    o.put_u16(0);
+                    o.put_u32(saturating_u32(movie_duration.saturating_sub(delay) as usize));
+                    o.put_i32(0);
+                    o.put_u16(1);
+                    o.put_u16(0);
+                });
+            });
+        }
         write_box(o, b"mdia", |o| {
             write_full_box(o, b"mdhd", 0, 0, |o| {
                 o.put_u32(0);
                 o.put_u32(0);
                 o.put_u32(audio.sample_rate);
-                o.put_u32(0); // duration
+                o.put_u32(saturating_u32(media_duration as usize)); // duration
                 o.put_u16(0x55C4); // "und"
                 o.put_u16(0);
             });
@@ -81,13 +135,18 @@ pub(super) fn write_audio_trak(out: &mut Vec<u8>, audio: &AudioTrack) {
                         o.put_u32(1);
                         write_mp4a(o, audio);
                     });
-                    write_full_box(o, b"stts", 0, 0, |o| o.put_u32(0));
-                    write_full_box(o, b"stsc", 0, 0, |o| o.put_u32(0));
-                    write_full_box(o, b"stsz", 0, 0, |o| {
-                        o.put_u32(0);
-                        o.put_u32(0);
-                    });
-                    write_full_box(o, b"stco", 0, 0, |o| o.put_u32(0));
+                    match progressive {
+                        Some(p) => write_sample_tables(o, p.tables, p.base, p.co64),
+                        None => {
+                            write_full_box(o, b"stts", 0, 0, |o| o.put_u32(0));
+                            write_full_box(o, b"stsc", 0, 0, |o| o.put_u32(0));
+                            write_full_box(o, b"stsz", 0, 0, |o| {
+                                o.put_u32(0);
+                                o.put_u32(0);
+                            });
+                            write_full_box(o, b"stco", 0, 0, |o| o.put_u32(0));
+                        }
+                    }
                 });
             });
         });

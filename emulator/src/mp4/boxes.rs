@@ -63,17 +63,21 @@ pub(super) fn write_moov(
     track: &VideoTrack,
     audio: Option<&super::audio::AudioTrack>,
     layout: &Layout<'_>,
+    progressive_audio: Option<&super::audio::ProgressiveAudio<'_>>,
 ) {
     let duration = match layout {
         Layout::Fragmented => 0,
         Layout::Progressive { tables, .. } => tables.duration,
     };
+    let movie_duration = progressive_audio.zip(audio).map_or(duration, |(p, a)| {
+        duration.max(p.movie_duration(a, track.timescale))
+    });
     write_box(out, b"moov", |o| {
         let next_track = if audio.is_some() { 3 } else { TRACK_ID + 1 };
-        write_mvhd(o, track.timescale, duration, next_track);
+        write_mvhd(o, track.timescale, movie_duration, next_track);
         write_trak(o, track, duration, layout);
         if let Some(audio) = audio {
-            super::audio::write_audio_trak(o, audio);
+            super::audio::write_audio_trak(o, audio, progressive_audio, track.timescale);
         }
         if let Layout::Fragmented = layout {
             write_box(o, b"mvex", |o| {
@@ -250,7 +254,7 @@ fn write_empty_sample_tables(out: &mut Vec<u8>) {
 
 /// Writes `stts`, `ctts` (if any), `stss`, `stsc`, `stsz` and `stco`/`co64` (§8.6, §8.7),
 /// with chunk offsets moved by `base`.
-fn write_sample_tables(out: &mut Vec<u8>, t: &SampleTables, base: u64, co64: bool) {
+pub(super) fn write_sample_tables(out: &mut Vec<u8>, t: &SampleTables, base: u64, co64: bool) {
     write_full_box(out, b"stts", 0, 0, |o| {
         o.put_u32(saturating_u32(t.stts.len()));
         for &(count, delta) in &t.stts {

@@ -30,7 +30,7 @@ pub(crate) fn init_segment(track: &VideoTrack, audio: Option<&AudioTrack>) -> Ve
         b"iso5",
         &[b"iso5", b"iso6", b"mp41", b"avc1", b"dash"],
     );
-    write_moov(&mut out, track, audio, &Layout::Fragmented);
+    write_moov(&mut out, track, audio, &Layout::Fragmented, None);
     out
 }
 

@@ -28,7 +28,9 @@ pub(crate) use self::fragmented::{
     set_base_media_decode_time, tfdt_as_version_0,
 };
 use self::progressive::SampleTables;
+#[cfg(test)]
 pub(crate) use self::progressive::progressive_mp4;
+pub(crate) use self::progressive::{ClipAudio, progressive_mp4_with_audio};
 
 /// An H.264 or H.265 video track.
 #[derive(Clone, Debug, PartialEq, Eq)]

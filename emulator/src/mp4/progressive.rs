@@ -1,7 +1,16 @@
 //! The non-fragmented MP4 of GetClip (moov before mdat) and its sample tables.
 
+use super::audio::{AudioSample, AudioTrack, ProgressiveAudio};
 use super::boxes::{mdat_header_len, saturating_u32, write_ftyp, write_mdat, write_moov};
 use super::{Layout, Sample, VideoTrack};
+
+/// An audio track for [`progressive_mp4_with_audio`]: its frames and how long after the first
+/// video frame the first of them starts (audio ticks).
+pub(crate) struct ClipAudio<'a> {
+    pub track: &'a AudioTrack,
+    pub samples: &'a [AudioSample],
+    pub delay: u64,
+}
 
 /// A complete, playable, non-fragmented MP4 with moov before mdat (fast start):
 /// ftyp + moov (full sample tables: stts run-length encoded, ctts only when any offset ≠ 0
@@ -11,8 +20,19 @@ use super::{Layout, Sample, VideoTrack};
 /// Each group of pictures (a sync sample and the samples up to the next one) is one chunk.
 /// When the first presentation time is after 0 (B-frames), an edit list starts the
 /// presentation at the first composed picture, as other muxers do.
+#[cfg(test)]
 pub(crate) fn progressive_mp4(track: &VideoTrack, samples: &[Sample]) -> Vec<u8> {
-    progressive_mp4_with_stco_limit(track, samples, u64::from(u32::MAX))
+    progressive_mp4_with_stco_limit(track, samples, None, u64::from(u32::MAX))
+}
+
+/// [`progressive_mp4`] with an AAC track 2 after the video in `mdat` (one chunk per frame),
+/// started by an edit list `delay` after the video, as KVS's clips keep track 2.
+pub(crate) fn progressive_mp4_with_audio(
+    track: &VideoTrack,
+    samples: &[Sample],
+    audio: Option<&ClipAudio<'_>>,
+) -> Vec<u8> {
+    progressive_mp4_with_stco_limit(track, samples, audio, u64::from(u32::MAX))
 }
 
 /// [`progressive_mp4`], switching from `stco` to `co64` when a chunk offset exceeds
@@ -20,10 +40,25 @@ pub(crate) fn progressive_mp4(track: &VideoTrack, samples: &[Sample]) -> Vec<u8>
 pub(super) fn progressive_mp4_with_stco_limit(
     track: &VideoTrack,
     samples: &[Sample],
+    audio: Option<&ClipAudio<'_>>,
     stco_limit: u64,
 ) -> Vec<u8> {
     let tables = SampleTables::new(samples);
-    let mdat_header = mdat_header_len(tables.payload_len);
+    // The audio frames as samples (each a sync sample, its own chunk), after the video.
+    let audio_samples: Vec<Sample> = audio.map_or_else(Vec::new, |a| {
+        a.samples
+            .iter()
+            .map(|s| Sample {
+                data: s.data.clone(),
+                duration: s.duration,
+                composition_offset: 0,
+                is_sync: true,
+            })
+            .collect()
+    });
+    let audio_tables = audio.map(|_| SampleTables::new(&audio_samples));
+    let payload_len = tables.payload_len + audio_tables.as_ref().map_or(0, |t| t.payload_len);
+    let mdat_header = mdat_header_len(payload_len);
     let mut out = Vec::new();
     write_ftyp(&mut out, b"isom", &[b"isom", b"iso2", b"avc1", b"mp41"]);
     let ftyp_len = out.len();
@@ -36,11 +71,29 @@ pub(super) fn progressive_mp4_with_stco_limit(
             base,
             co64,
         };
-        write_moov(&mut moov, track, None, &layout);
+        let progressive_audio = audio_tables
+            .as_ref()
+            .zip(audio)
+            .map(|(t, a)| ProgressiveAudio {
+                tables: t,
+                base: base + tables.payload_len,
+                co64,
+                delay: a.delay,
+            });
+        write_moov(
+            &mut moov,
+            track,
+            audio.map(|a| a.track),
+            &layout,
+            progressive_audio.as_ref(),
+        );
         moov
     };
     let payload_start = |moov_len: usize| (ftyp_len + moov_len + mdat_header) as u64;
-    let last_chunk = tables.chunk_offsets.last().copied().unwrap_or(0);
+    let last_chunk = match &audio_tables {
+        Some(t) => tables.payload_len + t.chunk_offsets.last().copied().unwrap_or(0),
+        None => tables.chunk_offsets.last().copied().unwrap_or(0),
+    };
     let mut co64 = false;
     let mut moov_len = moov(0, false).len();
     if payload_start(moov_len) + last_chunk > stco_limit {
@@ -49,9 +102,14 @@ pub(super) fn progressive_mp4_with_stco_limit(
     }
     let moov = moov(payload_start(moov_len), co64);
 
-    out.reserve(moov.len() + mdat_header + tables.payload_len as usize);
+    out.reserve(moov.len() + mdat_header + payload_len as usize);
     out.extend_from_slice(&moov);
-    write_mdat(&mut out, samples, tables.payload_len);
+    if audio_samples.is_empty() {
+        write_mdat(&mut out, samples, payload_len);
+    } else {
+        let all: Vec<Sample> = samples.iter().chain(&audio_samples).cloned().collect();
+        write_mdat(&mut out, &all, payload_len);
+    }
     out
 }
 

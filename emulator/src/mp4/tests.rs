@@ -356,7 +356,7 @@ fn progressive_mp4_decodes_every_frame_with_its_duration() {
 #[test]
 fn progressive_mp4_with_co64_decodes_every_frame() {
     let enc = zerolatency();
-    let file = progressive_mp4_with_stco_limit(&enc.track, &enc.samples, 0);
+    let file = progressive_mp4_with_stco_limit(&enc.track, &enc.samples, None, 0);
     let stbl = find(&file, &[b"moov", b"trak", b"mdia", b"minf", b"stbl"]);
     let co64 = find(stbl, &[b"co64"]);
     assert_eq!(be_u32(&co64[4..]), 3, "one chunk per group of pictures");

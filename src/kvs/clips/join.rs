@@ -1,6 +1,8 @@
 //! Joining the parts of a clip without re-encoding: each part is demuxed by `qtdemux`, its
-//! video samples are re-timed to follow the previous part and appended to one `mp4mux`
-//! ([`Muxer`]); the first key frame is kept for the thumbnail.
+//! video samples (and audio, track 2, when the clip has it) are re-timed to follow the previous
+//! part and appended to one `mp4mux` ([`Muxer`]); the first key frame is kept for the
+//! thumbnail. Audio moves with the video by the same shift, so it stays in sync; audio of a
+//! part's repeated (skipped) start is skipped with it.
 
 use std::path::Path;
 
@@ -19,16 +21,23 @@ pub(super) struct Keyframe {
     pub(super) buffer: gst::Buffer,
 }
 
-/// `appsrc ! mp4mux faststart=true ! filesink`, fed with the parts' samples.
+/// `appsrc ! mp4mux faststart=true ! filesink` (and a second `appsrc` for the audio when the
+/// first part has it), fed with the parts' samples.
 pub(super) struct Muxer {
     pipeline: gst::Pipeline,
     src: gst_app::AppSrc,
+    audio: Option<gst_app::AppSrc>,
     caps: gst::Caps,
     pub(super) keyframe: Option<Keyframe>,
 }
 
 impl Muxer {
-    fn new(caps: &gst::Caps, out: &Path, faststart: &Path) -> Result<Muxer> {
+    fn new(
+        caps: &gst::Caps,
+        audio_caps: Option<&gst::Caps>,
+        out: &Path,
+        faststart: &Path,
+    ) -> Result<Muxer> {
         let pipeline = gst::Pipeline::with_name("kvs-clip-mux");
         let src = gst_app::AppSrc::builder()
             .caps(caps)
@@ -57,9 +66,36 @@ impl Muxer {
             Error::new(ErrorKind::Pipeline, format!("cannot link to mp4mux: {e:?}"))
         })?;
         mux.link(&sink)?;
+        let audio = match audio_caps {
+            Some(audio_caps) => {
+                let asrc = gst_app::AppSrc::builder()
+                    .caps(audio_caps)
+                    .format(gst::Format::Time)
+                    .is_live(false)
+                    .block(true)
+                    .max_bytes(1024 * 1024)
+                    .build();
+                pipeline.add(&asrc)?;
+                let pad = mux
+                    .request_pad_simple("audio_%u")
+                    .ok_or_else(|| Error::new(ErrorKind::Pipeline, "mp4mux has no audio pad"))?;
+                asrc.static_pad("src")
+                    .ok_or_else(|| Error::new(ErrorKind::Internal, "appsrc without a src pad"))?
+                    .link(&pad)
+                    .map_err(|e| {
+                        Error::new(
+                            ErrorKind::Pipeline,
+                            format!("cannot link the audio to mp4mux: {e:?}"),
+                        )
+                    })?;
+                Some(asrc)
+            }
+            None => None,
+        };
         let muxer = Muxer {
             pipeline,
             src,
+            audio,
             caps: caps.clone(),
             keyframe: None,
         };
@@ -80,8 +116,30 @@ impl Muxer {
         })
     }
 
+    fn push_audio(&self, buffer: gst::Buffer) -> Result<()> {
+        let Some(audio) = &self.audio else {
+            return Ok(());
+        };
+        audio.push_buffer(buffer).map(|_| ()).map_err(|flow| {
+            bus_error(&self.pipeline).unwrap_or_else(|| {
+                Error::new(
+                    ErrorKind::Pipeline,
+                    format!("the MP4 muxer refused an audio sample ({flow:?})"),
+                )
+            })
+        })
+    }
+
     /// EOS, then waits until the file is complete.
     pub(super) fn finish(self) -> Result<()> {
+        if let Some(audio) = &self.audio {
+            audio.end_of_stream().map_err(|flow| {
+                Error::new(
+                    ErrorKind::Pipeline,
+                    format!("the MP4 muxer refused the audio's end of stream ({flow:?})"),
+                )
+            })?;
+        }
         self.src.end_of_stream().map_err(|flow| {
             Error::new(
                 ErrorKind::Pipeline,
@@ -189,48 +247,129 @@ pub(super) struct PartReport {
     pub(super) keys: Vec<SampleKey>,
 }
 
-/// The video samples of the part file `part`, in order, each with its caps, through `f`.
-fn demux(part: &Path, mut f: impl FnMut(gst::Caps, gst::Buffer) -> Result<()>) -> Result<()> {
+/// Which track of a part a sample belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Video,
+    Audio,
+}
+
+/// What the demux thread hands over: the audio track's caps (when its pad appears, before
+/// any sample), a sample, or the end of a track.
+enum Item {
+    AudioTrack(gst::Caps),
+    Sample(Kind, gst::Sample),
+    Eos(Kind),
+}
+
+/// An appsink for one track that hands its samples to `tx` (both tracks' sinks feed one
+/// channel, so a full audio queue never waits on a video pull, or the other way round).
+fn track_sink(kind: Kind, tx: std::sync::mpsc::SyncSender<Item>) -> gst_app::AppSink {
+    let eos_tx = tx.clone();
+    let sink = gst_app::AppSink::builder()
+        .sync(false)
+        .max_buffers(64)
+        .drop(false)
+        .callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    tx.send(Item::Sample(kind, sample))
+                        .map_err(|_| gst::FlowError::Flushing)?;
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .eos(move |_| {
+                    let _ = eos_tx.send(Item::Eos(kind));
+                })
+                .build(),
+        )
+        .build();
+    // Not part of the preroll: a part without audio leaves the audio sink without data, which
+    // would otherwise hold the pipeline in PAUSED (and the video sink's first buffer with it).
+    sink.set_property("async", false);
+    sink
+}
+
+/// The video samples of the part file `part` (and its audio samples, interleaved by time as
+/// `qtdemux` gives them), each with its caps, through `f`.
+fn demux(part: &Path, mut f: impl FnMut(Kind, gst::Caps, gst::Buffer) -> Result<()>) -> Result<()> {
     let pipeline = gst::Pipeline::with_name("kvs-clip-demux");
     let src = make_with("filesrc", |b| {
         b.property("location", part.to_string_lossy().into_owned())
     })?;
     let demux = make("qtdemux")?;
-    let sink = gst_app::AppSink::builder()
-        .sync(false)
-        .max_buffers(64)
-        .drop(false)
-        .build();
-    pipeline.add_many([&src, &demux, sink.upcast_ref()])?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Item>(128);
+    let video_sink = track_sink(Kind::Video, tx.clone());
+    let audio_sink = track_sink(Kind::Audio, tx.clone());
+    pipeline.add_many([
+        &src,
+        &demux,
+        video_sink.upcast_ref(),
+        audio_sink.upcast_ref(),
+    ])?;
     src.link(&demux)?;
-    let sink_pad = sink
-        .static_pad("sink")
-        .ok_or_else(|| Error::new(ErrorKind::Internal, "appsink without a sink pad"))?;
+    let pad_of = |sink: &gst_app::AppSink| {
+        sink.static_pad("sink")
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "appsink without a sink pad"))
+    };
+    let video_pad = pad_of(&video_sink)?;
+    let audio_pad = pad_of(&audio_sink)?;
+    let audio_linked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let linked = std::sync::Arc::clone(&audio_linked);
     demux.connect_pad_added(move |_, pad| {
-        let is_video = pad
+        let name = pad
             .current_caps()
             .or_else(|| Some(pad.query_caps(None)))
-            .and_then(|c| c.structure(0).map(|s| s.name().starts_with("video/")))
-            .unwrap_or(false);
-        if is_video && !sink_pad.is_linked() {
-            let _ = pad.link(&sink_pad);
+            .and_then(|c| c.structure(0).map(|s| s.name().to_string()))
+            .unwrap_or_default();
+        if name.starts_with("video/") && !video_pad.is_linked() {
+            let _ = pad.link(&video_pad);
+        } else if name.starts_with("audio/")
+            && !audio_pad.is_linked()
+            && pad.link(&audio_pad).is_ok()
+        {
+            linked.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(caps) = pad.current_caps() {
+                let _ = tx.try_send(Item::AudioTrack(caps));
+            }
         }
     });
     let _stop = StopOnDrop(pipeline.clone());
     if let Err(e) = pipeline.set_state(gst::State::Playing) {
         return Err(bus_error(&pipeline).unwrap_or_else(|| Error::from(e)));
     }
+    let mut video_done = false;
+    let mut audio_done = false;
+    // A part without audio: the audio sink never sees data, but gets EOS with the pipeline.
     loop {
-        let Some(sample) = sink.try_pull_sample(GST_TIMEOUT) else {
-            if sink.is_eos() {
-                break;
+        if video_done && (audio_done || !audio_linked.load(std::sync::atomic::Ordering::SeqCst)) {
+            break;
+        }
+        let item = match rx.recv_timeout(GST_TIMEOUT.into()) {
+            Ok(item) => item,
+            Err(_) => {
+                return Err(bus_error(&pipeline).unwrap_or_else(|| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!("demuxing {} produced nothing in time", part.display()),
+                    )
+                }));
             }
-            return Err(bus_error(&pipeline).unwrap_or_else(|| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!("demuxing {} produced nothing in time", part.display()),
-                )
-            }));
+        };
+        let (kind, sample) = match item {
+            Item::AudioTrack(caps) => {
+                f(Kind::Audio, caps, gst::Buffer::new())?;
+                continue;
+            }
+            Item::Eos(Kind::Video) => {
+                video_done = true;
+                continue;
+            }
+            Item::Eos(Kind::Audio) => {
+                audio_done = true;
+                continue;
+            }
+            Item::Sample(kind, sample) => (kind, sample),
         };
         let caps = sample
             .caps()
@@ -239,7 +378,7 @@ fn demux(part: &Path, mut f: impl FnMut(gst::Caps, gst::Buffer) -> Result<()>) -
         let Some(buffer) = sample.buffer_owned() else {
             continue;
         };
-        f(caps, buffer)?;
+        f(kind, caps, buffer)?;
     }
     if let Some(err) = bus_error(&pipeline) {
         return Err(err.context(format!("demuxing {}", part.display())));
@@ -262,7 +401,10 @@ pub(super) fn scan_part(part: &Path) -> Result<PartScan> {
     let mut keys = Vec::new();
     let mut span = Span::default();
     let mut last_keyframe = None;
-    demux(part, |_, buffer| {
+    demux(part, |kind, _, buffer| {
+        if kind == Kind::Audio {
+            return Ok(());
+        }
         let key = SampleKey::of(&buffer)?;
         if key.keyframe {
             last_keyframe = buffer.pts().or(buffer.dts()).or(last_keyframe);
@@ -323,7 +465,25 @@ pub(super) fn append_part(
     let mut frames = 0u64;
     let mut keyframes = 0u64;
     let mut keys = Vec::new();
-    demux(part, |caps, buffer| {
+    // Audio that comes before the part's first appended video sample: kept until that
+    // sample's time (the shift's origin) is known.
+    let mut early_audio: Vec<(gst::Caps, gst::Buffer)> = Vec::new();
+    let mut audio_caps: Option<gst::Caps> = None;
+    demux(part, |kind, caps, buffer| {
+        if kind == Kind::Audio {
+            audio_caps.get_or_insert_with(|| caps.clone());
+            // The track's caps alone (an empty buffer, before any sample).
+            if buffer.size() == 0 && buffer.pts().is_none() {
+                return Ok(());
+            }
+            match (origin, muxer.as_ref()) {
+                (Some(first), Some(m)) => {
+                    push_audio_shifted(m, &buffer, first, offset)?;
+                }
+                _ => early_audio.push((caps, buffer)),
+            }
+            return Ok(());
+        }
         let key = SampleKey::of(&buffer)?;
         keys.push(key);
         whole.add(&buffer);
@@ -344,7 +504,15 @@ pub(super) fn append_part(
                 }
                 m
             }
-            None => Muxer::new(&caps, out, faststart)?,
+            None => {
+                // The clip has audio if its first part has (mp4mux takes no pad once data
+                // flows): qtdemux adds every pad before the first sample, and interleaves by
+                // time, so track 2's caps are known by now when it exists.
+                let audio = audio_caps
+                    .clone()
+                    .or_else(|| early_audio.first().map(|(c, _)| c.clone()));
+                Muxer::new(&caps, audio.as_ref(), out, faststart)?
+            }
         };
         let muxer_ref = muxer.insert(current);
         appended.add(&buffer);
@@ -371,6 +539,10 @@ pub(super) fn append_part(
         }
         muxer_ref.push(out_buffer)?;
         frames += 1;
+        // Audio that waited for the origin: what starts at or after it goes in.
+        for (_, a) in early_audio.drain(..) {
+            push_audio_shifted(muxer_ref, &a, first, offset)?;
+        }
         Ok(())
     })?;
     if keys.is_empty() {
@@ -389,6 +561,29 @@ pub(super) fn append_part(
             keys,
         },
     ))
+}
+
+/// Appends an audio sample of a part, moved like the part's video (`first` → `offset`); audio
+/// before `first` belongs to the part's skipped start and is dropped.
+fn push_audio_shifted(
+    muxer: &Muxer,
+    buffer: &gst::Buffer,
+    first: gst::ClockTime,
+    offset: gst::ClockTime,
+) -> Result<()> {
+    let Some(pts) = buffer.pts().or(buffer.dts()) else {
+        return Ok(());
+    };
+    let Some(since) = pts.checked_sub(first) else {
+        return Ok(());
+    };
+    let mut out = buffer.copy();
+    {
+        let b = out.make_mut();
+        b.set_pts(since + offset);
+        b.set_dts(since + offset);
+    }
+    muxer.push_audio(out)
 }
 
 /// Sets a pipeline to NULL when dropped.

@@ -32,7 +32,9 @@
 //! queues are bounded. Disk needs about twice the clip size while it is written (the part being
 //! joined, the clip, and `mp4mux`'s `faststart` temporary file that puts the index first).
 //!
-//! Only the video track is kept. All fragments of a clip must share one codec configuration
+//! The video track is kept, and an audio track (KVS track 2) when the clip's first part has
+//! one: moved with the video at every join, so it stays in sync. All fragments of a clip must
+//! share one codec configuration
 //! (SPS/PPS): a clip across a resolution change fails with [`ErrorKind::UnsupportedMedia`].
 //!
 //! ```no_run
