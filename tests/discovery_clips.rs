@@ -1253,8 +1253,11 @@ fn tempdir(name: &str) -> TempDir {
     TempDir(dir)
 }
 
-/// (PTS, duration) of every sample of a clip's video and audio tracks, as `qtdemux` gives them.
-fn track_times(mp4: &[u8]) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+/// (PTS, duration) in nanoseconds of each sample of a track.
+type Times = Vec<(u64, u64)>;
+
+/// The samples of a clip's video and audio tracks, as `qtdemux` gives them.
+fn track_times(mp4: &[u8]) -> (Times, Times) {
     gst::init().unwrap();
     let dir = tempdir("track-times");
     let path = dir.0.join("clip.mp4");

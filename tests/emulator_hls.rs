@@ -1052,3 +1052,140 @@ async fn mpeg_ts_sessions_serve_transport_streams_that_tsdemux_decodes() {
     let refused = get(&resolve(&fmp4_media, &first)).await.unwrap();
     assert_eq!(refused.status, 400, "{}", refused.text());
 }
+
+/// Decodes audio-only MP4 bytes (init + fragments) with `decodebin`: the total duration of
+/// the decoded audio, and how many buffers.
+fn decoded_audio(data: &[u8]) -> (Duration, usize) {
+    use gstreamer as gst;
+    use gstreamer::prelude::*;
+    gst::init().unwrap();
+    let pipeline = gst::parse::launch(
+        "appsrc name=src format=bytes ! decodebin ! audioconvert ! appsink name=sink sync=false",
+    )
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let src = pipeline
+        .by_name("src")
+        .unwrap()
+        .downcast::<gstreamer_app::AppSrc>()
+        .unwrap();
+    let sink = pipeline
+        .by_name("sink")
+        .unwrap()
+        .downcast::<gstreamer_app::AppSink>()
+        .unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    src.push_buffer(gst::Buffer::from_slice(data.to_vec()))
+        .unwrap();
+    src.end_of_stream().unwrap();
+    let mut total = Duration::ZERO;
+    let mut buffers = 0;
+    while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(10)) {
+        let b = sample.buffer().unwrap();
+        total += Duration::from_nanos(b.duration().map_or(0, |d| d.nseconds()));
+        buffers += 1;
+    }
+    pipeline.set_state(gst::State::Null).unwrap();
+    (total, buffers)
+}
+
+/// `AudioLayout::SeparateRendition`: the master playlist points at an audio rendition
+/// (`EXT-X-MEDIA:TYPE=AUDIO`, `TrackNumber=2`) whose init and fragments hold the AAC track
+/// alone and decode to the fragments' span; the variant's fragments hold the video alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_audio_rendition_has_its_own_playlist_and_fragments() {
+    let emulator = common::start(vec![
+        small("av-sep").audio_layout(kvs_emulator::AudioLayout::SeparateRendition),
+    ]);
+    common::wait_fragments(&emulator, "av-sep", 3, Duration::from_secs(20)).await;
+    let media = common::media(&emulator, "av-sep").await;
+    let master_url = common::session(&media, "av-sep", &SessionParams::default())
+        .await
+        .unwrap();
+    let text = get(&master_url).await.unwrap().text();
+    assert!(text.contains("#EXT-X-MEDIA:TYPE=AUDIO"), "{text}");
+    assert!(text.contains("AUDIO=\"audio\""), "{text}");
+    let master = common::parse_master(&text);
+    let audio_uri = master
+        .alternatives
+        .iter()
+        .find_map(|m| m.uri.clone())
+        .expect("the audio rendition's URI");
+    assert!(audio_uri.contains("TrackNumber=2"), "{audio_uri}");
+    let count = |data: &[u8], kind: &[u8]| data.windows(4).filter(|w| *w == kind).count();
+    // The variant: video alone.
+    let video_url = common::media_playlist_url(&master_url).await;
+    let video = common::parse_media(&get(&video_url).await.unwrap().text());
+    let map = video.segments[0]
+        .map
+        .as_ref()
+        .expect("EXT-X-MAP")
+        .uri
+        .clone();
+    let init = get(&resolve(&video_url, &map)).await.unwrap().body;
+    assert_eq!(count(&init, b"trak"), 1);
+    assert_eq!(count(&init, b"mp4a"), 0);
+    let fragment = get(&resolve(&video_url, &video.segments[0].uri))
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(count(&fragment, b"traf"), 1);
+    // The rendition: audio alone, the same fragments' spans.
+    let audio_url = resolve(&master_url, &audio_uri);
+    let audio = common::parse_media(&get(&audio_url).await.unwrap().text());
+    assert_eq!(
+        audio
+            .segments
+            .iter()
+            .map(|s| s.program_date_time)
+            .collect::<Vec<_>>(),
+        video
+            .segments
+            .iter()
+            .map(|s| s.program_date_time)
+            .collect::<Vec<_>>()
+    );
+    let map = audio.segments[0]
+        .map
+        .as_ref()
+        .expect("EXT-X-MAP")
+        .uri
+        .clone();
+    assert!(map.contains("TrackNumber=2"), "{map}");
+    let mut data = get(&resolve(&audio_url, &map)).await.unwrap().body;
+    assert_eq!(count(&data, b"trak"), 1);
+    assert_eq!(count(&data, b"mp4a"), 1);
+    let mut span = Duration::ZERO;
+    for segment in &audio.segments {
+        let body = get(&resolve(&audio_url, &segment.uri)).await.unwrap();
+        assert_eq!(body.status, 200, "{}", body.text());
+        assert_eq!(count(&body.body, b"traf"), 1);
+        data.extend_from_slice(&body.body);
+        span += Duration::from_secs_f64(f64::from(segment.duration));
+    }
+    let (decoded, buffers) = tokio::task::spawn_blocking(move || decoded_audio(&data))
+        .await
+        .unwrap();
+    assert!(buffers > 0);
+    let diff = decoded.abs_diff(span);
+    assert!(
+        diff <= Duration::from_millis(22) * audio.segments.len() as u32,
+        "decoded {decoded:?} of audio for {span:?} of fragments"
+    );
+    // Track 2 does not exist where the audio is muxed.
+    let muxed = common::start(vec![small("av-mux").audio(true)]);
+    let muxed_media = common::media(&muxed, "av-mux").await;
+    let url = common::session(&muxed_media, "av-mux", &SessionParams::default())
+        .await
+        .unwrap();
+    let muxed_media_url = common::media_playlist_url(&url).await;
+    assert!(
+        muxed_media_url.contains("TrackNumber=1"),
+        "{muxed_media_url}"
+    );
+    let refused = get(&muxed_media_url.replace("TrackNumber=1", "TrackNumber=2"))
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 400, "{}", refused.text());
+}

@@ -2353,3 +2353,15 @@ fn mpeg_ts_sessions_deliver_every_frame_with_exact_producer_times() {
         );
     }
 }
+
+/// A stream whose audio is a separate HLS rendition: the reader follows the video variant and
+/// delivers every frame at its producer time.
+#[test]
+fn a_separate_audio_rendition_leaves_the_video_exact() {
+    let emulator = common::start(vec![
+        common::small("sep").audio_layout(kvs_emulator::AudioLayout::SeparateRendition),
+    ]);
+    let source = source(&emulator, "sep").build().unwrap();
+    let frames = take(&source, 50, Duration::from_secs(15));
+    assert_exact(&emulator, "sep", &frames);
+}

@@ -220,6 +220,21 @@ pub struct StreamSpec {
     pub(crate) b_frames: u32,
     pub(crate) offsets: CompositionOffsets,
     pub(crate) audio: bool,
+    pub(crate) audio_layout: AudioLayout,
+}
+
+/// How an HLS session presents a stream's audio track (KVS does not document it: see
+/// docs/emulator.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AudioLayout {
+    /// Track 2 inside the same fMP4 fragments as the video (a second `traf`). The default.
+    #[default]
+    Muxed,
+    /// A separate rendition: the master playlist's `EXT-X-MEDIA:TYPE=AUDIO` points at a media
+    /// playlist of its own (`TrackNumber=2`) with audio-only init and media fragments; the
+    /// variant's fragments hold the video alone.
+    SeparateRendition,
 }
 
 impl StreamSpec {
@@ -246,6 +261,7 @@ impl StreamSpec {
             b_frames: 0,
             offsets: CompositionOffsets::Positive,
             audio: false,
+            audio_layout: AudioLayout::Muxed,
         }
     }
     /// An AAC audio track beside the video (default none), as from a camera with a
@@ -256,6 +272,15 @@ impl StreamSpec {
     #[must_use]
     pub fn audio(mut self, enabled: bool) -> Self {
         self.audio = enabled;
+        self
+    }
+
+    /// How HLS presents the audio track (default [`AudioLayout::Muxed`]); implies
+    /// [`audio(true)`](Self::audio).
+    #[must_use]
+    pub fn audio_layout(mut self, layout: AudioLayout) -> Self {
+        self.audio = true;
+        self.audio_layout = layout;
         self
     }
     /// B-frames between reference frames (0–3, H.264; default 0): fragments hold their

@@ -107,6 +107,8 @@ pub(crate) struct StoredFragment {
     pub timescale: u32,
     /// The frames as GetMedia writes them (decode order, presentation offsets).
     pub blocks: Vec<Arc<LiveFrame>>,
+    /// The AAC frames of the fragment's span (streams with audio).
+    pub audio_frames: Vec<mp4::AudioSample>,
 }
 
 impl StoredFragment {
@@ -137,6 +139,8 @@ pub(crate) struct StreamState {
     pub tfdt_version_0: bool,
     /// An AAC track beside the video.
     pub audio: bool,
+    /// The audio as a separate HLS rendition (`TrackNumber=2`) instead of inside the fragments.
+    pub audio_separate: bool,
     pub camera_start: SystemTime,
     pub fragments: VecDeque<Arc<StoredFragment>>,
     pub ground_truth: Vec<FragmentRecord>,
@@ -319,6 +323,7 @@ impl State {
                 decode_time_origin,
                 tfdt_version_0: false,
                 audio: false,
+                audio_separate: false,
                 camera_start: SystemTime::now(),
                 fragments: VecDeque::new(),
                 ground_truth: Vec::new(),
@@ -349,6 +354,7 @@ impl State {
         if let Some(stream) = state.streams.lock().get_mut(&spec.name) {
             stream.tfdt_version_0 = spec.tfdt_version_0;
             stream.audio = spec.audio;
+            stream.audio_separate = spec.audio_layout == super::AudioLayout::SeparateRendition;
         }
         if !spec.camera {
             return Ok(());
@@ -529,11 +535,17 @@ impl State {
             }
             None => None,
         };
+        // A separate audio rendition: the fragments hold the video alone.
+        let muxed = if stream.audio_separate {
+            None
+        } else {
+            audio.as_ref()
+        };
         let init = match stream.fragments.back() {
             Some(prev) if !new_codec => prev.init.clone(),
             _ => Bytes::from(mp4::init_segment(
                 &fragment.track,
-                audio.as_ref().map(|(s, _, _)| &s.track),
+                muxed.map(|(s, _, _)| &s.track),
             )),
         };
         let index = stream.next_index;
@@ -543,7 +555,7 @@ impl State {
             sequence,
             fragment.decode_time,
             &fragment.samples,
-            audio.as_ref().map(|(_, t, f)| (*t, f.as_slice())),
+            muxed.map(|(_, t, f)| (*t, f.as_slice())),
         ));
         let audio_decode_time = audio.as_ref().map(|(_, t, _)| *t);
         // The server clock is right; a shifted producer clock only moves producer timestamps.
@@ -569,6 +581,7 @@ impl State {
             samples: fragment.samples,
             audio_decode_time,
             blocks,
+            audio_frames: audio.map(|(_, _, f)| f).unwrap_or_default(),
         });
         stream.ground_truth.push(FragmentRecord {
             index,

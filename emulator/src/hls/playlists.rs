@@ -87,6 +87,7 @@ fn media_playlist(
     session: &Session,
     stream: &StreamState,
     token: &str,
+    audio_rendition: bool,
 ) -> Result<String, KvsError> {
     let (list, complete) = playlist_fragments(session, stream)?;
     let token = encode_query_value(token);
@@ -137,7 +138,16 @@ fn media_playlist(
         if discontinuity {
             let _ = writeln!(out, "#EXT-X-DISCONTINUITY");
         }
-        if !session.mpeg_ts && previous_generation != Some(f.codec_generation) {
+        if audio_rendition {
+            // One audio configuration: one init segment.
+            if previous_generation.is_none() {
+                let _ = writeln!(
+                    out,
+                    "#EXT-X-MAP:URI=\"getMP4InitFragment.mp4?SessionToken={token}&TrackNumber=2\""
+                );
+                previous_generation = Some(f.codec_generation);
+            }
+        } else if !session.mpeg_ts && previous_generation != Some(f.codec_generation) {
             if f.codec_generation == session.base_generation {
                 let _ = writeln!(
                     out,
@@ -164,9 +174,10 @@ fn media_playlist(
         } else {
             "getMP4MediaFragment.mp4"
         };
+        let track = if audio_rendition { 2 } else { 1 };
         let _ = writeln!(
             out,
-            "{segment}?FragmentNumber={local}&SessionToken={token}&TrackNumber=1"
+            "{segment}?FragmentNumber={local}&SessionToken={token}&TrackNumber={track}"
         );
     }
     if complete {
@@ -223,6 +234,13 @@ fn master_playlist(
         .max()
         .unwrap_or(1_000_000);
     let fps = f64::from(newest.frame_count()) / newest.duration.as_secs_f64().max(0.001);
+    if stream.audio_separate && newest.audio_decode_time.is_some() && !session.mpeg_ts {
+        let token = encode_query_value(token);
+        return Ok(format!(
+            "#EXTM3U\n#EXT-X-VERSION:4\n#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID=\"audio\",NAME=\"Track 2\",DEFAULT=YES,AUTOSELECT=YES,URI=\"getHLSMediaPlaylist.m3u8?SessionToken={token}&TrackNumber=2\"\n#EXT-X-STREAM-INF:CODECS=\"{codecs}\",RESOLUTION={}x{},FRAME-RATE={fps:.1},BANDWIDTH={bandwidth},AUDIO=\"audio\"\ngetHLSMediaPlaylist.m3u8?SessionToken={token}&TrackNumber=1\n",
+            newest.track.width, newest.track.height
+        ));
+    }
     Ok(format!(
         "#EXTM3U\n#EXT-X-VERSION:1\n#EXT-X-STREAM-INF:CODECS=\"{codecs}\",RESOLUTION={}x{},FRAME-RATE={fps:.1},BANDWIDTH={bandwidth}\ngetHLSMediaPlaylist.m3u8?SessionToken={}&TrackNumber=1\n",
         newest.track.width,
@@ -253,7 +271,8 @@ pub(crate) async fn media(
         &params,
         |session, stream| {
             let token = params.get("SessionToken").map_or("", String::as_str);
-            media_playlist(session, stream, token)
+            let audio = params.get("TrackNumber").is_some_and(|t| t == "2");
+            media_playlist(session, stream, token, audio)
         },
     )
     .map(|(text, failure)| faulted(Bytes::from(text), failure, "application/x-mpegURL"));

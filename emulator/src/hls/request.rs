@@ -32,11 +32,6 @@ pub(super) fn with_session<T>(
             "The SessionToken query parameter is missing",
         )
     })?;
-    if let Some(track) = params.get("TrackNumber").filter(|t| *t != "1") {
-        return Err(KvsError::invalid_argument(format!(
-            "TrackNumber {track} does not exist in this session"
-        )));
-    }
     let mut sessions = state.sessions.lock();
     let session = sessions.get_mut(token).ok_or_else(|| {
         KvsError::new(
@@ -62,6 +57,15 @@ pub(super) fn with_session<T>(
     let stream = streams
         .get_mut(&session.stream)
         .ok_or_else(|| KvsError::stream_not_found(&session.stream))?;
+    // Track 1 is the video; track 2 is a playlist of its own only for a separate audio
+    // rendition.
+    if let Some(track) = params.get("TrackNumber").filter(|t| *t != "1")
+        && !(track == "2" && stream.audio && stream.audio_separate && !session.mpeg_ts)
+    {
+        return Err(KvsError::invalid_argument(format!(
+            "TrackNumber {track} does not exist in this session"
+        )));
+    }
     if stream.faults.throttled() || !session.admit(kind) {
         return Err(KvsError::throttled());
     }

@@ -47,6 +47,10 @@ pub(crate) async fn init(
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let result = with_session(&state, HlsRequest::Init, &params, |session, stream| {
+        if params.get("TrackNumber").is_some_and(|t| t == "2") {
+            let silence = crate::audio::silence().map_err(|_| KvsError::internal())?;
+            return Ok(Bytes::from(mp4::audio_init_segment(&silence.track)));
+        }
         let fragment = match fragment_by_local(session, stream, &params)? {
             Some(f) => f,
             None => stream
@@ -78,6 +82,28 @@ pub(crate) async fn fragment(
         let fragment = fragment_by_local(session, stream, &params)?.ok_or_else(|| {
             KvsError::invalid_argument("The FragmentNumber query parameter is missing")
         })?;
+        if params.get("TrackNumber").is_some_and(|t| t == "2") {
+            // The separate audio rendition: the fragment's AAC frames alone.
+            let time = fragment.audio_decode_time.unwrap_or(0);
+            let origin = session.decode_origin.map_or(0, |origin| {
+                u64::try_from(
+                    u128::from(origin) * u128::from(crate::audio::SAMPLE_RATE)
+                        / u128::from(fragment.timescale.max(1)),
+                )
+                .unwrap_or(0)
+            });
+            let sequence = u32::try_from(fragment.index % u64::from(u32::MAX)).unwrap_or(0) + 1;
+            let media = Bytes::from(mp4::audio_media_segment(
+                sequence,
+                time.saturating_sub(origin),
+                &fragment.audio_frames,
+            ));
+            return Ok((
+                media,
+                stream.faults.reset_fragments(),
+                stream.faults.stall(),
+            ));
+        }
         let media = match session.decode_origin {
             Some(origin) => {
                 let mut bytes = fragment.media.to_vec();
@@ -86,7 +112,10 @@ pub(crate) async fn fragment(
                     fragment.decode_time.saturating_sub(origin),
                 );
                 // The audio track moves by the same time, in its own ticks.
-                if let Some(audio) = fragment.audio_decode_time {
+                if let Some(audio) = fragment
+                    .audio_decode_time
+                    .filter(|_| !stream.audio_separate)
+                {
                     let origin_audio = u64::try_from(
                         u128::from(origin) * u128::from(crate::audio::SAMPLE_RATE)
                             / u128::from(fragment.timescale.max(1)),

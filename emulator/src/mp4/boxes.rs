@@ -107,7 +107,7 @@ fn put_wide(out: &mut Vec<u8>, wide: bool, value: u64) {
 }
 
 /// Writes `mvhd` (§8.2.2); version 1 only when `duration` needs 64 bits.
-fn write_mvhd(out: &mut Vec<u8>, timescale: u32, duration: u64, next_track: u32) {
+pub(super) fn write_mvhd(out: &mut Vec<u8>, timescale: u32, duration: u64, next_track: u32) {
     let wide = duration > u64::from(u32::MAX);
     write_full_box(out, b"mvhd", u8::from(wide), 0, |o| {
         put_wide(o, wide, 0); // creation_time

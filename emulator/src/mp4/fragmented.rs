@@ -128,6 +128,72 @@ pub(crate) fn media_segment_with_audio(
     out
 }
 
+/// The init segment of a separate audio rendition: ftyp + moov (mvhd in audio ticks, the
+/// audio `trak` alone, mvex with its `trex`).
+pub(crate) fn audio_init_segment(audio: &AudioTrack) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    write_ftyp(&mut out, b"iso5", &[b"iso5", b"iso6", b"mp41", b"dash"]);
+    write_box(&mut out, b"moov", |o| {
+        super::boxes::write_mvhd(o, audio.sample_rate, 0, AUDIO_TRACK_ID + 1);
+        super::audio::write_audio_trak(o, audio, None, audio.sample_rate);
+        write_box(o, b"mvex", |o| {
+            write_full_box(o, b"trex", 0, 0, |o| {
+                o.put_u32(AUDIO_TRACK_ID);
+                o.put_u32(1);
+                o.put_u32(0);
+                o.put_u32(0);
+                o.put_u32(0);
+            });
+        });
+    });
+    out
+}
+
+/// A media segment of a separate audio rendition: moof{mfhd, traf (track 2, tfdt in audio
+/// ticks, trun)} + mdat of its AAC frames.
+pub(crate) fn audio_media_segment(
+    sequence_number: u32,
+    decode_time: u64,
+    frames: &[AudioSample],
+) -> Vec<u8> {
+    let payload_len: u64 = frames.iter().map(|s| s.data.len() as u64).sum();
+    let mut out = Vec::with_capacity(128 + 8 * frames.len() + payload_len as usize);
+    let mut offset_at = 0;
+    write_box(&mut out, b"moof", |o| {
+        write_full_box(o, b"mfhd", 0, 0, |o| o.put_u32(sequence_number));
+        write_box(o, b"traf", |o| {
+            write_full_box(o, b"tfhd", 0, TFHD_DEFAULT_BASE_IS_MOOF, |o| {
+                o.put_u32(AUDIO_TRACK_ID)
+            });
+            write_full_box(o, b"tfdt", 1, 0, |o| o.put_u64(decode_time));
+            write_full_box(o, b"trun", 0, 0x00_0001 | 0x00_0100 | 0x00_0200, |o| {
+                o.put_u32(saturating_u32(frames.len()));
+                offset_at = o.len();
+                o.put_i32(0);
+                for s in frames {
+                    o.put_u32(s.duration);
+                    o.put_u32(saturating_u32(s.data.len()));
+                }
+            });
+        });
+    });
+    let offset = out.len() + mdat_header_len(payload_len);
+    out[offset_at..offset_at + 4]
+        .copy_from_slice(&i32::try_from(offset).unwrap_or(i32::MAX).to_be_bytes());
+    if payload_len + 8 > u64::from(u32::MAX) {
+        out.put_u32(1);
+        out.put_slice(b"mdat");
+        out.put_u64(payload_len + 16);
+    } else {
+        out.put_u32((payload_len + 8) as u32);
+        out.put_slice(b"mdat");
+    }
+    for s in frames {
+        out.put_slice(&s.data);
+    }
+    out
+}
+
 /// Where [`media_segment`] puts the 64-bit `tfdt` value: moof header (8) + mfhd (16) + traf
 /// header (8) + tfhd (16) + tfdt header and version/flags (12).
 pub(super) const TFDT_VALUE_AT: usize = 60;

@@ -24,8 +24,8 @@ pub(crate) use self::audio::{AudioSample, AudioTrack};
 #[cfg(test)]
 pub(crate) use self::fragmented::media_segment;
 pub(crate) use self::fragmented::{
-    garble, garble_media, init_segment, media_segment_with_audio, set_audio_decode_time,
-    set_base_media_decode_time, tfdt_as_version_0,
+    audio_init_segment, audio_media_segment, garble, garble_media, init_segment,
+    media_segment_with_audio, set_audio_decode_time, set_base_media_decode_time, tfdt_as_version_0,
 };
 use self::progressive::SampleTables;
 #[cfg(test)]
