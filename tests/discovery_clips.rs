@@ -1311,54 +1311,87 @@ fn track_times(mp4: &[u8]) -> (Times, Times) {
     (v, a)
 }
 
-/// A stream with an AAC track 2: GetClip keeps it, and so does a clip joined from several
-/// calls: the audio is contiguous and starts and ends with the video (within one AAC frame,
-/// 21.3 ms), while the video holds exactly the ground-truth frames.
+/// Streams with an AAC track 2 (H.264 at 25 fps; H.265 at 29.97 fps): GetClip keeps it, and so
+/// does a clip joined from several calls: the audio is contiguous and starts and ends with the
+/// video (within one AAC frame, 21.3 ms), while the video holds exactly the ground-truth frames,
+/// also when the clip file is read back by `UriFrameSource`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clips_of_streams_with_audio_keep_track_2_in_sync() {
     let emulator = common::start(vec![
         small("av-clip").audio(true).history(Duration::from_secs(8)),
+        small("av-ntsc-hevc")
+            .audio(true)
+            .codec(VideoCodec::H265)
+            .frame_rate(kvs_emulator::FrameRate::NTSC)
+            .fragment_duration(Duration::from_millis(1001))
+            .history(Duration::from_secs(8)),
     ]);
-    common::wait_fragments(&emulator, "av-clip", 8, Duration::from_secs(60)).await;
-    let truth = emulator.ground_truth("av-clip");
-    let request = ClipRequest::new("av-clip", truth[1].producer_start, truth[6].producer_start);
-    let expected = expected_frames(&truth[1..=6]);
-    let frame_ns = 40_000_000u64;
     let aac_ns = 1024 * 1_000_000_000 / 48_000;
-    for per_call in [200, 2] {
-        let clips = ClipExtractor::new(
-            KvsClient::new(&emulator.sdk_config()),
-            fast().max_fragments_per_call(per_call),
-        )
-        .unwrap();
-        let clip = clips.extract_to_bytes(&request).await.unwrap();
-        let mp4 = clip.mp4.clone();
-        let (video, audio) = tokio::task::spawn_blocking(move || track_times(&mp4))
-            .await
+    for stream in ["av-clip", "av-ntsc-hevc"] {
+        common::wait_fragments(&emulator, stream, 8, Duration::from_secs(60)).await;
+        let truth = emulator.ground_truth(stream);
+        let request = ClipRequest::new(stream, truth[1].producer_start, truth[6].producer_start);
+        let expected = expected_frames(&truth[1..=6]);
+        for per_call in [200, 2] {
+            let what = format!("{stream}, {per_call} fragments per call");
+            let clips = ClipExtractor::new(
+                KvsClient::new(&emulator.sdk_config()),
+                fast().max_fragments_per_call(per_call),
+            )
             .unwrap();
-        let frames = tokio::task::spawn_blocking(move || decoded_frames(clip.mp4))
-            .await
-            .unwrap();
-        assert_eq!(frames, expected, "{per_call} fragments per call");
-        assert!(!audio.is_empty(), "{per_call}: no audio track");
-        for pair in audio.windows(2) {
-            let gap = pair[1].0 as i64 - (pair[0].0 + pair[0].1) as i64;
+            let clip = clips.extract_to_bytes(&request).await.unwrap();
+            let mp4 = clip.mp4.clone();
+            let (video, audio) = tokio::task::spawn_blocking(move || track_times(&mp4))
+                .await
+                .unwrap();
+            let mp4 = clip.mp4.clone();
+            let frames = tokio::task::spawn_blocking(move || decoded_frames(mp4))
+                .await
+                .unwrap();
+            assert_eq!(frames, expected, "{what}");
+            assert!(!audio.is_empty(), "{what}: no audio track");
+            for pair in audio.windows(2) {
+                let gap = pair[1].0 as i64 - (pair[0].0 + pair[0].1) as i64;
+                assert!(gap.abs() <= 1_000_000, "{what}: audio gap/overlap {gap} ns");
+            }
+            let v_start = video.iter().map(|v| v.0).min().unwrap();
+            let v_end = video.iter().map(|v| v.0 + v.1).max().unwrap();
+            let a_start = audio[0].0;
+            let a_end = audio.last().map(|a| a.0 + a.1).unwrap();
             assert!(
-                gap.abs() <= 1_000_000,
-                "{per_call}: audio gap/overlap {gap} ns"
+                a_start >= v_start && a_start - v_start <= aac_ns,
+                "{what}: audio starts at {a_start}, video at {v_start}"
             );
+            assert!(
+                (a_end as i64 - v_end as i64).unsigned_abs() <= aac_ns,
+                "{what}: audio ends at {a_end}, video at {v_end}"
+            );
+            // The joined file, read by UriFrameSource: the same frames.
+            let dir = tempdir("av-file");
+            let path = dir.0.join("clip.mp4");
+            std::fs::write(&path, &clip.mp4).unwrap();
+            let from_file = tokio::task::spawn_blocking(move || {
+                let source = UriFrameSource::builder("av-file", path.to_str().unwrap())
+                    .pixel_format(PixelFormat::Gray8)
+                    .build()
+                    .unwrap();
+                source
+                    .frames()
+                    .map(|item| {
+                        let (f, _) = item.unwrap();
+                        barcode::read_gray8(
+                            f.data(),
+                            f.stride(),
+                            f.width() as usize,
+                            f.height() as usize,
+                        )
+                        .expect("a readable barcode")
+                    })
+                    .collect::<Vec<u32>>()
+            })
+            .await
+            .unwrap();
+            assert_eq!(from_file, expected, "{what}: read back by UriFrameSource");
         }
-        let v_start = video.iter().map(|v| v.0).min().unwrap();
-        let v_end = video.iter().map(|v| v.0).max().unwrap() + frame_ns;
-        let a_start = audio[0].0;
-        let a_end = audio.last().map(|a| a.0 + a.1).unwrap();
-        assert!(
-            a_start >= v_start && a_start - v_start <= aac_ns,
-            "{per_call}: audio starts at {a_start}, video at {v_start}"
-        );
-        assert!(
-            (a_end as i64 - v_end as i64).unsigned_abs() <= aac_ns,
-            "{per_call}: audio ends at {a_end}, video at {v_end}"
-        );
     }
 }

@@ -1060,7 +1060,7 @@ fn decoded_audio(data: &[u8]) -> (Duration, usize) {
     use gstreamer::prelude::*;
     gst::init().unwrap();
     let pipeline = gst::parse::launch(
-        "appsrc name=src format=bytes ! decodebin ! audioconvert ! appsink name=sink sync=false",
+        "appsrc name=src format=bytes ! decodebin ! appsink name=sink sync=false",
     )
     .unwrap()
     .downcast::<gst::Pipeline>()

@@ -2365,3 +2365,49 @@ fn a_separate_audio_rendition_leaves_the_video_exact() {
     let frames = take(&source, 50, Duration::from_secs(15));
     assert_exact(&emulator, "sep", &frames);
 }
+
+/// Combinations: H.265 with audio at 30 fps, H.264 with B-frames and audio at 15 fps, 29.97 fps
+/// with audio over MPEG-TS: every frame once, in order, within a millisecond of its producer
+/// time.
+#[test]
+fn combinations_of_codecs_rates_audio_and_containers_stay_exact() {
+    let emulator = common::start(vec![
+        common::small("c-265-30")
+            .codec(VideoCodec::H265)
+            .fps(30)
+            .audio(true),
+        common::small("c-b-15")
+            .b_frames(2, CompositionOffsets::Positive)
+            .fps(15)
+            .audio(true),
+        common::small("c-ntsc-ts")
+            .frame_rate(FrameRate::NTSC)
+            .fragment_duration(Duration::from_millis(1001))
+            .audio(true),
+    ]);
+    for (stream, container) in [
+        ("c-265-30", kvs_frames::source::Container::FragmentedMp4),
+        ("c-b-15", kvs_frames::source::Container::FragmentedMp4),
+        ("c-ntsc-ts", kvs_frames::source::Container::MpegTs),
+    ] {
+        let source = source(&emulator, stream)
+            .container(container)
+            .build()
+            .unwrap();
+        let frames = take(&source, 45, Duration::from_secs(15));
+        let numbers: Vec<u32> = frames.iter().map(number).collect();
+        for pair in numbers.windows(2) {
+            assert_eq!(pair[1], pair[0] + 1, "{stream}: {numbers:?}");
+        }
+        for (frame, n) in frames.iter().zip(&numbers) {
+            let truth = emulator.frame_producer_time(stream, u64::from(*n)).unwrap();
+            let got = frame.producer_time().unwrap();
+            let error = got.duration_since(truth).unwrap_or_else(|e| e.duration());
+            assert!(
+                error < Duration::from_millis(1),
+                "{stream} frame {n}: off by {error:?}"
+            );
+        }
+        source.stop();
+    }
+}
