@@ -10,7 +10,7 @@
 
 use bytes::{Bytes, BytesMut};
 use ebml_iterable::TagDecoder;
-use webm_iterable::matroska_spec::{Master, MatroskaSpec, SimpleBlock};
+use webm_iterable::matroska_spec::{Master, MatroskaSpec};
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -166,22 +166,23 @@ impl MkvReader {
                     _ => return Ok(()),
                 }
             }
-            ref t @ MatroskaSpec::SimpleBlock(_) => {
-                let block = SimpleBlock::try_from(t).map_err(|e| {
+            MatroskaSpec::SimpleBlock(raw) => {
+                let block = parse_block(&raw).ok_or_else(|| {
                     Error::new(
                         ErrorKind::Protocol,
                         format!(
-                            "GetMedia payload: a SimpleBlock near byte {} is not valid: {e}",
+                            "GetMedia payload: a SimpleBlock of {} bytes near byte {} is not valid",
+                            raw.len(),
                             self.decoder.position()
                         ),
                     )
                 })?;
-                refuse_lacing(block.lacing.is_some())?;
+                refuse_lacing(block.laced)?;
                 Event::Block {
                     track: block.track,
-                    timecode: block.timestamp,
-                    key: block.keyframe,
-                    data: Bytes::copy_from_slice(block.raw_frame_data()),
+                    timecode: block.timecode,
+                    key: block.flags & 0x80 != 0,
+                    data: Bytes::copy_from_slice(block.payload),
                 }
             }
             MatroskaSpec::BlockGroup(Master::Full(children)) => {
@@ -190,28 +191,29 @@ impl MkvReader {
                 for c in &children {
                     match c {
                         MatroskaSpec::ReferenceBlock(_) => key = false,
-                        MatroskaSpec::Block(_) => found = Some(c),
+                        MatroskaSpec::Block(raw) => found = Some(raw),
                         _ => {}
                     }
                 }
-                let Some(b) = found else {
+                let Some(raw) = found else {
                     return Ok(());
                 };
-                let block = webm_iterable::matroska_spec::Block::try_from(b).map_err(|e| {
+                let block = parse_block(raw).ok_or_else(|| {
                     Error::new(
                         ErrorKind::Protocol,
                         format!(
-                            "GetMedia payload: a Block near byte {} is not valid: {e}",
+                            "GetMedia payload: a Block of {} bytes near byte {} is not valid",
+                            raw.len(),
                             self.decoder.position()
                         ),
                     )
                 })?;
-                refuse_lacing(block.lacing.is_some())?;
+                refuse_lacing(block.laced)?;
                 Event::Block {
                     track: block.track,
-                    timecode: block.timestamp,
+                    timecode: block.timecode,
                     key,
-                    data: Bytes::copy_from_slice(block.raw_frame_data()),
+                    data: Bytes::copy_from_slice(block.payload),
                 }
             }
             _ => return Ok(()),
@@ -219,6 +221,40 @@ impl MkvReader {
         self.pending.push_back(event);
         Ok(())
     }
+}
+
+/// The header of a (Simple)Block (RFC 9559 §10.1): track number (an EBML vint), a signed
+/// 16-bit timecode, flags; then the frame.
+struct BlockHeader<'a> {
+    track: u64,
+    timecode: i16,
+    flags: u8,
+    laced: bool,
+    payload: &'a [u8],
+}
+
+/// Reads a block header, `None` when `data` is too short or the track number is not a vint.
+/// (Parsed here, bounds-checked: webm-iterable's `Block`/`SimpleBlock` conversions index past
+/// the end of short blocks — found by the property tests below.)
+fn parse_block(data: &[u8]) -> Option<BlockHeader<'_>> {
+    let first = *data.first()?;
+    let len = usize::try_from(first.leading_zeros()).ok()? + 1;
+    if len > 8 {
+        return None;
+    }
+    let mut track = u64::from(first) & (0xFF >> len);
+    for b in data.get(1..len)? {
+        track = (track << 8) | u64::from(*b);
+    }
+    let timecode = i16::from_be_bytes([*data.get(len)?, *data.get(len + 1)?]);
+    let flags = *data.get(len + 2)?;
+    Some(BlockHeader {
+        track,
+        timecode,
+        flags,
+        laced: flags & 0x06 != 0,
+        payload: data.get(len + 3..)?,
+    })
 }
 
 /// Laced blocks (several frames in one block, an audio technique) are refused for video.
@@ -287,6 +323,13 @@ mod tests {
 
     /// A KVS-shaped fragment: EBML, unknown-size Segment and Cluster, tags before and after.
     fn fragment(number: &str, frames: &[(i16, bool, &[u8])]) -> Vec<u8> {
+        let frames: Vec<(u8, i16, bool, &[u8])> =
+            frames.iter().map(|&(t, k, d)| (1, t, k, d)).collect();
+        fragment_tracks(number, false, &frames)
+    }
+
+    /// [`fragment`] with an AAC track 2 when `audio`, and blocks of given track numbers.
+    fn fragment_tracks(number: &str, audio: bool, frames: &[(u8, i16, bool, &[u8])]) -> Vec<u8> {
         let mut out = el(&[0x1A, 0x45, 0xDF, 0xA3], &el(&[0x42, 0x82], b"matroska"));
         out.extend_from_slice(&[0x18, 0x53, 0x80, 0x67]);
         out.extend_from_slice(&UNKNOWN);
@@ -302,7 +345,14 @@ mod tests {
             &[0xE0],
             &[el(&[0xB0], &[0x01, 0x40]), el(&[0xBA], &[0xF0])].concat(),
         ));
-        out.extend(el(&[0x16, 0x54, 0xAE, 0x6B], &el(&[0xAE], &entry)));
+        let mut entries = el(&[0xAE], &entry);
+        if audio {
+            let mut a = el(&[0xD7], &[2]);
+            a.extend(el(&[0x83], &[2]));
+            a.extend(el(&[0x86], b"A_AAC"));
+            entries.extend(el(&[0xAE], &a));
+        }
+        out.extend(el(&[0x16, 0x54, 0xAE, 0x6B], &entries));
         let simple = |name: &str, value: &str| {
             el(
                 &[0x67, 0xC8],
@@ -323,8 +373,8 @@ mod tests {
         out.extend_from_slice(&[0x1F, 0x43, 0xB6, 0x75]);
         out.extend_from_slice(&UNKNOWN);
         out.extend(el(&[0xE7], &[0x10, 0x00]));
-        for (tc, key, data) in frames {
-            let mut block = vec![0x81];
+        for (track, tc, key, data) in frames {
+            let mut block = vec![0x80 | track];
             block.extend_from_slice(&tc.to_be_bytes());
             block.push(if *key { 0x80 } else { 0 });
             block.extend_from_slice(data);
@@ -412,6 +462,53 @@ mod tests {
     }
 
     #[test]
+    fn an_audio_track_is_not_announced_and_its_blocks_keep_their_track_number() {
+        assert_eq!(
+            track(&[
+                MatroskaSpec::TrackNumber(2),
+                MatroskaSpec::TrackType(2),
+                MatroskaSpec::CodecID("A_AAC".into()),
+            ]),
+            None
+        );
+        let payload = fragment_tracks(
+            "1",
+            true,
+            &[
+                (1, 0, true, b"v0"),
+                (2, 5, true, b"a0"),
+                (1, 40, false, b"v1"),
+            ],
+        );
+        let mut reader = MkvReader::new();
+        reader.push(&payload);
+        let events = read_all(&mut reader);
+        let tracks: Vec<u64> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Track(t) => Some(t.number),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tracks, vec![1], "only the video track: {events:?}");
+        let blocks: Vec<(u64, Vec<u8>)> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Block { track, data, .. } => Some((*track, data.to_vec())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            blocks,
+            vec![
+                (1, b"v0".to_vec()),
+                (2, b"a0".to_vec()),
+                (1, b"v1".to_vec())
+            ]
+        );
+    }
+
+    #[test]
     fn a_block_is_given_as_soon_as_its_bytes_are_in() {
         let payload = fragment("1", &[(0, true, b"first"), (40, false, b"second")]);
         // Cut inside the second block: the first is out already.
@@ -453,6 +550,28 @@ mod tests {
         };
         assert_eq!(err.kind(), ErrorKind::Protocol, "{err}");
         assert!(err.to_string().contains("byte"), "{err}");
+    }
+
+    #[test]
+    fn block_headers_are_bounds_checked() {
+        for short in [
+            &[][..],
+            &[0x81],
+            &[0x81, 0],
+            &[0x81, 0, 0],
+            &[0x00, 1, 2, 3],
+            &[0x40],
+        ] {
+            assert!(parse_block(short).is_none(), "{short:?}");
+        }
+        let b = parse_block(&[0x81, 0xFF, 0xFB, 0x80, 7]).expect("valid");
+        assert_eq!(
+            (b.track, b.timecode, b.flags, b.payload),
+            (1, -5, 0x80, &[7u8][..])
+        );
+        // A 2-byte track number.
+        let b = parse_block(&[0x40, 0x82, 0, 40, 0, 9]).expect("valid");
+        assert_eq!((b.track, b.timecode), (130, 40));
     }
 
     proptest::proptest! {
