@@ -511,30 +511,10 @@ async fn h265_clips_and_thumbnails_hold_exactly_the_ground_truth_frames() {
             "the clip keeps the HEVC configuration"
         );
         // The clip as a file, read by UriFrameSource: the same frames.
-        let dir = tempdir("hevc-file");
-        let path = dir.0.join("clip.mp4");
-        std::fs::write(&path, &mp4).unwrap();
-        let from_file = tokio::task::spawn_blocking(move || {
-            let source = UriFrameSource::builder("hevc-file", path.to_str().unwrap())
-                .pixel_format(PixelFormat::Gray8)
-                .build()
-                .unwrap();
-            source
-                .frames()
-                .map(|item| {
-                    let (f, _) = item.unwrap();
-                    barcode::read_gray8(
-                        f.data(),
-                        f.stride(),
-                        f.width() as usize,
-                        f.height() as usize,
-                    )
-                    .expect("a readable barcode")
-                })
-                .collect::<Vec<u32>>()
-        })
-        .await
-        .unwrap();
+        let file = mp4.clone();
+        let from_file = tokio::task::spawn_blocking(move || read_back("hevc-file", &file))
+            .await
+            .unwrap();
         assert_eq!(from_file, expected);
         let frames = tokio::task::spawn_blocking(move || decoded_frames(mp4))
             .await
@@ -1243,6 +1223,30 @@ impl Drop for TempDir {
     }
 }
 
+/// The frame numbers of an MP4 written to a file and read by `UriFrameSource` (blocking).
+fn read_back(name: &str, mp4: &[u8]) -> Vec<u32> {
+    let dir = tempdir(name);
+    let path = dir.0.join("clip.mp4");
+    std::fs::write(&path, mp4).unwrap();
+    let source = UriFrameSource::builder(name, path.to_str().unwrap())
+        .pixel_format(PixelFormat::Gray8)
+        .build()
+        .unwrap();
+    source
+        .frames()
+        .map(|item| {
+            let (f, _) = item.unwrap();
+            barcode::read_gray8(
+                f.data(),
+                f.stride(),
+                f.width() as usize,
+                f.height() as usize,
+            )
+            .expect("a readable barcode")
+        })
+        .collect()
+}
+
 fn tempdir(name: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!(
         "kvs-frames-{name}-{}-{:x}",
@@ -1367,30 +1371,9 @@ async fn clips_of_streams_with_audio_keep_track_2_in_sync() {
                 "{what}: audio ends at {a_end}, video at {v_end}"
             );
             // The joined file, read by UriFrameSource: the same frames.
-            let dir = tempdir("av-file");
-            let path = dir.0.join("clip.mp4");
-            std::fs::write(&path, &clip.mp4).unwrap();
-            let from_file = tokio::task::spawn_blocking(move || {
-                let source = UriFrameSource::builder("av-file", path.to_str().unwrap())
-                    .pixel_format(PixelFormat::Gray8)
-                    .build()
-                    .unwrap();
-                source
-                    .frames()
-                    .map(|item| {
-                        let (f, _) = item.unwrap();
-                        barcode::read_gray8(
-                            f.data(),
-                            f.stride(),
-                            f.width() as usize,
-                            f.height() as usize,
-                        )
-                        .expect("a readable barcode")
-                    })
-                    .collect::<Vec<u32>>()
-            })
-            .await
-            .unwrap();
+            let from_file = tokio::task::spawn_blocking(move || read_back("av-file", &clip.mp4))
+                .await
+                .unwrap();
             assert_eq!(from_file, expected, "{what}: read back by UriFrameSource");
         }
     }

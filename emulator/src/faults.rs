@@ -84,6 +84,8 @@ pub(crate) struct FaultState {
     /// GetMedia: frames the stream's connections may still write before the one writing the
     /// next is cut (one-shot).
     pub(crate) get_media_cut_after: Option<u64>,
+    /// GetMedia: the next connections, one value each, are cut after writing that many frames.
+    pub(crate) get_media_connection_cuts: std::collections::VecDeque<u64>,
     /// GetMedia: connections opened while set end (cleanly) after this long.
     pub(crate) get_media_lifetime: Option<Duration>,
     /// GetMedia: the next fragment boundary of a connection writes these error tags and ends
@@ -277,6 +279,15 @@ impl Faults {
     pub fn cut_get_media_after(&self, frames: u64) {
         tracing::info!(stream = %self.stream, frames, "fault: GetMedia connection cut");
         self.with(|f| f.get_media_cut_after = Some(frames));
+    }
+
+    /// GetMedia: each of the next `cuts.len()` connections is cut (as by
+    /// [`cut_get_media_after`](Self::cut_get_media_after)) after writing the given number of
+    /// frames *itself*: e.g. `[14, 4]` cuts one connection inside a fragment and the next one
+    /// while it is still sending that fragment again.
+    pub fn cut_get_media_connections(&self, cuts: &[u64]) {
+        tracing::info!(stream = %self.stream, ?cuts, "fault: GetMedia connections cut");
+        self.with(|f| f.get_media_connection_cuts.extend(cuts.iter().copied()));
     }
 
     /// GetMedia: connections opened from now on end after `lifetime`, cleanly (the last chunk is

@@ -21,8 +21,8 @@
 //! `NOW` starts with the fragment being ingested; an `AfterFragmentNumber` that is not one of the
 //! stream's fragments gives `InvalidArgumentException`; the `Content-Type` is `video/webm`.
 //!
-//! Faults ([`Faults`](crate::Faults)): `cut_get_media_after` (the response ends without its last
-//! chunk, mid-cluster), `get_media_lifetime` (ends cleanly after a time, wherever it is) and
+//! Faults ([`Faults`](crate::Faults)): `cut_get_media_after` and `cut_get_media_connections`
+//! (the response ends without its last chunk, mid-cluster), `get_media_lifetime` (ends cleanly after a time, wherever it is) and
 //! `get_media_error` (an error chunk at the next fragment boundary, then the end).
 
 use std::collections::VecDeque;
@@ -268,9 +268,9 @@ fn first_index(stream: &StreamState, start: Start) -> u64 {
 struct Chunk {
     head: Option<Vec<u8>>,
     frames: Vec<Arc<LiveFrame>>,
-    /// The fragment is complete and every frame is in `frames` or written: write the tail.
-    complete: bool,
-    server_end: SystemTime,
+    /// Set when the fragment is complete (every frame is in `frames` or written): the server
+    /// time of its end, for the tail's `MILLIS_BEHIND_NOW`.
+    complete: Option<SystemTime>,
 }
 
 /// A connection's position: fragment `index`, `written` of its frames out.
@@ -320,8 +320,7 @@ fn next_chunk(state: &State, name: &str, cursor: &mut Cursor) -> Next {
         return Next::Chunk(Chunk {
             head,
             frames: stored.blocks.get(cursor.written..).unwrap_or(&[]).to_vec(),
-            complete: true,
-            server_end: stored.server_start + stored.duration,
+            complete: Some(stored.server_start + stored.duration),
         });
     }
     if let Some(live) = stream.live.as_ref()
@@ -345,8 +344,7 @@ fn next_chunk(state: &State, name: &str, cursor: &mut Cursor) -> Next {
         return Next::Chunk(Chunk {
             head,
             frames: frames.to_vec(),
-            complete: false,
-            server_end: header.server_start,
+            complete: None,
         });
     }
     Next::Wait
@@ -401,7 +399,14 @@ type Tx = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
 
 /// Writes the connection's fragments into `tx` until the client leaves, the stream is gone, it
 /// idles 3 s, its lifetime ends or a fault ends it.
-async fn serve(state: Arc<State>, name: String, first: u64, lifetime: Option<Duration>, tx: Tx) {
+async fn serve(
+    state: Arc<State>,
+    name: String,
+    first: u64,
+    lifetime: Option<Duration>,
+    cut_after: Option<u64>,
+    tx: Tx,
+) {
     let _slot = Slot {
         state: Arc::clone(&state),
         name: name.clone(),
@@ -417,6 +422,7 @@ async fn serve(state: Arc<State>, name: String, first: u64, lifetime: Option<Dur
         head_written: false,
     };
     let mut idle_since = tokio::time::Instant::now();
+    let mut written: u64 = 0;
     loop {
         if end_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
             tracing::debug!(stream = %name, "GetMedia: connection lifetime over");
@@ -453,10 +459,14 @@ async fn serve(state: Arc<State>, name: String, first: u64, lifetime: Option<Dur
                     cursor.head_written = true;
                 }
                 for frame in &chunk.frames {
-                    if count_frame(&state, &name).is_err() {
-                        // Half of what is due, then the connection breaks.
+                    if cut_after == Some(written) || count_frame(&state, &name).is_err() {
+                        // What is due before the cut, then the connection breaks. The pause
+                        // lets those bytes reach the client first: a reset that overtakes them
+                        // would discard them in the client's socket (TCP RST), which is not a
+                        // cut *after* them.
                         if !out.is_empty() {
                             let _ = tx.send(Ok(Bytes::from(out))).await;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                         let _ = tx
                             .send(Err(std::io::Error::new(
@@ -473,10 +483,11 @@ async fn serve(state: Arc<State>, name: String, first: u64, lifetime: Option<Dur
                         &frame.data,
                     ));
                     cursor.written += 1;
+                    written += 1;
                 }
-                if chunk.complete {
+                if let Some(server_end) = chunk.complete {
                     let behind = SystemTime::now()
-                        .duration_since(chunk.server_end)
+                        .duration_since(server_end)
                         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                         .unwrap_or(0);
                     out.extend_from_slice(&mkv::fragment_tail(
@@ -510,7 +521,7 @@ pub(crate) async fn get_media(
             input.stream_arn.as_deref(),
         )?;
         let start = parse_selector(input.start_selector)?;
-        let (first, lifetime) = {
+        let (first, lifetime, cut_after) = {
             let mut streams = handle.streams.lock();
             let stream = streams
                 .get_mut(&name)
@@ -545,10 +556,21 @@ pub(crate) async fn get_media(
             limits.accepted += 1;
             limits.open += 1;
             limits.max_open = limits.max_open.max(limits.open);
-            (first_index(stream, start), stream.faults.get_media_lifetime)
+            (
+                first_index(stream, start),
+                stream.faults.get_media_lifetime,
+                stream.faults.get_media_connection_cuts.pop_front(),
+            )
         };
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        tokio::spawn(serve(Arc::clone(&handle), name, first, lifetime, tx));
+        tokio::spawn(serve(
+            Arc::clone(&handle),
+            name,
+            first,
+            lifetime,
+            cut_after,
+            tx,
+        ));
         let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         }));

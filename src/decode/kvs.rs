@@ -417,7 +417,12 @@ fn push_unit(
     current_caps: &mut Option<gst::Caps>,
     name: &str,
 ) {
-    if current_caps.as_ref() != Some(&unit.caps) {
+    // The same caps object unit after unit (a pointer compare), a structural compare only when
+    // a new one comes.
+    let same = current_caps
+        .as_ref()
+        .is_some_and(|c| c.as_ptr() == unit.caps.as_ptr() || *c == unit.caps);
+    if !same {
         b.appsrc.set_caps(Some(&unit.caps));
         *current_caps = Some(unit.caps);
     }

@@ -50,18 +50,23 @@ pub fn control(emulator: &Emulator) -> aws_sdk_kinesisvideo::Client {
     aws_sdk_kinesisvideo::Client::new(&emulator.sdk_config())
 }
 
-/// The archived-media client built the way AWS documents: at the stream's data endpoint.
-pub async fn media(emulator: &Emulator, stream: &str) -> aws_sdk_kinesisvideoarchivedmedia::Client {
-    let endpoint = control(emulator)
+/// The stream's data endpoint for `api` (GetDataEndpoint).
+pub async fn data_endpoint(emulator: &Emulator, stream: &str, api: ApiName) -> String {
+    control(emulator)
         .get_data_endpoint()
         .stream_name(stream)
-        .api_name(ApiName::GetHlsStreamingSessionUrl)
+        .api_name(api)
         .send()
         .await
         .expect("GetDataEndpoint")
         .data_endpoint()
         .expect("DataEndpoint")
-        .to_owned();
+        .to_owned()
+}
+
+/// The archived-media client built the way AWS documents: at the stream's data endpoint.
+pub async fn media(emulator: &Emulator, stream: &str) -> aws_sdk_kinesisvideoarchivedmedia::Client {
+    let endpoint = data_endpoint(emulator, stream, ApiName::GetHlsStreamingSessionUrl).await;
     let config = aws_sdk_kinesisvideoarchivedmedia::config::Builder::from(&emulator.sdk_config())
         .endpoint_url(endpoint)
         .build();

@@ -166,55 +166,19 @@ impl MkvReader {
                     _ => return Ok(()),
                 }
             }
-            MatroskaSpec::SimpleBlock(raw) => {
-                let block = parse_block(&raw).ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::Protocol,
-                        format!(
-                            "GetMedia payload: a SimpleBlock of {} bytes near byte {} is not valid",
-                            raw.len(),
-                            self.decoder.position()
-                        ),
-                    )
-                })?;
-                refuse_lacing(block.laced)?;
-                Event::Block {
-                    track: block.track,
-                    timecode: block.timecode,
-                    key: block.flags & 0x80 != 0,
-                    data: Bytes::copy_from_slice(block.payload),
-                }
-            }
+            MatroskaSpec::SimpleBlock(raw) => self.block_event(raw, "SimpleBlock", None)?,
             MatroskaSpec::BlockGroup(Master::Full(children)) => {
-                let mut key = true;
-                let mut found = None;
-                for c in &children {
-                    match c {
-                        MatroskaSpec::ReferenceBlock(_) => key = false,
-                        MatroskaSpec::Block(raw) => found = Some(raw),
-                        _ => {}
-                    }
-                }
-                let Some(raw) = found else {
+                // A key frame unless it references another block.
+                let key = !children
+                    .iter()
+                    .any(|c| matches!(c, MatroskaSpec::ReferenceBlock(_)));
+                let Some(raw) = children.into_iter().find_map(|c| match c {
+                    MatroskaSpec::Block(raw) => Some(raw),
+                    _ => None,
+                }) else {
                     return Ok(());
                 };
-                let block = parse_block(raw).ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::Protocol,
-                        format!(
-                            "GetMedia payload: a Block of {} bytes near byte {} is not valid",
-                            raw.len(),
-                            self.decoder.position()
-                        ),
-                    )
-                })?;
-                refuse_lacing(block.laced)?;
-                Event::Block {
-                    track: block.track,
-                    timecode: block.timecode,
-                    key,
-                    data: Bytes::copy_from_slice(block.payload),
-                }
+                self.block_event(raw, "Block", Some(key))?
             }
             _ => return Ok(()),
         };
@@ -223,20 +187,44 @@ impl MkvReader {
     }
 }
 
+impl MkvReader {
+    /// The event of a (Simple)Block's bytes: its frame is a slice of them (no copy). `key`:
+    /// a BlockGroup's (from its ReferenceBlock); a SimpleBlock carries its own flag.
+    fn block_event(&self, raw: Vec<u8>, what: &str, key: Option<bool>) -> Result<Event> {
+        let block = parse_block(&raw).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "GetMedia payload: a {what} of {} bytes near byte {} is not valid",
+                    raw.len(),
+                    self.decoder.position()
+                ),
+            )
+        })?;
+        refuse_lacing(block.laced)?;
+        Ok(Event::Block {
+            track: block.track,
+            timecode: block.timecode,
+            key: key.unwrap_or(block.flags & 0x80 != 0),
+            data: Bytes::from(raw).slice(block.payload_at..),
+        })
+    }
+}
+
 /// The header of a (Simple)Block (RFC 9559 §10.1): track number (an EBML vint), a signed
-/// 16-bit timecode, flags; then the frame.
-struct BlockHeader<'a> {
+/// 16-bit timecode, flags; then the frame, from `payload_at`.
+struct BlockHeader {
     track: u64,
     timecode: i16,
     flags: u8,
     laced: bool,
-    payload: &'a [u8],
+    payload_at: usize,
 }
 
 /// Reads a block header, `None` when `data` is too short or the track number is not a vint.
 /// (Parsed here, bounds-checked: webm-iterable's `Block`/`SimpleBlock` conversions index past
 /// the end of short blocks — found by the property tests below.)
-fn parse_block(data: &[u8]) -> Option<BlockHeader<'_>> {
+fn parse_block(data: &[u8]) -> Option<BlockHeader> {
     let first = *data.first()?;
     let len = usize::try_from(first.leading_zeros()).ok()? + 1;
     if len > 8 {
@@ -253,7 +241,7 @@ fn parse_block(data: &[u8]) -> Option<BlockHeader<'_>> {
         timecode,
         flags,
         laced: flags & 0x06 != 0,
-        payload: data.get(len + 3..)?,
+        payload_at: data.get(len + 3..).map(|_| len + 3)?,
     })
 }
 
@@ -566,8 +554,8 @@ mod tests {
         }
         let b = parse_block(&[0x81, 0xFF, 0xFB, 0x80, 7]).expect("valid");
         assert_eq!(
-            (b.track, b.timecode, b.flags, b.payload),
-            (1, -5, 0x80, &[7u8][..])
+            (b.track, b.timecode, b.flags, b.payload_at),
+            (1, -5, 0x80, 4)
         );
         // A 2-byte track number.
         let b = parse_block(&[0x40, 0x82, 0, 40, 0, 9]).expect("valid");

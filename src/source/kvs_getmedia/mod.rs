@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 
-use super::kvs_hls::{Ctx, SharedClientSource as ClientSource, Sink};
+use super::kvs_hls::{Ctx, SharedClientSource as ClientSource, Sink, client_setters};
 use super::{CommonOptions, common_setters};
 use super::{Core, FrameStream, Frames, Queue, SourceState, SourceStats};
 use crate::backoff::BackoffPolicy;
@@ -190,28 +190,7 @@ impl std::fmt::Debug for KvsGetMediaFrameSourceBuilder {
 }
 
 impl KvsGetMediaFrameSourceBuilder {
-    /// AWS region (default: the configured one). Ignored with [`sdk_config`](Self::sdk_config)
-    /// or [`client`](Self::client).
-    #[must_use]
-    pub fn region(mut self, region: impl Into<String>) -> Self {
-        self.client = ClientSource::Env {
-            region: Some(region.into()),
-        };
-        self
-    }
-    /// Use this AWS SDK configuration (credentials, region, endpoint) instead of the
-    /// environment's, e.g. `Emulator::sdk_config()`.
-    #[must_use]
-    pub fn sdk_config(mut self, config: &aws_config::SdkConfig) -> Self {
-        self.client = ClientSource::Config(Box::new(config.clone()));
-        self
-    }
-    /// Share a [`KvsClient`] (and its endpoint cache) with other sources.
-    #[must_use]
-    pub fn client(mut self, client: KvsClient) -> Self {
-        self.client = ClientSource::Client(client);
-        self
-    }
+    client_setters!();
     /// Where to start (default [`GetMediaStart::Now`]).
     #[must_use]
     pub fn start(mut self, start: GetMediaStart) -> Self {

@@ -15,7 +15,7 @@ use crate::decode::{Decoder, UnitInput};
 use crate::error::{Error, ErrorKind, Result};
 use crate::frame::FragmentId;
 use crate::kvs::{KvsClient, StreamId};
-use crate::source::kvs_hls::{Ctx, SharedClientSource as ClientSource, fail};
+use crate::source::kvs_hls::{Ctx, fail};
 use crate::source::{SourceState, TaskGuard};
 
 /// Least time between two GetMedia calls of one source: at most 4 of the stream's 5 per second.
@@ -97,9 +97,8 @@ struct Current {
     blocks_seen: usize,
     /// Video blocks of this fragment handed to the decoder (over every connection).
     blocks_fed: usize,
-    /// Tags of the fragment's error chunk.
+    /// `AWS_KINESISVIDEO_ERROR_CODE` of the fragment's error chunk.
     error_code: Option<String>,
-    error_id: Option<String>,
 }
 
 /// Where the reader is, across connections.
@@ -107,8 +106,6 @@ struct Current {
 struct Position {
     /// The continuation token after the last complete fragment.
     token: Option<String>,
-    /// The number of the last complete fragment.
-    last_complete: Option<Arc<str>>,
     /// The fragment in progress when the last connection ended: its number, producer time and
     /// the blocks already fed (skipped when it comes again).
     partial: Option<(Arc<str>, Option<SystemTime>, usize)>,
@@ -128,6 +125,8 @@ struct Reader {
     connections: u64,
     failures: u32,
     last_call: Option<Instant>,
+    /// Video blocks received on the current connection (fed or skipped as already fed).
+    blocks_received: u64,
 }
 
 pub(super) async fn run(ctx: Arc<Ctx>, decoder: Arc<Decoder>, opts: KvsGetMediaFrameSourceBuilder) {
@@ -137,12 +136,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, decoder: Arc<Decoder>, opts: KvsGetMediaF
             fail(&guard_ctx, e);
         }
     });
-    let client = match &opts.client {
-        ClientSource::Client(c) => Ok(c.clone()),
-        ClientSource::Config(config) => Ok(KvsClient::new(config)),
-        ClientSource::Env { region } => KvsClient::from_env(region.as_deref()).await,
-    };
-    let client = match client {
+    let client = match opts.client.resolve().await {
         Ok(c) => c,
         Err(e) => {
             fail(&ctx, e);
@@ -158,14 +152,9 @@ pub(super) async fn run(ctx: Arc<Ctx>, decoder: Arc<Decoder>, opts: KvsGetMediaF
         connections: 0,
         failures: 0,
         last_call: None,
+        blocks_received: 0,
     };
     reader.run().await;
-}
-
-/// How a connection ended without an error.
-enum Ended {
-    /// The response ended (KVS ends it after ~3 s with nothing new, and after ~45 min).
-    Clean { frames: u64 },
 }
 
 impl Reader {
@@ -179,7 +168,9 @@ impl Reader {
                 return;
             }
             let error = match self.connection().await {
-                Ok(Ended::Clean { frames }) => {
+                // The response ended (KVS ends it after ~3 s with nothing new, and after
+                // ~45 min): `frames` went to the decoder on it.
+                Ok(frames) => {
                     self.failures = 0;
                     self.ctx.core.stats.lock().consecutive_errors = 0;
                     tracing::debug!(camera = %self.camera(), frames, "GetMedia response ended; reconnecting");
@@ -193,26 +184,13 @@ impl Reader {
                 Err(e) => e,
             };
             let error = self.confirm_fatal(error).await;
-            {
-                let mut stats = self.ctx.core.stats.lock();
-                stats.read_errors += 1;
-                stats.last_error = Some(error.to_string());
-            }
-            if let Some(m) = &self.ctx.metrics {
-                m.read_error(self.camera());
-            }
+            self.ctx.count_read_error(&error);
             if !error.is_transient() {
                 fail(&self.ctx, error);
                 return;
             }
             self.failures += 1;
-            {
-                let mut stats = self.ctx.core.stats.lock();
-                stats.consecutive_errors = self.failures;
-                if stats.reconnecting_since.is_none() {
-                    stats.reconnecting_since = Some(SystemTime::now());
-                }
-            }
+            self.ctx.note_failure(self.failures);
             if self.opts.common.backoff.exhausted(self.failures) {
                 let n = self.failures;
                 fail(
@@ -237,34 +215,21 @@ impl Reader {
                 self.opts.common.backoff.delay(self.failures)
             };
             tracing::warn!(camera = %self.camera(), %error, ?delay, attempt = self.failures, "GetMedia: reconnecting");
-            self.ctx.set_state(SourceState::Reconnecting);
-            {
-                let mut stats = self.ctx.core.stats.lock();
-                stats.reconnects += 1;
-                stats.backoff_history.push(delay);
-                if stats.backoff_history.len() > 32 {
-                    stats.backoff_history.remove(0);
-                }
-            }
-            if let Some(m) = &self.ctx.metrics {
-                m.reconnect(self.camera());
-            }
+            self.ctx.note_reconnect(delay);
             if self.ctx.sleep(delay).await.is_err() {
                 return;
             }
         }
     }
 
-    /// The start selector of the next connection: after the last complete fragment, else at the
+    /// The start selector of the next connection: after the last complete fragment (its
+    /// continuation token, which KVS writes with every complete fragment), else at the
     /// fragment in progress, else the configured start.
     fn selector(&self) -> Result<StartSelector> {
         let b = StartSelector::builder();
         let b = if let Some(token) = &self.position.token {
             b.start_selector_type(StartSelectorType::ContinuationToken)
                 .continuation_token(token)
-        } else if let Some(number) = &self.position.last_complete {
-            b.start_selector_type(StartSelectorType::FragmentNumber)
-                .after_fragment_number(number.as_ref())
         } else if let Some((_, Some(producer), _)) = &self.position.partial {
             b.start_selector_type(StartSelectorType::ProducerTimestamp)
                 .start_timestamp(aws_smithy_types::DateTime::from(*producer))
@@ -290,8 +255,8 @@ impl Reader {
             .map_err(|e| Error::new(ErrorKind::Internal, format!("GetMedia start selector: {e}")))
     }
 
-    /// One GetMedia connection, read to its end.
-    async fn connection(&mut self) -> Result<Ended> {
+    /// One GetMedia connection, read to its end: how many blocks went to the decoder.
+    async fn connection(&mut self) -> Result<u64> {
         if let Some(last) = self.last_call {
             let since = last.elapsed();
             if since < MIN_CALL_SPACING {
@@ -313,6 +278,7 @@ impl Reader {
         self.ctx.core.stats.lock().sessions = self.connections;
         self.ctx.set_state(SourceState::Connected);
         tracing::info!(camera = %self.camera(), connection = self.connections, "GetMedia connected");
+        self.blocks_received = 0;
         let mut payload = output.payload;
         let mut mkv = MkvReader::new();
         let mut current = Current::default();
@@ -354,15 +320,23 @@ impl Reader {
                 break Err(e);
             }
         };
-        // The fragment in progress: resumed (without its blocks already fed) next time.
+        // The fragment in progress: resumed (without its blocks already fed) next time. A
+        // connection that ended while still skipping the fed blocks fed none of its own: the
+        // count only grows.
         if let (Some(number), true) = (current.number.clone(), current.blocks_fed > 0) {
-            tracing::debug!(camera = %self.camera(), fragment = %number, fed = current.blocks_fed, "GetMedia: connection ended inside a fragment");
-            self.position.partial = Some((number, current.producer, current.blocks_fed));
+            let fed = match &self.position.partial {
+                Some((n, _, f)) if *n == number => (*f).max(current.blocks_fed),
+                _ => current.blocks_fed,
+            };
+            tracing::debug!(camera = %self.camera(), fragment = %number, fed, "GetMedia: connection ended inside a fragment");
+            self.position.partial = Some((number, current.producer, fed));
         }
-        if frames > 0 {
+        // A connection that carried video made progress (even if all of it had been delivered
+        // before): the next failure is a first one again, resumed at once.
+        if self.blocks_received > 0 {
             self.failures = 0;
         }
-        result.map(|()| Ended::Clean { frames })
+        result.map(|()| frames)
     }
 
     /// Handles one payload event; returns how many blocks went to the decoder.
@@ -418,9 +392,6 @@ impl Reader {
             tag::CONTINUATION_TOKEN => {
                 // The fragment is complete.
                 self.position.token = Some(value.to_owned());
-                if let Some(number) = current.number.clone() {
-                    self.position.last_complete = Some(number);
-                }
                 self.position.partial = None;
                 self.position.fragments += 1;
                 self.ctx.core.stats.lock().fragments_fetched += 1;
@@ -429,7 +400,6 @@ impl Reader {
             }
             tag::ERROR_CODE => current.error_code = Some(value.to_owned()),
             tag::ERROR_ID => {
-                current.error_id = Some(value.to_owned());
                 let code = current.error_code.clone().unwrap_or_default();
                 let id: u32 = value.trim().parse().unwrap_or(0);
                 // 4000: fragment not found; 4500–4504: the stream's KMS key is unusable (an IAM
@@ -459,6 +429,7 @@ impl Reader {
         current: &mut Current,
     ) -> Result<u64> {
         current.blocks_seen += 1;
+        self.blocks_received += 1;
         // Resuming a fragment cut on an earlier connection: skip what was fed then.
         if let (Some((number, _, fed)), Some(this)) = (&self.position.partial, &current.number)
             && number == this

@@ -39,8 +39,7 @@ use crate::source::{DeliveryPolicy, DropReason};
 mod options;
 mod reader;
 
-use options::ClientSource;
-pub(crate) use options::ClientSource as SharedClientSource;
+pub(crate) use options::{ClientSource as SharedClientSource, client_setters};
 pub use options::{
     Container, DiscontinuityMode, KvsHlsFrameSourceBuilder, PlaybackMode, TimestampSelector,
 };
@@ -191,6 +190,44 @@ impl Ctx {
             m.init_camera(&ctx.camera_id);
         }
         ctx
+    }
+
+    /// Counts a failed request, stall or decode error.
+    pub(crate) fn count_read_error(&self, error: &Error) {
+        {
+            let mut stats = self.core.stats.lock();
+            stats.read_errors += 1;
+            stats.last_error = Some(error.to_string());
+        }
+        if let Some(m) = &self.metrics {
+            m.read_error(&self.camera_id);
+        }
+    }
+
+    /// Notes the `failures`-th consecutive failure (and since when the source reconnects).
+    pub(crate) fn note_failure(&self, failures: u32) {
+        let mut stats = self.core.stats.lock();
+        stats.consecutive_errors = failures;
+        if stats.reconnecting_since.is_none() {
+            stats.reconnecting_since = Some(SystemTime::now());
+        }
+    }
+
+    /// Enters Reconnecting and counts a reconnect after `delay` (stats, backoff history,
+    /// metrics).
+    pub(crate) fn note_reconnect(&self, delay: Duration) {
+        self.set_state(SourceState::Reconnecting);
+        {
+            let mut stats = self.core.stats.lock();
+            stats.reconnects += 1;
+            stats.backoff_history.push(delay);
+            if stats.backoff_history.len() > 32 {
+                stats.backoff_history.remove(0);
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.reconnect(&self.camera_id);
+        }
     }
 
     pub(crate) fn set_state(&self, state: SourceState) {

@@ -56,12 +56,54 @@ pub enum DiscontinuityMode {
     OnDiscontinuity,
 }
 
+/// Where a KVS source gets its client.
 #[derive(Clone)]
 pub(crate) enum ClientSource {
     Env { region: Option<String> },
     Config(Box<aws_config::SdkConfig>),
     Client(KvsClient),
 }
+
+impl ClientSource {
+    /// The client: the shared one, one from the configuration, or one from the environment.
+    pub(crate) async fn resolve(&self) -> Result<KvsClient> {
+        match self {
+            ClientSource::Client(c) => Ok(c.clone()),
+            ClientSource::Config(config) => Ok(KvsClient::new(config)),
+            ClientSource::Env { region } => KvsClient::from_env(region.as_deref()).await,
+        }
+    }
+}
+
+/// `region`, `sdk_config` and `client` of a KVS source's builder (a `client: ClientSource`
+/// field).
+macro_rules! client_setters {
+    () => {
+        /// AWS region (default: the configured one). Ignored with [`sdk_config`](Self::sdk_config)
+        /// or [`client`](Self::client).
+        #[must_use]
+        pub fn region(mut self, region: impl Into<String>) -> Self {
+            self.client = ClientSource::Env {
+                region: Some(region.into()),
+            };
+            self
+        }
+        /// Use this AWS SDK configuration (credentials, region, endpoint) instead of the
+        /// environment's, e.g. `Emulator::sdk_config()`.
+        #[must_use]
+        pub fn sdk_config(mut self, config: &aws_config::SdkConfig) -> Self {
+            self.client = ClientSource::Config(Box::new(config.clone()));
+            self
+        }
+        /// Share a [`KvsClient`] (and its endpoint cache) with other sources.
+        #[must_use]
+        pub fn client(mut self, client: KvsClient) -> Self {
+            self.client = ClientSource::Client(client);
+            self
+        }
+    };
+}
+pub(crate) use client_setters;
 
 /// Builder of a [`KvsHlsFrameSource`]; every option is validated by [`build`](Self::build).
 #[derive(Clone)]
@@ -125,28 +167,7 @@ impl KvsHlsFrameSourceBuilder {
         }
     }
 
-    /// AWS region (default: the configured one). Ignored with [`sdk_config`](Self::sdk_config)
-    /// or [`client`](Self::client).
-    #[must_use]
-    pub fn region(mut self, region: impl Into<String>) -> Self {
-        self.client = ClientSource::Env {
-            region: Some(region.into()),
-        };
-        self
-    }
-    /// Use this AWS SDK configuration (credentials, region, endpoint) instead of the
-    /// environment's, e.g. `Emulator::sdk_config()`.
-    #[must_use]
-    pub fn sdk_config(mut self, config: &aws_config::SdkConfig) -> Self {
-        self.client = ClientSource::Config(Box::new(config.clone()));
-        self
-    }
-    /// Share a [`KvsClient`] (and its endpoint cache) with other sources.
-    #[must_use]
-    pub fn client(mut self, client: KvsClient) -> Self {
-        self.client = ClientSource::Client(client);
-        self
-    }
+    client_setters!();
     setter!(
         /// Playback mode (default LIVE).
         playback: PlaybackMode

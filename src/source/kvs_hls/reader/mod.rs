@@ -194,11 +194,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, decoder: Arc<Decoder>, opts: KvsHlsFrameS
             fail(&guard_ctx, e);
         }
     });
-    let client = match &opts.client {
-        ClientSource::Client(c) => Ok(c.clone()),
-        ClientSource::Config(config) => Ok(KvsClient::new(config)),
-        ClientSource::Env { region } => KvsClient::from_env(region.as_deref()).await,
-    };
+    let client = opts.client.resolve().await;
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .build()
@@ -295,13 +291,7 @@ impl Reader {
                 return;
             }
             self.failures += 1;
-            {
-                let mut stats = self.ctx.core.stats.lock();
-                stats.consecutive_errors = self.failures;
-                if stats.reconnecting_since.is_none() {
-                    stats.reconnecting_since = Some(SystemTime::now());
-                }
-            }
+            self.ctx.note_failure(self.failures);
             if self.opts.common.backoff.exhausted(self.failures) {
                 let n = self.failures;
                 fail(
@@ -330,18 +320,7 @@ impl Reader {
             }
             let delay = self.opts.common.backoff.delay(self.failures);
             tracing::warn!(camera = %self.camera(), %error, ?delay, attempt = self.failures, keep_session, "reconnecting after backoff");
-            self.ctx.set_state(SourceState::Reconnecting);
-            {
-                let mut stats = self.ctx.core.stats.lock();
-                stats.reconnects += 1;
-                stats.backoff_history.push(delay);
-                if stats.backoff_history.len() > 32 {
-                    stats.backoff_history.remove(0);
-                }
-            }
-            if let Some(m) = &self.ctx.metrics {
-                m.reconnect(self.camera());
-            }
+            self.ctx.note_reconnect(delay);
             if self.ctx.sleep(delay).await.is_err() {
                 return;
             }
@@ -377,14 +356,7 @@ impl Reader {
 
     /// Counts a failed request, stall or decode error.
     fn count_read_error(&self, error: &Error) {
-        {
-            let mut stats = self.ctx.core.stats.lock();
-            stats.read_errors += 1;
-            stats.last_error = Some(error.to_string());
-        }
-        if let Some(m) = &self.ctx.metrics {
-            m.read_error(self.camera());
-        }
+        self.ctx.count_read_error(error);
     }
 
     /// Flushes the decoder (its last frames), then ends the queue: the end of a range.
