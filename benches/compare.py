@@ -10,8 +10,8 @@ the same file is decoded to BGR by:
 * `kvs-frames`: `demo_kvs_hls_reader --uri FILE --no-display` (release build): UriFrameSource,
   the default SIMD colour conversion and decoder threads;
 * `kvs-frames-gst`: the same with `--color-conversion gstreamer` (`videoconvert`);
-* `kvs-frames-1t`: the same with `--decoder-threads 1` (what `Auto` picks once streams
-  outnumber cores);
+* `kvs-frames-libav`: the same with `--decoder-threads libav` (libav's frame threading, one
+  thread per core; the default `Auto` gives pictures up to 1080p one thread);
 * `ffmpeg`: `ffmpeg -i FILE -pix_fmt bgr24 -f rawvideo -y /dev/null` (libavcodec + swscale);
 * `opencv`: a Python `cv2.VideoCapture(FILE)` read loop (opencv-python-headless in a venv under
   target/compare/venv, created on first use from PyPI).
@@ -128,7 +128,7 @@ def main():
             return {
                 "kvs-frames": (demo, "demo"),
                 "kvs-frames-gst": (demo + ["--color-conversion", "gstreamer"], "demo"),
-                "kvs-frames-1t": (demo + ["--decoder-threads", "1"], "demo"),
+                "kvs-frames-libav": (demo + ["--decoder-threads", "libav"], "demo"),
                 "ffmpeg": (
                     ["ffmpeg", "-v", "error", "-i", path, "-pix_fmt", "bgr24", "-f",
                      "rawvideo", "-y", "/dev/null"],
@@ -163,10 +163,10 @@ def main():
         ):
             print(f"\n{width}x{height}, median of {args.runs} runs, CPU ms (user + system) {title}")
             median = {name: statistics.median(v) for name, v in table.items()}
-            print(f"{'case':<16}{'ms/frame':>10}{'vs ffmpeg':>11}{'vs opencv':>11}   runs")
+            print(f"{'case':<18}{'ms/frame':>10}{'vs ffmpeg':>11}{'vs opencv':>11}   runs")
             for name, m in median.items():
                 runs = " ".join(f"{v:.2f}" for v in table[name])
-                print(f"{name:<16}{m:>10.3f}{m / median['ffmpeg']:>11.2f}"
+                print(f"{name:<18}{m:>10.3f}{m / median['ffmpeg']:>11.2f}"
                       f"{m / median['opencv']:>11.2f}   {runs}")
 
 if __name__ == "__main__":

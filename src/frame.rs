@@ -212,6 +212,9 @@ pub struct Frame {
     pub(crate) fragment: Option<FragmentId>,
     pub(crate) key_frame: bool,
     pub(crate) geometry: FrameGeometry,
+    /// Set while the colour conversion is deferred: `map` then holds the decoded picture and
+    /// `info` the converted layout; the queue converts when the reader takes the frame.
+    pub(crate) pending: Option<crate::decode::Pending>,
 }
 
 impl Frame {
@@ -341,6 +344,30 @@ impl Frame {
     /// The underlying GStreamer buffer (for zero-copy hand-off to other GStreamer pipelines).
     pub fn buffer(&self) -> &gst::BufferRef {
         self.map.buffer()
+    }
+}
+
+impl Frame {
+    /// Bytes the frame has once converted (what the queue's byte bound counts).
+    pub(crate) fn delivered_size(&self) -> usize {
+        match (&self.pending, &self.info) {
+            (Some(_), Some(info)) => info.size(),
+            _ => self.map.len(),
+        }
+    }
+
+    /// The frame with its deferred colour conversion done (the frame itself when none is
+    /// pending).
+    pub(crate) fn finish(mut self) -> Result<Frame, crate::decode::ConvertError> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(self);
+        };
+        let (buffer, info) = pending.convert(self.map.buffer())?;
+        self.map = buffer
+            .into_mapped_buffer_readable()
+            .map_err(|_| crate::decode::ConvertError("cannot map the converted frame".into()))?;
+        self.info = Some(info);
+        Ok(self)
     }
 }
 

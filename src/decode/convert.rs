@@ -91,6 +91,29 @@ pub(crate) fn converts(conversion: ColorConversion, format: PixelFormat) -> bool
 pub(crate) const NATIVE_FORMATS: [gst_video::VideoFormat; 2] =
     [gst_video::VideoFormat::I420, gst_video::VideoFormat::Nv12];
 
+/// A frame's colour conversion, not done yet: the converter and the decoded picture's caps.
+/// The queue converts a frame as it is pushed when a reader already waits for it, else when a
+/// reader takes it: a burst of decoded frames waits in the queue as 4:2:0 (half the bytes of
+/// BGR), and a frame the queue drops (`DropOldest`, `LatestOnly`, stop) is never converted.
+pub(crate) struct Pending {
+    converter: Arc<Converter>,
+    caps: gst::Caps,
+}
+
+impl Pending {
+    pub(crate) fn new(converter: Arc<Converter>, caps: gst::Caps) -> Self {
+        Pending { converter, caps }
+    }
+
+    /// Converts `input` (decoded with the caps given to [`Pending::new`]).
+    pub(crate) fn convert(
+        &self,
+        input: &gst::BufferRef,
+    ) -> Result<(gst::Buffer, gst_video::VideoInfo), ConvertError> {
+        self.converter.convert(&self.caps, input)
+    }
+}
+
 /// Why a frame could not be converted (it is then dropped with a warning; never a panic).
 #[derive(Debug)]
 pub(crate) struct ConvertError(pub String);
@@ -297,6 +320,15 @@ impl Converter {
             data: Some(data),
             pool: Arc::downgrade(pool),
         })
+    }
+
+    /// The layout frames with `caps` have once converted (checked and cached as for
+    /// [`convert`](Self::convert), nothing converted).
+    pub(crate) fn output_info(
+        &self,
+        caps: &gst::Caps,
+    ) -> Result<gst_video::VideoInfo, ConvertError> {
+        Ok(self.layout(caps)?.output.clone())
     }
 
     /// `input` (with `caps`: I420 or NV12) converted to the target format: a new buffer with
@@ -519,6 +551,57 @@ mod tests {
             again.map_readable().unwrap().as_ptr(),
             first,
             "the freed buffer is reused"
+        );
+    }
+
+    /// A deferred frame is converted when the reader takes it, not before: frames the queue
+    /// drops (`LatestOnly`) never take a converted buffer, the delivered one has the pixels
+    /// and layout of a direct conversion, and the queue counts the converted size.
+    #[test]
+    fn deferred_frames_are_converted_only_when_taken() {
+        use crate::source::queue::Queue;
+        gst::init().unwrap();
+        let (caps, input) = i420(322, 10, [81, 90, 240]);
+        let converter = Arc::new(Converter::new(PixelFormat::Bgr, None));
+        let out_info = converter.output_info(&caps).unwrap();
+        let queue = Queue::new(30, usize::MAX, crate::DeliveryPolicy::LatestOnly);
+        for sequence in 0..5 {
+            let frame = crate::Frame {
+                map: input.copy().into_mapped_buffer_readable().unwrap(),
+                info: Some(out_info.clone()),
+                width: out_info.width(),
+                height: out_info.height(),
+                format: PixelFormat::Bgr,
+                producer_time: None,
+                pts: None,
+                emitted: std::time::SystemTime::now(),
+                sequence,
+                fragment: None,
+                key_frame: false,
+                geometry: crate::frame::FrameGeometry::identity(322, 10),
+                pending: Some(Pending::new(Arc::clone(&converter), caps.clone())),
+            };
+            assert_eq!(frame.delivered_size(), out_info.size());
+            queue.push(frame);
+        }
+        let pool = Arc::clone(&converter.layout(&caps).unwrap().pool);
+        assert_eq!(pool.free.lock().len(), 0, "nothing converted while queued");
+        let frame = match queue.pop(Some(std::time::Duration::ZERO)) {
+            Ok(Some(Ok(frame))) => frame,
+            other => panic!("no frame: {:?}", other.map(|o| o.map(|r| r.is_ok()))),
+        };
+        assert_eq!(frame.sequence(), 4, "the latest frame");
+        assert!(frame.pending.is_none());
+        assert_eq!(frame.data().len(), out_info.size());
+        let (direct, _) = converter.convert(&caps, &input).unwrap();
+        assert_eq!(frame.data(), &direct.map_readable().unwrap()[..]);
+        assert_eq!(frame.row(5).map(|r| r.len()), Some(322 * 3));
+        drop(direct);
+        drop(frame);
+        assert_eq!(
+            pool.free.lock().len(),
+            2,
+            "two buffers ever: the taken frame's and the direct one"
         );
     }
 

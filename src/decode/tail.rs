@@ -102,7 +102,7 @@ pub(crate) fn add_tail(
         _ => None,
     };
     let converter = convert::converts(config.conversion, config.pixel_format)
-        .then(|| convert::Converter::new(config.pixel_format, letterbox));
+        .then(|| Arc::new(convert::Converter::new(config.pixel_format, letterbox)));
     // Stretch: the appsink's caps fix the size. Fit and letterbox: the size follows the
     // picture's aspect ratio, set on `fit_filter` when the decoder's caps are known.
     let stretch = config
@@ -320,11 +320,14 @@ pub(crate) fn add_tail(
                     frame_sink.dropped(DecoderDrop::TooOld);
                     return Ok(gst::FlowSuccess::Ok);
                 }
-                let (buffer, info, width, height) = match &converter {
-                    Some(converter) => match converter.convert(&caps, &buffer) {
-                        Ok((out, info)) => {
+                // The colour conversion is left to the queue (`Frame::finish`: at once for a
+                // waiting reader, else when the frame is taken); its layout is checked here.
+                let (info, width, height, pending) = match &converter {
+                    Some(converter) => match converter.output_info(&caps) {
+                        Ok(info) => {
                             let (w, h) = (info.width(), info.height());
-                            (out, Some(info), w, h)
+                            let pending = convert::Pending::new(Arc::clone(converter), caps);
+                            (Some(info), w, h, Some(pending))
                         }
                         Err(convert::ConvertError(why)) => {
                             tracing::warn!(%why, "colour conversion failed: frame dropped");
@@ -335,7 +338,7 @@ pub(crate) fn add_tail(
                         let Some((info, w, h)) = cached_layout(&parsed, format, &caps) else {
                             return Ok(gst::FlowSuccess::Ok);
                         };
-                        (buffer, info, w, h)
+                        (info, w, h, None)
                     }
                 };
                 let Ok(map) = buffer.into_mapped_buffer_readable() else {
@@ -357,6 +360,7 @@ pub(crate) fn add_tail(
                     fragment,
                     key_frame,
                     geometry,
+                    pending,
                 });
                 Ok(gst::FlowSuccess::Ok)
             })
@@ -369,10 +373,13 @@ pub(crate) fn add_tail(
 /// Tells upstream that the appsink reads frames through their `GstVideoMeta` (strides and
 /// plane offsets other than the caps' defaults), as the converter does.
 ///
-/// Without it `avdec_*` cannot decode into its output buffers directly (libavcodec pads its
-/// pictures, 720p is coded as 736 lines): it decodes into frames of its own and copies every
-/// picture (`av_frame_copy`, 5 % of the CPU at 720p, and a second set of pictures in memory).
-/// Only with the converter: frames handed out as I420/NV12 are described by their caps alone.
+/// Without it `avdec_*` does not hand out the padded pictures libavcodec decodes into: it
+/// copies each into a buffer of the caps' layout (`av_frame_copy`). With it, where the coded
+/// size equals the picture's (720p; not 360p or 1080p, coded as 368 and 1088 lines), the
+/// decoded picture itself goes downstream; GStreamer 1.22's video decoder base class still
+/// copies it once when it makes the buffer writable (libav keeps it mapped as a reference
+/// picture), so each frame is copied once either way. Only with the converter: frames handed
+/// out as I420/NV12 are described by their caps alone.
 fn accept_video_meta(appsink: &gst_app::AppSink) -> Result<()> {
     let pad = appsink
         .static_pad("sink")

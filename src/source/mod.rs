@@ -5,7 +5,7 @@
 
 mod kvs_getmedia;
 mod kvs_hls;
-mod queue;
+pub(crate) mod queue;
 mod set;
 mod uri;
 

@@ -279,7 +279,7 @@ impl FrameSink for Sink {
                     m.dropped(&ctx.camera_id, DropReason::QueueFull, evicted);
                 }
             }
-            Pushed::Queued { .. } | Pushed::Closed => {}
+            Pushed::Queued { .. } | Pushed::Closed | Pushed::Unconverted => {}
         }
     }
 
