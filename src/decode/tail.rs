@@ -376,9 +376,9 @@ pub(crate) fn add_tail(
 /// Without it `avdec_*` does not hand out the padded pictures libavcodec decodes into: it
 /// copies each into a buffer of the caps' layout (`av_frame_copy`). With it, where the coded
 /// size equals the picture's (720p; not 360p or 1080p, coded as 368 and 1088 lines), the
-/// decoded picture itself goes downstream; GStreamer 1.22's video decoder base class still
-/// copies it once when it makes the buffer writable (libav keeps it mapped as a reference
-/// picture), so each frame is copied once either way. Only with the converter: frames handed
+/// decoded picture itself goes downstream, but GStreamer 1.22's video decoder base class then
+/// copies it when it makes the buffer writable (libav keeps it mapped as a reference picture):
+/// each frame is copied once at every size. Only with the converter: frames handed
 /// out as I420/NV12 are described by their caps alone.
 fn accept_video_meta(appsink: &gst_app::AppSink) -> Result<()> {
     let pad = appsink
