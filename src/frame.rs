@@ -348,6 +348,33 @@ impl Frame {
 }
 
 impl Frame {
+    /// A frame of `map` for unit tests: no timestamps or fragment, identity geometry.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        map: gst::MappedBuffer<gst::buffer::Readable>,
+        info: Option<gst_video::VideoInfo>,
+        (width, height): (u32, u32),
+        format: PixelFormat,
+        sequence: u64,
+        pending: Option<crate::decode::Pending>,
+    ) -> Frame {
+        Frame {
+            map,
+            info,
+            width,
+            height,
+            format,
+            producer_time: None,
+            pts: None,
+            emitted: SystemTime::now(),
+            sequence,
+            fragment: None,
+            key_frame: false,
+            geometry: FrameGeometry::identity(width, height),
+            pending,
+        }
+    }
+
     /// Bytes the frame has once converted (what the queue's byte bound counts).
     pub(crate) fn delivered_size(&self) -> usize {
         match (&self.pending, &self.info) {

@@ -566,21 +566,14 @@ mod tests {
         let out_info = converter.output_info(&caps).unwrap();
         let queue = Queue::new(30, usize::MAX, crate::DeliveryPolicy::LatestOnly);
         for sequence in 0..5 {
-            let frame = crate::Frame {
-                map: input.copy().into_mapped_buffer_readable().unwrap(),
-                info: Some(out_info.clone()),
-                width: out_info.width(),
-                height: out_info.height(),
-                format: PixelFormat::Bgr,
-                producer_time: None,
-                pts: None,
-                emitted: std::time::SystemTime::now(),
+            let frame = crate::Frame::for_test(
+                input.copy().into_mapped_buffer_readable().unwrap(),
+                Some(out_info.clone()),
+                (out_info.width(), out_info.height()),
+                PixelFormat::Bgr,
                 sequence,
-                fragment: None,
-                key_frame: false,
-                geometry: crate::frame::FrameGeometry::identity(322, 10),
-                pending: Some(Pending::new(Arc::clone(&converter), caps.clone())),
-            };
+                Some(Pending::new(Arc::clone(&converter), caps.clone())),
+            );
             assert_eq!(frame.delivered_size(), out_info.size());
             queue.push(frame);
         }

@@ -314,21 +314,14 @@ mod tests {
         let map = gst::Buffer::from_slice(vec![0u8; bytes])
             .into_mapped_buffer_readable()
             .unwrap();
-        Frame {
+        Frame::for_test(
             map,
-            info: None,
-            width: bytes as u32,
-            height: 1,
-            format: PixelFormat::Gray8,
-            producer_time: None,
-            pts: None,
-            emitted: std::time::SystemTime::now(),
+            None,
+            (bytes as u32, 1),
+            PixelFormat::Gray8,
             sequence,
-            fragment: None,
-            key_frame: false,
-            geometry: crate::frame::FrameGeometry::identity(bytes as u32, 1),
-            pending: None,
-        }
+            None,
+        )
     }
 
     fn sequences(queue: &Queue) -> Vec<u64> {
