@@ -7,7 +7,7 @@
 //!   GetHLSStreamingSessionURL ──▶ playlist ──▶ fragments ──▶ decode (GStreamer) ──▶ frames() ──▶ stats every 10 s
 //!                                                                                    ▲     ├──▶ --output jsonl (stdout)
 //!   --uri rtsp://… | https://….m3u8 | file     UriFrameSource                         │     ├──▶ --snapshot-dir (PNG, or JPEG)
-//!   uridecodebin (rtspsrc | hlsdemux | filesrc) ──▶ decode (GStreamer) ───────────────┘     ├──▶ window (if a display exists)
+//!   urisourcebin (rtspsrc | hlsdemux | filesrc) ──▶ decode (GStreamer) ───────────────┘     ├──▶ window (if a display exists)
 //!                                                                                          └──▶ --metrics-port (/metrics)
 //! ```
 //!

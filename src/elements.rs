@@ -40,8 +40,8 @@ const UGLY: &str = "gstreamer1.0-plugins-ugly";
 const LIBAV: &str = "gstreamer1.0-libav";
 
 /// Every GStreamer element created by this crate, its examples, tests and benches, with the
-/// package that provides it on Debian 12 (and Ubuntu). Elements that `decodebin` and
-/// `uridecodebin` plug by themselves for the media this crate reads are listed too.
+/// package that provides it on Debian 12 (and Ubuntu). Elements that `parsebin`,
+/// `urisourcebin` and `decodebin` plug by themselves for the media this crate reads are listed too.
 pub const ELEMENTS: &[ElementPackage] = &[
     // core elements (libgstcoreelements)
     e("capsfilter", CORE),
@@ -58,7 +58,8 @@ pub const ELEMENTS: &[ElementPackage] = &[
     e("appsrc", BASE),
     e("audiotestsrc", BASE),
     e("decodebin", BASE),
-    e("uridecodebin", BASE),
+    e("parsebin", BASE),
+    e("urisourcebin", BASE),
     e("videoconvert", BASE),
     e("videorate", BASE),
     e("videoscale", BASE),
@@ -68,6 +69,7 @@ pub const ELEMENTS: &[ElementPackage] = &[
     e("jpegdec", GOOD),
     e("jpegenc", GOOD),
     e("matroskademux", GOOD),
+    e("matroskamux", GOOD),
     e("mp4mux", GOOD),
     e("pngenc", GOOD),
     e("qtdemux", GOOD),

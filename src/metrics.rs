@@ -14,7 +14,7 @@
 //! | `kvs_hls_fragments_total` | counter | `camera_id` |
 //! | `kvs_hls_fragment_bytes_total` | counter | `camera_id` |
 //! | `kvs_hls_fragment_fetch_seconds` | histogram | `camera_id` |
-//! | `kvs_hls_frame_age_seconds` | histogram (emit time − producer time) | `camera_id` |
+//! | `kvs_hls_frame_age_seconds` | histogram (emit time − producer time, of delivered frames) | `camera_id` |
 //! | `kvs_hls_fragments_skipped_total` | counter (fragments that left the LIVE window unfetched) | `camera_id` |
 //! | `kvs_hls_clock_steps_total` | counter (producer clock steps between fragments) | `camera_id` |
 //! | `kvs_hls_sessions_lost_total` | counter (sessions refused before their expiry) | `camera_id` |
@@ -235,25 +235,23 @@ impl FrameSourceMetrics {
         self.state.with_label_values(&[camera]).set(0);
     }
 
-    pub(crate) fn delivered(&self, camera: &str) {
+    /// A frame the reader took, with its age when it left the decoder: the age histogram
+    /// counts exactly the delivered frames.
+    pub(crate) fn delivered(&self, camera: &str, age: Option<Duration>) {
         self.frames.with_label_values(&[camera]).inc();
-    }
-
-    pub(crate) fn frame(
-        &self,
-        camera: &str,
-        producer_time: Option<SystemTime>,
-        age: Option<Duration>,
-    ) {
-        if let Some(t) = producer_time.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
-            self.last_frame
-                .with_label_values(&[camera])
-                .set(t.as_secs_f64());
-        }
         if let Some(age) = age {
             self.frame_age
                 .with_label_values(&[camera])
                 .observe(age.as_secs_f64());
+        }
+    }
+
+    /// A decoded frame entering the queue: the last-frame gauge.
+    pub(crate) fn frame(&self, camera: &str, producer_time: Option<SystemTime>) {
+        if let Some(t) = producer_time.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+            self.last_frame
+                .with_label_values(&[camera])
+                .set(t.as_secs_f64());
         }
     }
 

@@ -387,7 +387,7 @@ fn rtsp_over_udp_against_a_mount_that_allows_only_udp() {
         .build()
         .unwrap();
     // The server refuses the TCP transport: no frame, retries, and an error that says so
-    // (not the "missing a plug-in" uridecodebin reports).
+    // (not a "missing a plug-in" error).
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut frames = tcp.frames();
     while tcp.stats().read_errors < 2 {

@@ -1,5 +1,5 @@
 //! The KVS head: the [`Decoder`] thread that takes fragments (init + fMP4) into an appsrc
-//! and decodebin, rebuilds its pipeline after a bus error, and ends with EOS.
+//! and parsebin + decoder ([`head`]), rebuilds its pipeline after a bus error, and ends with EOS.
 
 use super::*;
 
@@ -183,10 +183,11 @@ pub(super) struct Built {
     appsrc: gst_app::AppSrc,
 }
 
-/// What the KVS head plugs for fMP4 H.264/H.265 (through `decodebin`): checked at `build()`.
+/// What the KVS head plugs for fMP4 H.264/H.265 (through `parsebin` and [`head`]): checked at
+/// `build()`.
 pub(crate) const KVS_HEAD_ELEMENTS: &[&str] = &[
     "appsrc",
-    "decodebin",
+    "parsebin",
     "typefind",
     "qtdemux",
     "h264parse",
@@ -211,11 +212,11 @@ pub(super) fn build_pipeline(
         .block(true)
         .max_bytes(16 * 1024 * 1024)
         .build();
-    let decodebin = element("decodebin")?;
+    let decode = head::parse_decode_bin("decode")?;
     pipeline
-        .add_many([appsrc.upcast_ref(), &decodebin])
+        .add_many([appsrc.upcast_ref::<gst::Element>(), decode.upcast_ref()])
         .map_err(Error::from)?;
-    appsrc.link(&decodebin).map_err(Error::from)?;
+    appsrc.link(&decode).map_err(Error::from)?;
 
     // The fragment by its start on the timeline; producer time = the fragment's program date
     // time + the frame's offset in it (the timeline is kept monotonic when the producer clock
@@ -244,7 +245,7 @@ pub(super) fn build_pipeline(
     let eos_shared = Arc::clone(shared);
     add_tail(
         &pipeline,
-        &decodebin,
+        decode.upcast_ref(),
         config,
         sink,
         TailHooks {

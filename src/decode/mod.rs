@@ -3,17 +3,18 @@
 //! ```text
 //!  KVS head (Decoder, one thread per source):
 //!  fragments (init + fMP4, tfdt rebased)
-//!  appsrc ──▶ decodebin (qtdemux/tsdemux → h264parse/h265parse → avdec_*) ─┐
+//!  appsrc ──▶ parsebin (qtdemux/tsdemux → h264parse/h265parse) → avdec_* ─┐   (head::parse_decode_bin)
 //!                                                                          │
-//!  URI head (source::uri):                                                 │
-//!  uridecodebin (rtspsrc → depay | souphttpsrc → hlsdemux | filesrc → demux → parse → decoder) ─┤
+//!  URI head (source::uri):                                                 │   (head::uri_decode_bin)
+//!  urisourcebin (rtspsrc | souphttpsrc → hlsdemux | filesrc) → parsebin (depay | demux → parse) → decoder ─┤
 //!                                                                          ▼
 //!  tail (add_tail):     target-fps probe ─▶ videoconvert ─▶ videoscale ─▶ appsink (format [, width, height])
 //!                                                                  └──▶ capsfilter ─▶ jpegenc ─▶ appsink (image/jpeg)
 //! ```
 //!
-//! * `decodebin` picks the demuxer, parser and decoder from the bytes (fMP4 or MPEG-TS, H.264 or
-//!   H.265) and follows resolution changes (a new init segment).
+//! * `parsebin` picks the demuxer and parser from the bytes (fMP4 or MPEG-TS, H.264 or H.265),
+//!   [`head`] the decoder, in the demuxer's thread (no `multiqueue` hop as in `decodebin`); the
+//!   decoder follows resolution changes (a new init segment).
 //! * Key-frame-only mode drops delta units *before* the decoder (an IDR decodes alone), so it
 //!   costs one decode per fragment. `target_fps` drops decoded frames *before* colour conversion.
 //! * Frames leave the appsink without a copy: the [`Frame`] owns the mapped `gst::Buffer`. The
@@ -39,6 +40,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::frame::{FragmentId, Frame, PixelFormat};
 
 mod convert;
+mod head;
 mod kvs;
 mod tail;
 
@@ -46,6 +48,7 @@ pub use convert::ColorConversion;
 pub(crate) use convert::{ConvertError, Pending};
 
 pub(crate) use convert::converts as pads_letterbox;
+pub(crate) use head::uri_decode_bin;
 pub(crate) use kvs::{Decoder, Head, KVS_HEAD_ELEMENTS};
 #[cfg(test)]
 pub(crate) use tail::ntp_to_system_time;
@@ -179,35 +182,10 @@ pub(crate) trait FrameSink: Send + Sync + 'static {
 /// (PTS, key frame) of the buffers that entered a video decoder, oldest first.
 type KeyFlags = Arc<Mutex<VecDeque<(gst::ClockTime, bool)>>>;
 
-/// Links the video pads `bin` adds (decodebin, uridecodebin) to `target`, replacing the
-/// previous link (a new stream group); other pads (audio, subtitles) go to a fakesink so that
-/// they never stop the pipeline with not-linked.
-fn link_decoded_video(pipeline: &gst::Pipeline, bin: &gst::Element, target: gst::Pad) {
-    let pipeline = pipeline.downgrade();
+/// Links the video pads `bin` adds (the bins of [`head`], which expose video only) to
+/// `target`, replacing the previous link (a new stream group).
+fn link_decoded_video(bin: &gst::Element, target: gst::Pad) {
     bin.connect_pad_added(move |_, pad| {
-        let is_video = pad
-            .current_caps()
-            .and_then(|c| c.structure(0).map(|s| s.name().starts_with("video/")))
-            .unwrap_or(true);
-        if !is_video {
-            let Some(pipeline) = pipeline.upgrade() else {
-                return;
-            };
-            let Ok(fakesink) = gst::ElementFactory::make("fakesink")
-                .property("sync", false)
-                .property("async", false)
-                .build()
-            else {
-                return;
-            };
-            if pipeline.add(&fakesink).is_ok() {
-                let _ = fakesink.sync_state_with_parent();
-                if let Some(sinkpad) = fakesink.static_pad("sink") {
-                    let _ = pad.link(&sinkpad);
-                }
-            }
-            return;
-        }
         if let Some(old) = target.peer() {
             let _ = old.unlink(&target);
         }

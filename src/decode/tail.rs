@@ -72,8 +72,8 @@ pub(super) struct Seen {
     reference: Option<SystemTime>,
 }
 
-/// Adds the shared tail to `pipeline`, fed by the decoded video pads of `head` (a decodebin
-/// or uridecodebin already in the pipeline):
+/// Adds the shared tail to `pipeline`, fed by the decoded video pads of `head` (a bin of
+/// [`super::head`] already in the pipeline):
 ///
 /// ```text
 /// head: [decoder sink probe: key flags; key-frame-only drops delta units] decoder ─┐
@@ -173,7 +173,7 @@ pub(crate) fn add_tail(
     let convert_sink = convert
         .static_pad("sink")
         .ok_or_else(|| Error::new(ErrorKind::Pipeline, "videoconvert has no sink pad"))?;
-    link_decoded_video(pipeline, head, convert_sink.clone());
+    link_decoded_video(head, convert_sink.clone());
     // The decoded picture's size: each frame's geometry, and (fit, letterbox) the size the
     // scaler makes of it.
     let geometry: Arc<Mutex<Option<FrameGeometry>>> = Arc::new(Mutex::new(None));

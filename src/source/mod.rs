@@ -518,10 +518,10 @@ impl Core {
 
     /// The reader took a frame (iterator or stream): it is delivered. Frames the queue drops
     /// never get here, so delivered + dropped = decoded.
-    fn taken(&self) {
+    fn taken(&self, frame: &Frame) {
         self.stats.lock().frames_delivered += 1;
         if let Some((metrics, camera)) = &self.deliveries {
-            metrics.delivered(camera);
+            metrics.delivered(camera, frame.age());
         }
     }
 
@@ -652,7 +652,7 @@ impl Iterator for Frames<'_> {
     fn next(&mut self) -> Option<Self::Item> {
         match self.core.queue.pop(None) {
             Ok(Some(Ok(frame))) => {
-                self.core.taken();
+                self.core.taken(&frame);
                 let ts = frame.timestamp();
                 Some(Ok((frame, ts)))
             }
@@ -668,7 +668,7 @@ impl Frames<'_> {
     pub fn next_timeout(&mut self, timeout: Duration) -> Option<Result<(Frame, SystemTime)>> {
         match self.core.queue.pop(Some(timeout)) {
             Ok(Some(Ok(frame))) => {
-                self.core.taken();
+                self.core.taken(&frame);
                 let ts = frame.timestamp();
                 Some(Ok((frame, ts)))
             }
@@ -691,7 +691,7 @@ impl futures_util::Stream for FrameStream {
         self.core.queue.poll_pop(cx).map(|item| {
             item.map(|r| {
                 r.map(|frame| {
-                    self.core.taken();
+                    self.core.taken(&frame);
                     let ts = frame.timestamp();
                     (frame, ts)
                 })

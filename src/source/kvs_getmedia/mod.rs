@@ -8,7 +8,7 @@
 //!            │ MkvReader (webm-iterable push decoder): tags, track, blocks        │
 //!            └──────────────────────────────┬─────────────────────────────────────┘
 //!                                           ▼ one access unit at a time (caps from CodecPrivate)
-//!            decoder thread: appsrc → decodebin (h264parse/h265parse → avdec_*) → tail → appsink
+//!            decoder thread: appsrc → parsebin (h264parse/h265parse) → avdec_* → tail → appsink
 //!                                           ▼ Frame, producer time = fragment's producer timestamp + block offset
 //!            bounded queue (Block | DropOldest | LatestOnly) → frames() / stream()
 //! ```

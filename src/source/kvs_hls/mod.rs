@@ -9,7 +9,7 @@
 //!            │ tfdt rebased: fragment PDT − first PDT                │
 //!            └───────────────────────────┬──────────────────────────┘
 //!                                        ▼ (2 fragments in flight)
-//!            decoder thread: appsrc → decodebin → videoconvert → videoscale → appsink
+//!            decoder thread: appsrc → parsebin → avdec_* → videoconvert → videoscale → appsink
 //!                                        ▼ zero-copy Frame, producer time = epoch + PTS
 //!            bounded queue (Block | DropOldest | LatestOnly) → frames() / stream()
 //! ```
@@ -262,7 +262,6 @@ impl FrameSink for Sink {
         frame.sequence = ctx.sequence.fetch_add(1, Ordering::Relaxed);
         let producer_time = frame.producer_time;
         let emitted = frame.emitted;
-        let age = frame.age();
         {
             // Noted before the frame becomes visible to the reader (who counts it delivered).
             let mut stats = ctx.core.stats.lock();
@@ -270,7 +269,7 @@ impl FrameSink for Sink {
             stats.last_frame_at = Some(emitted);
         }
         if let Some(m) = &ctx.metrics {
-            m.frame(&ctx.camera_id, producer_time, age);
+            m.frame(&ctx.camera_id, producer_time);
         }
         match ctx.core.queue.push(frame) {
             Pushed::Queued { evicted } if evicted > 0 => {

@@ -15,7 +15,7 @@ pub(super) fn classify(kind: UriKind, err: &gst::message::Error) -> Error {
         debug
     );
     // rtspsrc could not SETUP the stream (typically 461 Unsupported Transport: a camera that
-    // serves only UDP, or only TCP); uridecodebin then reports "missing a plug-in", which would
+    // serves only UDP, or only TCP); the head then reports a missing plug-in, which would
     // send users looking for packages. The camera may also be full for a while: transient.
     if kind == UriKind::Rtsp && debug.contains("gst_rtspsrc_setup_streams") {
         return Error::new(
@@ -84,7 +84,7 @@ pub(super) fn extrapolate(
     }
 }
 
-/// Builds one connection's pipeline: uridecodebin → shared tail.
+/// Builds one connection's pipeline: urisourcebin → parsebin → decoder → shared tail.
 pub(super) fn build_pipeline(
     ctx: &Arc<Ctx>,
     opts: &Options,
@@ -92,12 +92,10 @@ pub(super) fn build_pipeline(
 ) -> Result<gst::Pipeline> {
     let number = ctx.pipelines_built.load(Ordering::Relaxed) + 1;
     let pipeline = gst::Pipeline::with_name(&format!("kvs-frames-uri-{}-{number}", ctx.camera_id));
-    let source = crate::elements::make_with("uridecodebin", |b| {
-        b.property("uri", opts.target.uri.as_str())
-    })?;
-    pipeline.add(&source).map_err(Error::from)?;
+    let (head, source) = decode::uri_decode_bin("decode", opts.target.uri.as_str())?;
+    pipeline.add(&head).map_err(Error::from)?;
 
-    // Configure the source element uridecodebin creates for the URI.
+    // Configure the source element urisourcebin creates for the URI.
     let anchor: NtpAnchor = Arc::new(Mutex::new(None));
     let setup_anchor = Arc::clone(&anchor);
     let user = opts.target.user.clone();
@@ -154,7 +152,7 @@ pub(super) fn build_pipeline(
     let eos_events = events.clone();
     decode::add_tail(
         &pipeline,
-        &source,
+        head.upcast_ref(),
         &opts.decode,
         &sink,
         TailHooks {

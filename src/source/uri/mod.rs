@@ -7,9 +7,9 @@
 //!            │ stall (no frame for stall_timeout), stop          │  stalls and live EOS; files end
 //!            └───────────────────────┬──────────────────────────┘  (or loop) at EOS
 //!                                    ▼
-//!  uridecodebin ── rtspsrc (TCP/UDP, latency, NTP reference meta) → depay → parse → decoder
-//!               ├─ souphttpsrc → hlsdemux → demux → parse → decoder
-//!               └─ filesrc → demux → parse → decoder
+//!  urisourcebin ── rtspsrc (TCP/UDP, latency, NTP reference meta) → parsebin (depay → parse) → decoder
+//!               ├─ souphttpsrc → hlsdemux → parsebin (demux → parse) → decoder
+//!               └─ filesrc → parsebin (demux → parse) → decoder   (crate::decode::uri_decode_bin)
 //!                                    ▼ shared tail (crate::decode::add_tail)
 //!            [target-fps probe] videoconvert → videoscale → [jpegenc] → appsink
 //!                                    ▼ zero-copy Frame; RTSP: producer time = sender NTP time
@@ -61,8 +61,8 @@ use target::Target;
 /// # Ok::<(), kvs_frames::Error>(())
 /// ```
 ///
-/// What it does: `uridecodebin` (with `rtspsrc`, `souphttpsrc` + `hlsdemux` or `filesrc`)
-/// decodes the URI into the crate's shared GStreamer tail (conversion, scaling, optional JPEG
+/// What it does: `urisourcebin` (with `rtspsrc`, `souphttpsrc` + `hlsdemux` or `filesrc`),
+/// `parsebin` and the video decoder (in the demuxer's thread) decode the URI into the crate's shared GStreamer tail (conversion, scaling, optional JPEG
 /// encoding, zero-copy frames) and a bounded queue. Errors, stalls (no frame for
 /// `stall_timeout` while the reader keeps up) and the end of a live stream tear the pipeline
 /// down and build a new one after a jittered exponential backoff; fatal errors (not
@@ -260,7 +260,6 @@ impl FrameSink for Sink {
         frame.sequence = ctx.sequence.fetch_add(1, Ordering::Relaxed);
         let producer_time = frame.producer_time;
         let emitted = frame.emitted;
-        let age = frame.age();
         {
             // Noted before the frame becomes visible to the reader (who counts it delivered).
             let mut stats = ctx.core.stats.lock();
@@ -270,7 +269,7 @@ impl FrameSink for Sink {
         if let Some(m) = &ctx.metrics {
             // The last-frame gauge gets the frame's timestamp (producer time, else emit time),
             // so that staleness alerts work for sources without producer time.
-            m.frame(&ctx.camera_id, Some(frame.timestamp()), age);
+            m.frame(&ctx.camera_id, Some(frame.timestamp()));
         }
         match ctx.core.queue.push(frame) {
             Pushed::Queued { evicted } if evicted > 0 => {

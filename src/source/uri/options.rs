@@ -9,7 +9,7 @@ pub enum UriKind {
     /// `rtsp://` or `rtsps://`: a live camera (or relay), read with `rtspsrc`.
     Rtsp,
     /// `http://` or `https://`: an HLS playlist (`…m3u8`, live or VOD), read with
-    /// `souphttpsrc` and `hlsdemux`. Other media that `uridecodebin` plays over HTTP work too.
+    /// `souphttpsrc` and `hlsdemux`. Other media that `urisourcebin` and `parsebin` read over HTTP work too.
     Http,
     /// `file://` or a plain path: a local media file (MP4, MKV, MPEG-TS, …).
     File,
@@ -185,10 +185,11 @@ impl UriFrameSourceBuilder {
     /// reading in the background.
     pub fn build(self) -> Result<UriFrameSource> {
         let target = self.validate()?;
-        // What uridecodebin plugs for each kind (H.264 and H.265 decoders, demuxers).
+        // What the URI head plugs for each kind (H.264 and H.265 decoders, demuxers).
         let head: &[&str] = match target.kind {
             UriKind::Rtsp => &[
-                "uridecodebin",
+                "urisourcebin",
+                "parsebin",
                 "rtspsrc",
                 "rtpjitterbuffer",
                 "rtph264depay",
@@ -196,7 +197,8 @@ impl UriFrameSourceBuilder {
                 "avdec_h264",
             ],
             UriKind::Http => &[
-                "uridecodebin",
+                "urisourcebin",
+                "parsebin",
                 "souphttpsrc",
                 "hlsdemux",
                 "typefind",
@@ -204,7 +206,8 @@ impl UriFrameSourceBuilder {
                 "avdec_h264",
             ],
             UriKind::File => &[
-                "uridecodebin",
+                "urisourcebin",
+                "parsebin",
                 "filesrc",
                 "typefind",
                 "qtdemux",
@@ -213,7 +216,7 @@ impl UriFrameSourceBuilder {
             ],
         };
         self.common.require_elements(head)?;
-        // The element uridecodebin will pick for the scheme (rtspsrc, souphttpsrc, filesrc, …).
+        // The element urisourcebin will pick for the scheme (rtspsrc, souphttpsrc, filesrc, …).
         if let Err(e) = gst::Element::make_from_uri(gst::URIType::Src, &target.uri, None) {
             return Err(Error::new(
                 ErrorKind::Pipeline,

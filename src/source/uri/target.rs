@@ -7,7 +7,7 @@ use super::*;
 #[derive(Clone)]
 pub(super) struct Target {
     pub(super) kind: UriKind,
-    /// The URI given to `uridecodebin`, without credentials.
+    /// The URI given to `urisourcebin`, without credentials.
     pub(super) uri: String,
     /// The URI as the caller wrote it, credentials redacted: for logs, errors, Debug.
     pub(super) display: String,
