@@ -4,8 +4,8 @@
 //!
 //! `decodebin` would do the same, but it puts a `multiqueue` after every demuxer, and the
 //! decoder then runs in the multiqueue's thread: each frame crosses one more thread (a futex
-//! wake and a context switch on both sides; about 0.06 ms of CPU per 360p frame here, 7 % of
-//! the whole per-frame cost). Here the decoder runs in the demuxer's streaming thread
+//! wake and a context switch on both sides: twice the context switches per frame, 1–2 % of the
+//! CPU per frame of a file, see docs/architecture.md). Here the decoder runs in the demuxer's streaming thread
 //! (`appsrc`'s for KVS, `filesrc`/`qtdemux`'s or `rtspsrc`'s for URIs). Streams other than
 //! video (audio, metadata) are not decoded at all: their buffers are dropped at parsebin's pad.
 
@@ -132,7 +132,9 @@ fn link_into(
     pad: &gst::Pad,
 ) -> std::result::Result<(), String> {
     bin.add(element).map_err(|e| e.to_string())?;
-    element.sync_state_with_parent().map_err(|e| e.to_string())?;
+    element
+        .sync_state_with_parent()
+        .map_err(|e| e.to_string())?;
     let sink = element
         .static_pad("sink")
         .ok_or_else(|| format!("{} has no sink pad", element.name()))?;
@@ -152,12 +154,16 @@ fn decoder_for(caps: &gst::CapsRef) -> Option<gst::Element> {
     .into_iter()
     .filter(|f| {
         f.can_sink_any_caps(caps)
-            && f.static_pad_templates().iter().any(|t| {
-                t.direction() == gst::PadDirection::Src && t.caps().can_intersect(&raw)
-            })
+            && f.static_pad_templates()
+                .iter()
+                .any(|t| t.direction() == gst::PadDirection::Src && t.caps().can_intersect(&raw))
     })
     .collect();
-    factories.sort_by(|a, b| b.rank().cmp(&a.rank()).then_with(|| a.name().cmp(&b.name())));
+    factories.sort_by(|a, b| {
+        b.rank()
+            .cmp(&a.rank())
+            .then_with(|| a.name().cmp(&b.name()))
+    });
     factories.iter().find_map(|f| f.create().build().ok())
 }
 
@@ -270,9 +276,7 @@ mod tests {
         .unwrap();
         let bin = parse_decode_bin("decode").unwrap();
         let sink = crate::elements::make_with("fakesink", |b| b.property("sync", false)).unwrap();
-        pipeline
-            .add_many([&src, bin.upcast_ref(), &sink])
-            .unwrap();
+        pipeline.add_many([&src, bin.upcast_ref(), &sink]).unwrap();
         src.link(&bin).unwrap();
         // Threads seen leaving the demuxer's video pad and the decoder.
         let demuxed: Arc<Mutex<Vec<ThreadId>>> = Arc::default();
@@ -307,8 +311,13 @@ mod tests {
         sink.static_pad("sink")
             .unwrap()
             .add_probe(gst::PadProbeType::BUFFER, move |pad, _| {
-                let caps = pad.current_caps().map(|c| c.to_string()).unwrap_or_default();
-                probe_decoded.lock().push((std::thread::current().id(), caps));
+                let caps = pad
+                    .current_caps()
+                    .map(|c| c.to_string())
+                    .unwrap_or_default();
+                probe_decoded
+                    .lock()
+                    .push((std::thread::current().id(), caps));
                 gst::PadProbeReturn::Ok
             });
         pipeline.set_state(gst::State::Playing).unwrap();
@@ -334,13 +343,14 @@ mod tests {
             "{factories:?}"
         );
         // The audio stream was not decoded, nor given a sink that could block the demuxer.
-        assert!(
-            !factories.iter().any(|f| f == "fakesink"),
-            "{factories:?}"
-        );
+        assert!(!factories.iter().any(|f| f == "fakesink"), "{factories:?}");
         let decoded = decoded.lock();
         assert_eq!(decoded.len(), 30, "every frame decoded");
-        assert!(decoded.iter().all(|(_, caps)| caps.starts_with("video/x-raw")));
+        assert!(
+            decoded
+                .iter()
+                .all(|(_, caps)| caps.starts_with("video/x-raw"))
+        );
         let demuxed = demuxed.lock();
         assert_eq!(demuxed.len(), 30);
         assert!(
