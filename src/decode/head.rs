@@ -358,4 +358,26 @@ mod tests {
             "one streaming thread from demuxer to decoder output"
         );
     }
+
+    /// The decoder chosen for parsed caps is the one decodebin picks (avdec_* here); caps no
+    /// decoder takes, and streams that decode to something other than video, get none.
+    #[test]
+    fn decoders_are_chosen_by_caps_and_rank() {
+        gst::init().unwrap();
+        let pick = |caps: &str| {
+            decoder_for(&caps.parse::<gst::Caps>().unwrap())
+                .and_then(|d| d.factory())
+                .map(|f| f.name().to_string())
+        };
+        assert_eq!(
+            pick("video/x-h264,stream-format=avc,alignment=au").as_deref(),
+            Some("avdec_h264")
+        );
+        assert_eq!(
+            pick("video/x-h265,stream-format=hvc1,alignment=au").as_deref(),
+            Some("avdec_h265")
+        );
+        assert_eq!(pick("video/x-no-such-codec"), None);
+        assert_eq!(pick("audio/mpeg,mpegversion=4"), None);
+    }
 }
