@@ -238,6 +238,20 @@ mod tests {
     use super::*;
     use std::thread::ThreadId;
 
+    /// Plays `pipeline` and waits (20 s at most: a deadlock fails here) for its end of stream.
+    fn play_to_eos(pipeline: &gst::Element) {
+        pipeline.set_state(gst::State::Playing).unwrap();
+        let msg = pipeline
+            .bus()
+            .unwrap()
+            .timed_pop_filtered(
+                gst::ClockTime::from_seconds(20),
+                &[gst::MessageType::Eos, gst::MessageType::Error],
+            )
+            .expect("no end of stream within 20 s");
+        assert!(matches!(msg.view(), gst::MessageView::Eos(_)), "{msg:?}");
+    }
+
     /// A Matroska file of `frames` 160x120 H.264 frames and raw audio, made by GStreamer.
     fn mkv_with_audio(frames: u32) -> std::path::PathBuf {
         let path = std::env::temp_dir().join(format!("kvs-frames-head-{}.mkv", std::process::id()));
@@ -249,15 +263,7 @@ mod tests {
             path.display()
         );
         let pipeline = gst::parse::launch(&description).unwrap();
-        pipeline.set_state(gst::State::Playing).unwrap();
-        let bus = pipeline.bus().unwrap();
-        let msg = bus
-            .timed_pop_filtered(
-                gst::ClockTime::from_seconds(20),
-                &[gst::MessageType::Eos, gst::MessageType::Error],
-            )
-            .unwrap();
-        assert!(matches!(msg.view(), gst::MessageView::Eos(_)), "{msg:?}");
+        play_to_eos(&pipeline);
         pipeline.set_state(gst::State::Null).unwrap();
         path
     }
@@ -320,16 +326,7 @@ mod tests {
                     .push((std::thread::current().id(), caps));
                 gst::PadProbeReturn::Ok
             });
-        pipeline.set_state(gst::State::Playing).unwrap();
-        let msg = pipeline
-            .bus()
-            .unwrap()
-            .timed_pop_filtered(
-                gst::ClockTime::from_seconds(20),
-                &[gst::MessageType::Eos, gst::MessageType::Error],
-            )
-            .unwrap();
-        assert!(matches!(msg.view(), gst::MessageView::Eos(_)), "{msg:?}");
+        play_to_eos(pipeline.upcast_ref());
         let _ = std::fs::remove_file(&path);
         let factories: Vec<String> = bin
             .iterate_recurse()
