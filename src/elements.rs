@@ -65,6 +65,8 @@ pub const ELEMENTS: &[ElementPackage] = &[
     e("videoscale", BASE),
     e("videotestsrc", BASE),
     // plugins-good
+    e("aacparse", GOOD),
+    e("alawenc", GOOD),
     e("autovideosink", GOOD),
     e("jpegdec", GOOD),
     e("jpegenc", GOOD),
@@ -77,6 +79,8 @@ pub const ELEMENTS: &[ElementPackage] = &[
     e("rtph264pay", GOOD),
     e("rtph265depay", GOOD),
     e("rtph265pay", GOOD),
+    e("rtppcmadepay", GOOD),
+    e("rtppcmapay", GOOD),
     e("rtpjitterbuffer", GOOD),
     e("rtspsrc", GOOD),
     e("souphttpsrc", GOOD),
@@ -92,6 +96,7 @@ pub const ELEMENTS: &[ElementPackage] = &[
     // libav
     e("avdec_h264", LIBAV),
     e("avdec_h265", LIBAV),
+    e("avenc_aac", LIBAV),
 ];
 
 /// Elements that run only in other programs this crate starts (producer pipelines under

@@ -354,6 +354,71 @@ fn rtsp_cameras_with_h265_or_b_frames_deliver_frames_in_order_with_ntp_time() {
     }
 }
 
+/// Most IP cameras send audio beside the video (here G.711 A-law as a second RTP stream), and
+/// files often carry AAC: the video arrives whole and at the camera's pace, over TCP and UDP,
+/// and a file's every frame, in order. (The audio is dropped at the demuxer's or depayloader's
+/// side without a sink: one that took the first buffer would stall the only streaming thread.)
+#[test]
+fn video_beside_audio_arrives_whole_from_rtsp_and_files() {
+    let server = rtsp::RtspServer::builder()
+        .audio()
+        .start_retrying(Duration::from_secs(10))
+        .unwrap();
+    for transport in [RtspTransport::Tcp, RtspTransport::Udp] {
+        let source = rtsp_source(&server.url())
+            .rtsp_transport(transport)
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let frames = take(&source, 30, Duration::from_secs(15));
+        assert!(
+            started.elapsed() > Duration::from_millis(1500),
+            "{transport:?}: live pace"
+        );
+        assert!(frames.iter().all(|f| f.width() == 320 && f.height() == 240));
+        for pair in frames.windows(2) {
+            assert_eq!(pair[1].sequence(), pair[0].sequence() + 1, "{transport:?}");
+            let step = pair[1].pts().unwrap() - pair[0].pts().unwrap();
+            assert!(
+                step.abs_diff(Duration::from_micros(66_667)) < Duration::from_millis(10),
+                "{transport:?}: PTS step {step:?}"
+            );
+        }
+        let stats = source.stats();
+        assert_eq!(
+            (stats.reconnects, stats.decode_errors, stats.pipelines_built),
+            (0, 0, 1),
+            "{transport:?}: {stats:?}"
+        );
+        source.stop();
+    }
+
+    let dir = Scratch::new("audio-file");
+    let path = dir.path("with-audio.mp4");
+    run_pipeline(&format!(
+        "videotestsrc num-buffers=50 pattern=ball ! video/x-raw,width=320,height=240,framerate=25/1 \
+         ! x264enc key-int-max=10 bframes=0 speed-preset=ultrafast bitrate=300 ! h264parse \
+         ! queue ! mp4mux name=mux ! filesink location={} \
+         audiotestsrc num-buffers=90 samplesperbuffer=1024 wave=ticks ! audio/x-raw,rate=44100,channels=1 \
+         ! avenc_aac ! aacparse ! queue ! mux.",
+        path.display()
+    ));
+    let source = UriFrameSource::builder("file-cam", path.to_str().unwrap())
+        .pixel_format(PixelFormat::Bgr)
+        .build()
+        .unwrap();
+    let frames = drain(&source);
+    assert_eq!(frames.len(), 50, "{:?}", source.stats());
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(
+            f.pts(),
+            Some(Duration::from_millis(40 * i as u64)),
+            "frame {i}"
+        );
+    }
+    assert_eq!(source.stats().read_errors, 0);
+}
+
 #[test]
 fn rtsp_over_udp_and_auto_deliver_frames() {
     let server = rtsp::RtspServer::start();

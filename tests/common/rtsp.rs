@@ -35,6 +35,7 @@ pub struct RtspServerBuilder {
     credentials: Option<(String, String)>,
     udp_only: bool,
     encoder: Encoder,
+    audio: bool,
 }
 
 /// What the test camera sends.
@@ -60,6 +61,7 @@ impl Default for RtspServerBuilder {
             key_int: 15,
             credentials: None,
             udp_only: false,
+            audio: false,
             encoder: Encoder::H264,
         }
     }
@@ -101,6 +103,12 @@ impl RtspServerBuilder {
     /// The codec (default H.264 without B-frames).
     pub fn encoder(mut self, encoder: Encoder) -> Self {
         self.encoder = encoder;
+        self
+    }
+
+    /// Sends G.711 A-law audio as a second stream (`pay1`), as most IP cameras do.
+    pub fn audio(mut self) -> Self {
+        self.audio = true;
         self
     }
 
@@ -175,9 +183,15 @@ fn serve(options: RtspServerBuilder, tx: mpsc::Sender<Result<(u16, glib::MainLoo
              ! rtph265pay name=pay0 pt=96 config-interval=1"
         ),
     };
+    let audio = if options.audio {
+        " audiotestsrc is-live=true wave=ticks ! audio/x-raw,rate=8000,channels=1 ! alawenc \
+         ! rtppcmapay name=pay1 pt=8"
+    } else {
+        ""
+    };
     factory.set_launch(&format!(
         "( videotestsrc is-live=true pattern=ball ! video/x-raw,width={},height={},framerate={}/1 \
-         ! {encode} )",
+         ! {encode}{audio} )",
         options.width, options.height, options.fps
     ));
     // One encoder for every client.
