@@ -5,9 +5,10 @@
 //! `decodebin` would do the same, but it puts a `multiqueue` after every demuxer, and the
 //! decoder then runs in the multiqueue's thread: each frame crosses one more thread (a futex
 //! wake and a context switch on both sides: twice the context switches per frame, 1–2 % of the
-//! CPU per frame of a file, see docs/architecture.md). Here the decoder runs in the demuxer's streaming thread
-//! (`appsrc`'s for KVS, `filesrc`/`qtdemux`'s or `rtspsrc`'s for URIs). Streams other than
-//! video (audio, metadata) are not decoded at all: their buffers are dropped at parsebin's pad.
+//! CPU per frame of a file, see docs/architecture.md). Here the decoder runs in the demuxer's
+//! streaming thread (`appsrc`'s for KVS, `filesrc`/`qtdemux`'s or `rtspsrc`'s for URIs).
+//! Streams other than video (audio, metadata) are not decoded at all: their buffers are dropped
+//! at parsebin's pad.
 
 use super::*;
 
@@ -34,8 +35,8 @@ pub(crate) fn parse_decode_bin(name: &str) -> Result<gst::Bin> {
 /// other streams are dropped at the pad. Video without a decoder is an error on the bus
 /// (`StreamError::CodecNotFound`, as `decodebin` reports it). A stream that ends with its
 /// group (a new init segment with another codec) takes its decoder and ghost pad with it.
-pub(crate) fn plug_decoders(bin: &gst::Bin, parsebin: &gst::Element) {
-    let streams: Arc<Mutex<Vec<Stream>>> = Arc::default();
+fn plug_decoders(bin: &gst::Bin, parsebin: &gst::Element) {
+    let streams: Streams = Arc::default();
     let weak = bin.downgrade();
     let added = Arc::clone(&streams);
     parsebin.connect_pad_added(move |parsebin, pad| {
@@ -52,8 +53,16 @@ pub(crate) fn plug_decoders(bin: &gst::Bin, parsebin: &gst::Element) {
             ),
         }
     });
+    retire_when_removed(bin, parsebin, streams);
+}
+
+/// What `bin` added for the pads of one element (parsebin, urisourcebin).
+type Streams = Arc<Mutex<Vec<Stream>>>;
+
+/// When a pad of `element` goes away, what `bin` added for it (in `streams`) goes too.
+fn retire_when_removed(bin: &gst::Bin, element: &gst::Element, streams: Streams) {
     let weak = bin.downgrade();
-    parsebin.connect_pad_removed(move |_, pad| {
+    element.connect_pad_removed(move |_, pad| {
         let gone = {
             let mut streams = streams.lock();
             let i = streams.iter().position(|s| &s.pad == pad);
@@ -65,11 +74,11 @@ pub(crate) fn plug_decoders(bin: &gst::Bin, parsebin: &gst::Element) {
     });
 }
 
-/// What the bin added for one pad of parsebin.
+/// What the bin added for one pad of parsebin (or of urisourcebin: its parsebin).
 struct Stream {
-    /// The pad of parsebin.
+    /// The pad of parsebin (urisourcebin).
     pad: gst::Pad,
-    /// The decoder fed by `pad` (none for raw video and dropped streams).
+    /// The decoder (parsebin) fed by `pad`; none for raw video and dropped streams.
     element: Option<gst::Element>,
     /// The bin's src pad (none for dropped streams).
     ghost: Option<gst::GhostPad>,
@@ -77,15 +86,18 @@ struct Stream {
 
 /// Links `pad` (of parsebin) to what its stream needs; `Err` names video no decoder takes.
 fn expose(bin: &gst::Bin, pad: &gst::Pad) -> std::result::Result<Stream, String> {
-    let caps = pad.current_caps().unwrap_or_else(|| pad.query_caps(None));
-    let media = caps
+    let possible = pad.query_caps(None);
+    let media = pad
+        .current_caps()
+        .as_deref()
+        .unwrap_or(&possible)
         .structure(0)
         .map(|s| s.name().to_string())
         .unwrap_or_default();
     let (element, out) = if media == "video/x-raw" {
         (None, pad.clone())
     } else {
-        match decoder_for(&pad.query_caps(None)) {
+        match decoder_for(&possible) {
             Some(decoder) => {
                 link_into(bin, &decoder, pad)?;
                 let src = decoder
@@ -191,7 +203,7 @@ pub(crate) fn uri_decode_bin(name: &str, uri: &str) -> Result<(gst::Bin, gst::El
     let bin = gst::Bin::with_name(name);
     let source = crate::elements::make_with("urisourcebin", |b| b.property("uri", uri))?;
     bin.add(&source).map_err(Error::from)?;
-    let parsers: Arc<Mutex<Vec<(gst::Pad, gst::Element)>>> = Arc::default();
+    let parsers: Streams = Arc::default();
     let weak = bin.downgrade();
     let added = Arc::clone(&parsers);
     source.connect_pad_added(move |source, pad| {
@@ -210,26 +222,13 @@ pub(crate) fn uri_decode_bin(name: &str, uri: &str) -> Result<(gst::Bin, gst::El
             gst::element_error!(source, gst::CoreError::Negotiation, ("{}", why));
             return;
         }
-        added.lock().push((pad.clone(), parsebin));
+        added.lock().push(Stream {
+            pad: pad.clone(),
+            element: Some(parsebin),
+            ghost: None,
+        });
     });
-    let weak = bin.downgrade();
-    source.connect_pad_removed(move |_, pad| {
-        let gone = {
-            let mut parsers = parsers.lock();
-            let i = parsers.iter().position(|(p, _)| p == pad);
-            i.map(|i| parsers.remove(i))
-        };
-        if let (Some(bin), Some((_, parsebin))) = (weak.upgrade(), gone) {
-            retire(
-                &bin,
-                Stream {
-                    pad: pad.clone(),
-                    element: Some(parsebin),
-                    ghost: None,
-                },
-            );
-        }
-    });
+    retire_when_removed(&bin, &source, parsers);
     Ok((bin, source))
 }
 
